@@ -1,0 +1,240 @@
+//! The command line: the only module that knows clap. It parses runc's global flags
+//! and verbs, turns them into option structs, makes one library call per command,
+//! and logs an error once, here, in runc's text or JSON log format.
+
+mod oci;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stasis",
+    version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.0.2-dev\nlibcontainer: 0.7.0"),
+    about = "An OCI container runtime built around warm starts (runc-compatible)",
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    /// Directory for container state (tmpfs recommended)
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/stasis",
+        env = "STASIS_ROOT"
+    )]
+    pub root: PathBuf,
+    /// Write log lines to this file instead of stderr
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// Log format: text or json (runc's JSON lines, read by containerd)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log debug output
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Use systemd to manage cgroups (not supported yet: refused with a clear error)
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Path to the criu binary used for checkpoint and restore
+    #[arg(long, global = true, default_value = "criu")]
+    pub criu: PathBuf,
+    /// Accepted for runc compatibility; stasis never uses rootless-specific paths
+    #[arg(long, global = true, hide = true)]
+    pub rootless: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Spec(oci::SpecArgs),
+    Create(oci::CreateArgs),
+    Start(oci::IdArg),
+    Run(oci::RunArgs),
+    State(oci::IdArg),
+    List(oci::ListArgs),
+    Kill(oci::KillArgs),
+    Delete(oci::DeleteArgs),
+    Ps(oci::PsArgs),
+    Exec(oci::ExecArgs),
+    Pause(oci::IdArg),
+    Resume(oci::IdArg),
+    Update(oci::UpdateArgs),
+    Events(oci::EventsArgs),
+    Features,
+}
+
+/// Long flags that Go-style clients may send with a single dash (the containerd
+/// shim sends `-no-subreaper`); they are rewritten to `--name` before parsing.
+const SINGLE_DASH_LONG: &[&str] = &[
+    "no-subreaper",
+    "no-pivot",
+    "no-new-keyring",
+    "detach",
+    "pid-file",
+    "console-socket",
+    "bundle",
+    "root",
+    "log",
+    "log-format",
+    "debug",
+    "systemd-cgroup",
+    "criu",
+    "format",
+    "force",
+    "all",
+    "quiet",
+    "image-path",
+    "work-path",
+    "resources",
+    "process",
+    "preserve-fds",
+];
+
+fn normalise_args(args: Vec<OsString>) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut done = false;
+    for a in args {
+        if !done {
+            if let Some(s) = a.to_str() {
+                if s == "--" {
+                    done = true;
+                } else if s.len() > 2 && s.starts_with('-') && !s.starts_with("--") {
+                    let name = s[1..].split('=').next().unwrap_or("");
+                    if SINGLE_DASH_LONG.contains(&name) {
+                        out.push(OsString::from(format!("-{s}")));
+                        continue;
+                    }
+                }
+            }
+        }
+        out.push(a);
+    }
+    out
+}
+
+/// Where log lines go: the `--log` file, or stderr.
+pub struct Logger {
+    file: Option<std::fs::File>,
+    format: LogFormat,
+    debug: bool,
+}
+
+impl Logger {
+    fn new(path: Option<&PathBuf>, format: LogFormat, debug: bool) -> Self {
+        let file = path.and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        Self {
+            file,
+            format,
+            debug,
+        }
+    }
+
+    pub fn log(&mut self, level: &str, msg: &str) {
+        if level == "debug" && !self.debug {
+            return;
+        }
+        let line = match self.format {
+            LogFormat::Json => {
+                let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+                format!(
+                    "{}\n",
+                    serde_json::json!({"level": level, "msg": msg, "time": time})
+                )
+            }
+            LogFormat::Text => format!("stasis: {level}: {msg}\n"),
+        };
+        match &mut self.file {
+            Some(f) => {
+                let _ = f.write_all(line.as_bytes());
+            }
+            None => {
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+        }
+    }
+}
+
+/// Parses `args`, runs the command and returns the process exit code.
+pub fn main(args: Vec<OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(normalise_args(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    if cli.debug {
+        let filter = tracing_subscriber::EnvFilter::new("debug");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let mut logger = Logger::new(cli.log.as_ref(), cli.log_format, cli.debug);
+    match oci::dispatch(&cli, &mut logger) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            logger.log("error", &msg);
+            if logger.file.is_some() {
+                // runc prints fatal errors on stderr as well as in the log file.
+                eprintln!("stasis: {msg}");
+            }
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_dash_long_flags_are_rewritten() {
+        let v: Vec<OsString> = [
+            "stasis",
+            "restore",
+            "-no-subreaper",
+            "-d",
+            "x",
+            "--",
+            "-all",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let out: Vec<String> = normalise_args(v)
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            out,
+            [
+                "stasis",
+                "restore",
+                "--no-subreaper",
+                "-d",
+                "x",
+                "--",
+                "-all"
+            ]
+        );
+    }
+}

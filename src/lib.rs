@@ -1,0 +1,8 @@
+//! stasis: an OCI container runtime built around warm starts.
+//!
+//! Module map (dependencies point down only):
+//! `cli` -> `runtime`. Later: `cli` -> `workflows` -> {`runtime`, `store`},
+//! `runtime` -> `criu`.
+
+pub mod cli;
+pub mod runtime;

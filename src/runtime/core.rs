@@ -1,0 +1,387 @@
+//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only file
+//! that names its types. It turns our options into libcontainer builders and calls,
+//! and turns libcontainer errors into `RuntimeError` strings with their causes.
+//! It must not keep state of its own: `mod.rs` owns our state file and transitions.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use libcgroups::common::{
+    create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
+};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::{
+    LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
+    Spec,
+};
+
+use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+
+/// Renders an error with its chain of causes, deduplicating repeated messages.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn core_err(
+    op: &'static str,
+    id: &str,
+) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
+    let id = id.to_string();
+    move |e| RuntimeError::Core {
+        op,
+        id,
+        detail: chain(&e),
+    }
+}
+
+/// What `check_bundle` learned about a bundle.
+pub struct BundleInfo {
+    pub path: PathBuf,
+    pub rootfs: PathBuf,
+    pub annotations: Option<HashMap<String, String>>,
+}
+
+/// Validates a bundle before anything is created, so that bad input gets one clear
+/// line and leaves nothing behind.
+pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
+    let bad = |p: &Path, reason: String| RuntimeError::Bundle {
+        path: p.to_path_buf(),
+        reason,
+    };
+    let meta = fs::metadata(bundle).map_err(|e| bad(bundle, format!("cannot access it: {e}")))?;
+    if !meta.is_dir() {
+        return Err(bad(bundle, "is not a directory".into()));
+    }
+    let path =
+        fs::canonicalize(bundle).map_err(|e| bad(bundle, format!("cannot resolve it: {e}")))?;
+    let cfg = path.join("config.json");
+    let bytes = fs::read(&cfg).map_err(|e| {
+        bad(
+            &path,
+            format!("cannot read config.json: {e} (create one with `stasis spec`)"),
+        )
+    })?;
+    let spec: Spec = serde_json::from_slice(&bytes).map_err(|e| {
+        bad(
+            &cfg,
+            format!("config.json is not a valid OCI runtime spec: {e}"),
+        )
+    })?;
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| bad(&cfg, "config.json has no root.path".into()))?;
+    let rootfs = if root.path().is_absolute() {
+        root.path().clone()
+    } else {
+        path.join(root.path())
+    };
+    let rmeta = fs::metadata(&rootfs)
+        .map_err(|e| bad(&path, format!("root filesystem {}: {e}", rootfs.display())))?;
+    if !rmeta.is_dir() {
+        return Err(bad(
+            &path,
+            format!("root filesystem {} is not a directory", rootfs.display()),
+        ));
+    }
+    if spec.process().is_none() {
+        return Err(bad(&cfg, "config.json has no process".into()));
+    }
+    let rootfs = fs::canonicalize(&rootfs).unwrap_or(rootfs);
+    Ok(BundleInfo {
+        path,
+        rootfs,
+        annotations: spec.annotations().clone(),
+    })
+}
+
+pub struct Created {
+    pub pid: i32,
+    pub cgroup_path: PathBuf,
+}
+
+pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) -> Result<Created> {
+    let id = opts.id.as_str();
+    let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(root)
+        .map_err(core_err("create", id))?
+        .with_pid_file(opts.pid_file.as_ref())
+        .map_err(core_err("create", id))?
+        .with_console_socket(opts.console_socket.as_ref())
+        .with_preserved_fds(opts.preserve_fds)
+        .validate_id()
+        .map_err(core_err("create", id))?
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(detach)
+        .with_no_pivot(opts.no_pivot)
+        .build()
+        .map_err(core_err("create", id))?;
+    let pid = container
+        .pid()
+        .map(|p| p.as_raw())
+        .ok_or_else(|| RuntimeError::Core {
+            op: "create",
+            id: id.to_string(),
+            detail: "no init process was recorded".into(),
+        })?;
+    let cgroup_path = container.spec().map(|c| c.cgroup_path).unwrap_or_default();
+    Ok(Created { pid, cgroup_path })
+}
+
+/// Removes whatever a failed create left: processes, cgroup, the container directory.
+pub fn cleanup_failed(root: &Path, id: &str) {
+    let dir = root.join(id);
+    if let Ok(mut c) = Container::load(dir.clone()) {
+        let _ = c.delete(true);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn load(dir: &Path, id: &str) -> Result<Container> {
+    Container::load(dir.to_path_buf()).map_err(core_err("load", id))
+}
+
+pub fn start(dir: &Path, id: &str) -> Result<()> {
+    load(dir, id)?.start().map_err(core_err("start", id))
+}
+
+pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
+    let signal = Signal::try_from(sig).map_err(|_| RuntimeError::BadSignal(sig.to_string()))?;
+    let c = load(dir, id)?;
+    // `Container::kill` records the container as stopped after any signal; we keep
+    // our own status, so call the signal delivery directly through a fresh load.
+    let mut c = c;
+    c.kill(signal, all).map_err(core_err("kill", id))
+}
+
+pub fn delete(dir: &Path, id: &str, force: bool) -> Result<()> {
+    match Container::load(dir.to_path_buf()) {
+        Ok(mut c) => c.delete(force).map_err(core_err("delete", id)),
+        // No libcontainer state: nothing was started, only the directory remains.
+        Err(_) => Ok(()),
+    }
+}
+
+pub fn pause(dir: &Path, id: &str) -> Result<()> {
+    load(dir, id)?.pause().map_err(core_err("pause", id))
+}
+
+pub fn resume(dir: &Path, id: &str) -> Result<()> {
+    load(dir, id)?.resume().map_err(core_err("resume", id))
+}
+
+fn cgroup_manager(dir: &Path, id: &str) -> Result<AnyCgroupManager> {
+    let c = load(dir, id)?;
+    let cfg = c.spec().map_err(core_err("read config of", id))?;
+    create_cgroup_manager(CgroupConfig {
+        cgroup_path: cfg.cgroup_path,
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| RuntimeError::Core {
+        op: "open cgroup of",
+        id: id.to_string(),
+        detail: chain(&e),
+    })
+}
+
+pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
+    let m = cgroup_manager(dir, id)?;
+    let mut pids: Vec<i32> = m
+        .get_all_pids()
+        .map_err(|e| RuntimeError::Core {
+            op: "list processes of",
+            id: id.to_string(),
+            detail: chain(&e),
+        })?
+        .into_iter()
+        .map(|p| p.as_raw())
+        .collect();
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
+    let id = opts.id.as_str();
+    let mut env = HashMap::new();
+    for kv in &opts.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| RuntimeError::Invalid(format!("--env {kv:?}: expected KEY=VALUE")))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let (user, group) = match opts.user {
+        Some((u, g)) => (Some(u), g),
+        None => (None, None),
+    };
+    if let Some(p) = &opts.process {
+        if !p.is_file() {
+            return Err(RuntimeError::Invalid(format!(
+                "--process {}: no such file",
+                p.display()
+            )));
+        }
+    } else if opts.args.is_empty() {
+        return Err(RuntimeError::Invalid(
+            "exec needs a command after the container id, or --process FILE".into(),
+        ));
+    }
+    let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(root)
+        .map_err(core_err("exec in", id))?
+        .with_console_socket(opts.console_socket.as_ref())
+        .with_pid_file(opts.pid_file.as_ref())
+        .map_err(core_err("exec in", id))?
+        .with_preserved_fds(opts.preserve_fds)
+        .validate_id()
+        .map_err(core_err("exec in", id))?
+        .as_tenant()
+        .with_detach(opts.detach)
+        .with_cwd(opts.cwd.as_ref())
+        .with_env(env)
+        .with_process(opts.process.as_ref())
+        .with_no_new_privs(opts.no_new_privs)
+        .with_container_args(opts.args.clone())
+        .with_additional_gids(opts.additional_gids.clone())
+        .with_user(user)
+        .with_group(group)
+        .with_capabilities(opts.caps.clone())
+        .build()
+        .map_err(core_err("exec in", id))?;
+    Ok(pid.as_raw())
+}
+
+/// Builds the resources to apply from runc's `--resources` JSON (may be empty)
+/// and the individual flags, which win.
+pub fn merge_resources(json: &[u8], o: &ResourceOverrides) -> Result<LinuxResources> {
+    let mut r: LinuxResources = if json.iter().all(|b| b.is_ascii_whitespace()) {
+        LinuxResources::default()
+    } else {
+        serde_json::from_slice(json).map_err(|e| {
+            RuntimeError::Invalid(format!(
+                "--resources: not a valid OCI LinuxResources JSON: {e}"
+            ))
+        })?
+    };
+    let inv = |e: oci_spec::OciSpecError| RuntimeError::Invalid(format!("update: {e}"));
+    if o.memory.is_some() || o.memory_swap.is_some() || o.memory_reservation.is_some() {
+        let cur = r.memory().clone().unwrap_or_default();
+        let mut b = LinuxMemoryBuilder::default();
+        if let Some(v) = o.memory.or(cur.limit()) {
+            b = b.limit(v);
+        }
+        if let Some(v) = o.memory_swap.or(cur.swap()) {
+            b = b.swap(v);
+        }
+        if let Some(v) = o.memory_reservation.or(cur.reservation()) {
+            b = b.reservation(v);
+        }
+        r.set_memory(Some(b.build().map_err(inv)?));
+    }
+    if let Some(v) = o.pids_limit {
+        r.set_pids(Some(
+            LinuxPidsBuilder::default().limit(v).build().map_err(inv)?,
+        ));
+    }
+    if o.cpu_shares.is_some()
+        || o.cpu_quota.is_some()
+        || o.cpu_period.is_some()
+        || o.cpuset_cpus.is_some()
+        || o.cpuset_mems.is_some()
+    {
+        let cur = r.cpu().clone().unwrap_or_default();
+        let mut b = LinuxCpuBuilder::default();
+        if let Some(v) = o.cpu_shares.or(cur.shares()) {
+            b = b.shares(v);
+        }
+        if let Some(v) = o.cpu_quota.or(cur.quota()) {
+            b = b.quota(v);
+        }
+        if let Some(v) = o.cpu_period.or(cur.period()) {
+            b = b.period(v);
+        }
+        if let Some(v) = o.cpuset_cpus.clone().or(cur.cpus().clone()) {
+            b = b.cpus(v);
+        }
+        if let Some(v) = o.cpuset_mems.clone().or(cur.mems().clone()) {
+            b = b.mems(v);
+        }
+        r.set_cpu(Some(b.build().map_err(inv)?));
+    }
+    if let Some(w) = o.blkio_weight {
+        r.set_block_io(Some(
+            LinuxBlockIoBuilder::default()
+                .weight(w)
+                .build()
+                .map_err(inv)?,
+        ));
+    }
+    Ok(r)
+}
+
+pub fn update(dir: &Path, id: &str, json: &[u8], o: &ResourceOverrides) -> Result<()> {
+    let resources = merge_resources(json, o)?;
+    let m = cgroup_manager(dir, id)?;
+    m.apply(&ControllerOpt {
+        resources: &resources,
+        disable_oom_killer: false,
+        oom_score_adj: None,
+        freezer_state: None,
+    })
+    .map_err(|e| RuntimeError::Core {
+        op: "update",
+        id: id.to_string(),
+        detail: chain(&e),
+    })
+}
+
+/// Cgroup statistics in the shape of runc's `events` data.
+pub fn stats(dir: &Path, id: &str) -> Result<serde_json::Value> {
+    let m = cgroup_manager(dir, id)?;
+    let s = m.stats().map_err(|e| RuntimeError::Core {
+        op: "read stats of",
+        id: id.to_string(),
+        detail: chain(&e),
+    })?;
+    let mem = |d: &libcgroups::stats::MemoryData| serde_json::json!({"limit": d.limit, "usage": d.usage, "max": d.max_usage, "failcnt": d.fail_count});
+    Ok(serde_json::json!({
+        "cpu": {
+            "usage": {
+                "total": s.cpu.usage.usage_total,
+                "percpu": s.cpu.usage.per_core_usage_total,
+                "kernel": s.cpu.usage.usage_kernel,
+                "user": s.cpu.usage.usage_user,
+            },
+            "throttling": {
+                "periods": s.cpu.throttling.periods,
+                "throttledPeriods": s.cpu.throttling.throttled_periods,
+                "throttledTime": s.cpu.throttling.throttled_time,
+            },
+        },
+        "memory": {
+            "cache": s.memory.cache,
+            "usage": mem(&s.memory.memory),
+            "swap": mem(&s.memory.memswap),
+            "kernel": mem(&s.memory.kernel),
+            "kernelTCP": mem(&s.memory.kernel_tcp),
+            "raw": s.memory.stats,
+        },
+        "pids": {"current": s.pids.current, "limit": s.pids.limit},
+        "blkio": {},
+        "hugetlb": {},
+    }))
+}

@@ -1,0 +1,391 @@
+//! Per-container state owned by stasis: the id rule, the state file under
+//! `--root/<id>/stasis.json` (written atomically), the per-container lock and the
+//! one table of legal status transitions. It knows nothing about how containers
+//! are created; `core` does that.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::RuntimeError;
+
+/// Name of our state file inside the container directory. libcontainer keeps its own
+/// `state.json` and `config.json` next to it.
+pub const STATE_FILE: &str = "stasis.json";
+const LOCK_DIR: &str = ".locks";
+
+/// Validates a container id with runc's rule: `^[\w+\-.]+$`, not `.` or `..`, at
+/// most 1024 bytes. A valid id is always a single path component below `--root`.
+pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let bad = |reason: &str| RuntimeError::InvalidId {
+        id: id.to_string(),
+        reason: reason.to_string(),
+    };
+    if id.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if id == "." || id == ".." {
+        return Err(bad("it is a relative path component"));
+    }
+    if id.len() > 1024 {
+        return Err(bad("it is longer than 1024 bytes"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.')))
+    {
+        return Err(bad(&format!(
+            "character {c:?} is not allowed (use letters, digits, '_', '+', '-', '.')"
+        )));
+    }
+    Ok(())
+}
+
+/// Lifecycle status, as the OCI runtime spec and runc name them.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Operations that move a container between statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Start,
+    Pause,
+    Resume,
+    Kill,
+    Exec,
+    Update,
+    Delete,
+    ForceDelete,
+    Checkpoint,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Start => "start",
+            Op::Pause => "pause",
+            Op::Resume => "resume",
+            Op::Kill => "kill",
+            Op::Exec => "exec",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::ForceDelete => "delete --force",
+            Op::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// The one place that lists legal transitions: `Some(next)` when `op` is allowed
+/// from `from`, `None` when it is not. `Kill`, `Exec`, `Update` and `Checkpoint`
+/// keep the status (the process may exit later; the next read sees that).
+/// Mirrors runc's `transition()` and youki's `can_*()` checks.
+pub fn transition(from: Status, op: Op) -> Option<Status> {
+    use Op::*;
+    use Status::*;
+    match (from, op) {
+        (Created, Start) => Some(Running),
+        (Running, Pause) => Some(Paused),
+        (Paused, Resume) => Some(Running),
+        (Created | Running | Paused, Kill) => Some(from),
+        (Running, Exec) => Some(Running),
+        (Created | Running | Paused, Update) => Some(from),
+        (Running | Paused, Checkpoint) => Some(from),
+        // runc and crun delete a created container without --force (they kill it).
+        (Stopped | Created, Delete) => Some(Stopped),
+        (_, ForceDelete) => Some(Stopped),
+        _ => None,
+    }
+}
+
+/// What stasis records about a container. Written atomically on every change.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ContainerState {
+    pub id: String,
+    pub status: Status,
+    /// Init process pid in the host pid namespace; 0 before it exists.
+    pub pid: i32,
+    /// Start time of the init process (field 22 of /proc/PID/stat), so a reused
+    /// pid is never taken for the container's init.
+    pub pid_start_time: u64,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    pub created: DateTime<Utc>,
+    pub owner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<std::collections::HashMap<String, String>>,
+    /// Cgroup path of the container as given to the cgroup manager.
+    #[serde(default)]
+    pub cgroup_path: PathBuf,
+}
+
+impl ContainerState {
+    pub fn path(container_dir: &Path) -> PathBuf {
+        container_dir.join(STATE_FILE)
+    }
+
+    pub fn load(container_dir: &Path) -> Result<Self, RuntimeError> {
+        let path = Self::path(container_dir);
+        let bytes = fs::read(&path).map_err(|source| RuntimeError::Io {
+            op: "read state file",
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| RuntimeError::StateCorrupt { path, source })
+    }
+
+    /// Writes the state file atomically: temp file, fsync, rename, fsync the directory.
+    pub fn save(&self, container_dir: &Path) -> Result<(), RuntimeError> {
+        let bytes = serde_json::to_vec(self).map_err(|source| RuntimeError::StateCorrupt {
+            path: Self::path(container_dir),
+            source,
+        })?;
+        write_atomic(&Self::path(container_dir), &bytes)
+    }
+
+    /// The status as it is now: a recorded live status turns into `stopped` when the
+    /// init process is gone (or its pid was reused by another process).
+    pub fn live_status(&self) -> Status {
+        match self.status {
+            Status::Created | Status::Running | Status::Paused => {
+                if process_alive(self.pid, self.pid_start_time) {
+                    self.status
+                } else {
+                    Status::Stopped
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see either the old or the new content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let io = |op: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| RuntimeError::Io {
+            op,
+            path: p,
+            source,
+        }
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create temp state file", &tmp))?;
+    f.write_all(bytes)
+        .map_err(io("write temp state file", &tmp))?;
+    f.sync_all().map_err(io("fsync temp state file", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        RuntimeError::Io {
+            op: "rename state file into place",
+            path: path.to_path_buf(),
+            source: e,
+        }
+    })?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync state directory", dir))?;
+    Ok(())
+}
+
+/// Start time (in clock ticks since boot) of `pid`, or None when it does not exist
+/// or is a zombie.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: parse after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is the state (field 3), start time is field 22 -> index 19.
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+pub fn process_alive(pid: i32, start_time: u64) -> bool {
+    match process_start_time(pid) {
+        Some(t) => start_time == 0 || t == start_time,
+        None => false,
+    }
+}
+
+/// An exclusive `flock(2)` on `--root/.locks/<id>`, held for the length of one
+/// command on one container. The kernel drops it when the holder dies, so it never
+/// goes stale.
+pub struct ContainerLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl ContainerLock {
+    pub fn acquire(root: &Path, id: &str, timeout: Duration) -> Result<Self, RuntimeError> {
+        let dir = root.join(LOCK_DIR);
+        fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+            op: "create lock directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| RuntimeError::Io {
+                op: "open lock file",
+                path: path.clone(),
+                source,
+            })?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            // SAFETY: flock on a valid, owned file descriptor; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(Self { file, path });
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(RuntimeError::Io {
+                    op: "lock",
+                    path,
+                    source: err,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(RuntimeError::LockTimeout {
+                    id: id.to_string(),
+                    path,
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Removes the lock file (used by delete, while still holding the lock).
+    pub fn remove_file(&self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ContainerLock {
+    fn drop(&mut self) {
+        // SAFETY: unlocking our own valid descriptor; closing it would unlock too.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_runc_rule() {
+        for ok in ["a", "abc-123", "a.b_c+d", "A9"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0y", "é"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        let err = validate_id("a/b").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid container id \"a/b\": character '/' is not allowed (use letters, digits, '_', '+', '-', '.')"
+        );
+    }
+
+    #[test]
+    fn transitions_table() {
+        assert_eq!(
+            transition(Status::Created, Op::Start),
+            Some(Status::Running)
+        );
+        assert_eq!(transition(Status::Running, Op::Start), None);
+        assert_eq!(transition(Status::Running, Op::Delete), None);
+        assert_eq!(
+            transition(Status::Running, Op::ForceDelete),
+            Some(Status::Stopped)
+        );
+        assert_eq!(transition(Status::Paused, Op::Pause), None);
+        assert_eq!(
+            transition(Status::Paused, Op::Resume),
+            Some(Status::Running)
+        );
+        assert_eq!(transition(Status::Stopped, Op::Kill), None);
+        assert_eq!(transition(Status::Paused, Op::Exec), None);
+    }
+
+    #[test]
+    fn atomic_write_replaces_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn own_process_is_alive_and_start_time_guards_reuse() {
+        let me = std::process::id() as i32;
+        let t = process_start_time(me).unwrap();
+        assert!(process_alive(me, t));
+        assert!(!process_alive(me, t + 1));
+        assert!(!process_alive(0, 0));
+    }
+
+    #[test]
+    fn lock_times_out_with_holder_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = ContainerLock::acquire(dir.path(), "c1", Duration::from_secs(1)).unwrap();
+        let err = match ContainerLock::acquire(dir.path(), "c1", Duration::from_millis(50)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("second lock succeeded"),
+        };
+        assert!(err.contains("c1"), "{err}");
+    }
+}

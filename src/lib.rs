@@ -5,4 +5,5 @@
 //! `runtime` -> `criu`.
 
 pub mod cli;
+pub mod criu;
 pub mod runtime;

@@ -2,6 +2,7 @@
 //! and verbs, turns them into option structs, makes one library call per command,
 //! and logs an error once, here, in runc's text or JSON log format.
 
+mod cr;
 mod oci;
 
 use std::ffi::OsString;
@@ -71,6 +72,8 @@ pub enum Command {
     Update(oci::UpdateArgs),
     Events(oci::EventsArgs),
     Features,
+    Checkpoint(cr::CheckpointArgs),
+    Restore(cr::RestoreArgs),
 }
 
 /// Long flags that Go-style clients may send with a single dash (the containerd

@@ -21,9 +21,12 @@ pub struct SpecArgs {
     /// Path to the bundle directory to write config.json into
     #[arg(long, short = 'b', default_value = ".")]
     pub bundle: PathBuf,
+    // The global `--rootless` (runc's, taking a value) has the same id, so this must
+    // be an optional string too: a `bool` here made clap panic on every `spec`
+    // ("mismatch between definition and access of `rootless`").
     /// Generate a configuration for a rootless container
-    #[arg(long)]
-    pub rootless: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub rootless: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -330,11 +333,18 @@ fn parse_user(s: &str) -> Result<(u32, Option<u32>)> {
 }
 
 pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
-    let rt = || Runtime::new(&cli.root, cli.systemd_cgroup);
+    let rt = || Runtime::new(&cli.root, cli.systemd_cgroup).map(|r| r.with_criu(&cli.criu));
     match &cli.command {
         Command::Spec(a) => {
-            runtime::info::write_spec(&a.bundle, a.rootless)?;
+            let rootless = match a.rootless.as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => bail!("spec --rootless {v:?}: expected true or false"),
+            };
+            runtime::info::write_spec(&a.bundle, rootless)?;
         }
+        Command::Checkpoint(a) => return super::cr::checkpoint(&rt()?, a),
+        Command::Restore(a) => return super::cr::restore(&rt()?, a),
         Command::Features => print_json(&runtime::info::features(), true)?,
         Command::Create(a) => {
             rt()?.create(&a.into())?;

@@ -23,16 +23,7 @@ use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError}
 
 /// Renders an error with its chain of causes, deduplicating repeated messages.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let m = s.to_string();
-        if !parts.iter().any(|p| p.contains(&m)) {
-            parts.push(m);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
+    chain_dyn(e)
 }
 
 fn core_err(
@@ -384,4 +375,151 @@ pub fn stats(dir: &Path, id: &str) -> Result<serde_json::Value> {
         "blkio": {},
         "hugetlb": {},
     }))
+}
+
+/// Registers a container that did not come from `create` (a CRIU restore) with
+/// libcontainer, so that kill, pause, exec and delete work on it: writes its
+/// config (hooks, cgroup path) and a state record in `dir`. Returns the cgroup path.
+pub fn register(
+    dir: &Path,
+    id: &str,
+    spec: &Spec,
+    bundle: &Path,
+    pid: Option<i32>,
+) -> Result<PathBuf> {
+    use libcontainer::config::YoukiConfig;
+    use libcontainer::container::{ContainerStatus, State};
+    let cfg = YoukiConfig::from_spec(spec, id).map_err(|e| RuntimeError::Core {
+        op: "register",
+        id: id.to_string(),
+        detail: chain(&e),
+    })?;
+    cfg.save(dir).map_err(|e| RuntimeError::Core {
+        op: "register",
+        id: id.to_string(),
+        detail: chain(&e),
+    })?;
+    let status = if pid.is_some() {
+        ContainerStatus::Running
+    } else {
+        ContainerStatus::Creating
+    };
+    let mut st = State::new(id, status, pid, bundle.to_path_buf());
+    st.annotations = spec.annotations().clone();
+    st.created = Some(chrono::Utc::now());
+    st.creator = Some(nix::unistd::geteuid().as_raw());
+    st.save(dir).map_err(|e| RuntimeError::Core {
+        op: "register",
+        id: id.to_string(),
+        detail: chain(&e),
+    })?;
+    Ok(cfg.cgroup_path)
+}
+
+/// Creates the container's cgroup with the spec's resources and moves `pid` into it.
+pub fn cgroup_enter(cgroup_path: &Path, id: &str, spec: &Spec, pid: i32) -> Result<()> {
+    let err = |op: &'static str| {
+        let id = id.to_string();
+        move |e: &dyn std::error::Error| RuntimeError::Core {
+            op,
+            id,
+            detail: chain_dyn(e),
+        }
+    };
+    let m = create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup_path.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| err("create cgroup of")(&e))?;
+    m.add_task(nix::unistd::Pid::from_raw(pid))
+        .map_err(|e| err("enter cgroup of")(&e))?;
+    if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        m.apply(&ControllerOpt {
+            resources: r,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        })
+        .map_err(|e| err("apply resources to cgroup of")(&e))?;
+    }
+    Ok(())
+}
+
+/// Removes a cgroup (after killing what is left in it).
+pub fn cgroup_remove(cgroup_path: &Path, id: &str) {
+    if let Ok(m) = create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup_path.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    }) {
+        if let Ok(pids) = m.get_all_pids() {
+            for p in pids {
+                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _ = m.remove();
+    }
+}
+
+fn chain_dyn(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Runs the spec's hooks of one kind (`prestart`, `createRuntime`, `poststart`,
+/// `poststop`) with the OCI state of container `id` (init `pid`).
+pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
+    use libcontainer::container::{ContainerStatus, State};
+    let Some(h) = spec.hooks().as_ref() else {
+        return Ok(());
+    };
+    let list = match kind {
+        "prestart" => h.prestart(),
+        "createRuntime" => h.create_runtime(),
+        "poststart" => h.poststart(),
+        "poststop" => h.poststop(),
+        _ => &None,
+    };
+    if list.as_ref().is_none_or(|l| l.is_empty()) {
+        return Ok(());
+    }
+    let status = if kind == "poststop" {
+        ContainerStatus::Stopped
+    } else {
+        ContainerStatus::Created
+    };
+    let st = State::new(id, status, Some(pid), bundle.to_path_buf());
+    libcontainer::hooks::run_hooks(list.as_ref(), Some(&st), None, None, None).map_err(|e| {
+        RuntimeError::Core {
+            op: "run hooks of",
+            id: id.to_string(),
+            detail: format!("{kind}: {}", chain_dyn(&e)),
+        }
+    })
+}
+
+/// Freezes (`true`) or thaws the container's cgroup directly, without changing any
+/// recorded status (used around a checkpoint).
+pub fn set_frozen(dir: &Path, id: &str, frozen: bool) -> Result<()> {
+    use libcgroups::common::FreezerState;
+    let m = cgroup_manager(dir, id)?;
+    let st = if frozen {
+        FreezerState::Frozen
+    } else {
+        FreezerState::Thawed
+    };
+    m.freeze(st).map_err(|e| RuntimeError::Core {
+        op: if frozen { "freeze" } else { "thaw" },
+        id: id.to_string(),
+        detail: chain_dyn(&e),
+    })
 }

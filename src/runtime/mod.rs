@@ -7,9 +7,11 @@
 //! and are used only in `core.rs`; nothing outside this module names a libcontainer
 //! type, so the core can be replaced later.
 
+pub mod checkpoint;
 mod core;
 mod foreground;
 pub mod info;
+mod netns;
 pub mod state;
 
 use std::collections::HashMap;
@@ -71,6 +73,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Criu(crate::criu::CriuError),
     #[error("--systemd-cgroup is not supported yet: stasis manages cgroupfs paths directly; drop the flag")]
     SystemdUnsupported,
 }
@@ -128,6 +132,7 @@ pub struct OciState {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     root: PathBuf,
+    criu: PathBuf,
 }
 
 impl Runtime {
@@ -141,7 +146,16 @@ impl Runtime {
             path: root.clone(),
             source,
         })?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            criu: PathBuf::from("criu"),
+        })
+    }
+
+    /// Uses `bin` as the CRIU binary (`--criu`).
+    pub fn with_criu(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.criu = bin.into();
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -507,7 +521,7 @@ pub fn parse_signal(s: &str) -> Result<i32> {
         .map_err(|_| bad())
 }
 
-fn owner_name() -> String {
+pub(crate) fn owner_name() -> String {
     let uid = nix::unistd::getuid();
     nix::unistd::User::from_uid(uid)
         .ok()

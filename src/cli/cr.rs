@@ -1,0 +1,216 @@
+//! `checkpoint` and `restore` with runc's flags.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use crate::runtime::checkpoint::{
+    CgroupsMode, CheckpointOptions, CriuFlags, CriuStats, RestoreOptions,
+};
+use crate::runtime::Runtime;
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgMode {
+    Soft,
+    Full,
+    Strict,
+    Ignore,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsFormat {
+    Text,
+    Json,
+}
+
+/// Flags shared by checkpoint and restore.
+#[derive(Args, Debug)]
+pub struct SharedFlags {
+    /// Directory for CRIU's logs and stats (default: the image path on checkpoint,
+    /// the container's state directory on restore)
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Allow open TCP connections
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Allow external unix sockets
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Allow shell jobs
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Handle file locks
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Cgroups mode: soft (default), full, strict or ignore
+    #[arg(long, value_enum)]
+    pub manage_cgroups_mode: Option<CgMode>,
+    /// Create a namespace but do not restore its properties (only "network")
+    #[arg(long)]
+    pub empty_ns: Vec<String>,
+    /// Enable auto deduplication of memory images
+    #[arg(long)]
+    pub auto_dedup: bool,
+    /// Use userfaultfd to lazily restore memory pages
+    #[arg(long)]
+    pub lazy_pages: bool,
+    /// Print CRIU's statistics after the operation
+    #[arg(long)]
+    pub print_stats: bool,
+    /// Format of --print-stats
+    #[arg(long, value_enum, default_value_t = StatsFormat::Text)]
+    pub stats_format: StatsFormat,
+}
+
+impl From<&SharedFlags> for CriuFlags {
+    fn from(s: &SharedFlags) -> Self {
+        CriuFlags {
+            tcp_established: s.tcp_established,
+            ext_unix_sk: s.ext_unix_sk,
+            shell_job: s.shell_job,
+            file_locks: s.file_locks,
+            manage_cgroups_mode: match s.manage_cgroups_mode {
+                None | Some(CgMode::Soft) => CgroupsMode::Soft,
+                Some(CgMode::Full) => CgroupsMode::Full,
+                Some(CgMode::Strict) => CgroupsMode::Strict,
+                Some(CgMode::Ignore) => CgroupsMode::Ignore,
+            },
+            empty_ns: s.empty_ns.clone(),
+            auto_dedup: s.auto_dedup,
+            lazy_pages: s.lazy_pages,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CheckpointArgs {
+    /// Directory to write the CRIU image into
+    #[arg(long, default_value = "checkpoint")]
+    pub image_path: PathBuf,
+    /// Directory of a previous (pre-)dump, relative to the image path
+    #[arg(long)]
+    pub parent_path: Option<PathBuf>,
+    /// Leave the container running after the checkpoint
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Dump memory only, leaving the container running (needs soft-dirty tracking)
+    #[arg(long)]
+    pub pre_dump: bool,
+    /// ADDRESS:PORT of a CRIU page server
+    #[arg(long)]
+    pub page_server: Option<String>,
+    /// Descriptor CRIU writes \0 to when the dump is done
+    #[arg(long)]
+    pub status_fd: Option<i32>,
+    /// Allow CRIU to link-remap unlinked files
+    #[arg(long)]
+    pub link_remap: bool,
+    /// Skip in-flight TCP connections
+    #[arg(long)]
+    pub tcp_skip_in_flight: bool,
+    #[command(flatten)]
+    pub shared: SharedFlags,
+    /// Container id
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// CRIU image directory to restore from
+    #[arg(long, default_value = "checkpoint")]
+    pub image_path: PathBuf,
+    /// Bundle directory of the restored container
+    #[arg(long, short = 'b', default_value = ".")]
+    pub bundle: PathBuf,
+    /// Detach from the restored container
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// File to write the restored init pid to
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// AF_UNIX socket that receives the pty master of a terminal container
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Do not act as a subreaper (accepted for runc compatibility)
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// Do not use pivot_root (accepted for runc compatibility)
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// LSM profile for the restored process (e.g. apparmor:NAME)
+    #[arg(long)]
+    pub lsm_profile: Option<String>,
+    /// LSM mount context for the restored mounts
+    #[arg(long)]
+    pub lsm_mount_context: Option<String>,
+    #[command(flatten)]
+    pub shared: SharedFlags,
+    /// Container id
+    pub id: String,
+}
+
+fn print_stats(stats: &CriuStats, format: StatsFormat) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        StatsFormat::Json => {
+            let map: serde_json::Map<String, serde_json::Value> = stats
+                .entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                .collect();
+            writeln!(out, "{}", serde_json::Value::Object(map))?;
+        }
+        StatsFormat::Text => {
+            for (k, v) in &stats.entries {
+                let unit = if k.ends_with("_time") { " us" } else { "" };
+                writeln!(out, "{k}: {v}{unit}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn checkpoint(rt: &Runtime, a: &CheckpointArgs) -> Result<i32> {
+    let opts = CheckpointOptions {
+        id: a.id.clone(),
+        image_path: a.image_path.clone(),
+        work_path: a.shared.work_path.clone(),
+        parent_path: a.parent_path.clone(),
+        leave_running: a.leave_running,
+        pre_dump: a.pre_dump,
+        page_server: a.page_server.clone(),
+        status_fd: a.status_fd,
+        link_remap: a.link_remap,
+        tcp_skip_in_flight: a.tcp_skip_in_flight,
+        flags: (&a.shared).into(),
+    };
+    let stats = rt.checkpoint(&opts)?;
+    if a.shared.print_stats {
+        print_stats(&stats, a.shared.stats_format)?;
+    }
+    Ok(0)
+}
+
+pub fn restore(rt: &Runtime, a: &RestoreArgs) -> Result<i32> {
+    let opts = RestoreOptions {
+        id: a.id.clone(),
+        image_path: a.image_path.clone(),
+        work_path: a.shared.work_path.clone(),
+        bundle: a.bundle.clone(),
+        detach: a.detach,
+        pid_file: a.pid_file.clone(),
+        console_socket: a.console_socket.clone(),
+        no_subreaper: a.no_subreaper,
+        no_pivot: a.no_pivot,
+        lsm_profile: a.lsm_profile.clone(),
+        lsm_mount_context: a.lsm_mount_context.clone(),
+        flags: (&a.shared).into(),
+    };
+    let (code, stats) = rt.restore(&opts)?;
+    if a.shared.print_stats && a.detach {
+        print_stats(&stats, a.shared.stats_format)?;
+    }
+    Ok(code)
+}

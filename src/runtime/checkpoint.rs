@@ -1,0 +1,773 @@
+//! Checkpoint and restore of containers through our CRIU client: what to tell CRIU
+//! about a container (root, external mounts and namespaces, stdio, cgroups), the
+//! cgroup freeze around the dump, and turning a restored process tree back into a
+//! first-class container under a (possibly new) id. Mirrors runc's
+//! `criuApply`/`Restore`, with the cgroup freezer used before the dump (as
+//! containerd does) and loopback brought up in a restored network namespace.
+
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use chrono::Utc;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use protobuf::EnumOrUnknown;
+
+use super::state::{self, ContainerState, Op, Status};
+use super::{core, foreground, netns, Result, Runtime, RuntimeError};
+use crate::criu::{self, rpc, Call, Criu, CriuError, Notify};
+
+/// Stdio descriptors of the init process at dump time, as runc records them.
+pub const DESCRIPTORS_FILE: &str = "descriptors.json";
+const DUMP_LOG: &str = "dump.log";
+const RESTORE_LOG: &str = "restore.log";
+/// Key for an external network namespace given by path (runc uses the same).
+const EXT_NETNS_KEY: &str = "extRootNetNS";
+
+impl From<CriuError> for RuntimeError {
+    fn from(e: CriuError) -> Self {
+        RuntimeError::Criu(e)
+    }
+}
+
+/// `--manage-cgroups-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupsMode {
+    #[default]
+    Soft,
+    Full,
+    Strict,
+    Ignore,
+}
+
+impl CgroupsMode {
+    fn to_rpc(self) -> rpc::Criu_cg_mode {
+        match self {
+            CgroupsMode::Soft => rpc::Criu_cg_mode::SOFT,
+            CgroupsMode::Full => rpc::Criu_cg_mode::FULL,
+            CgroupsMode::Strict => rpc::Criu_cg_mode::STRICT,
+            CgroupsMode::Ignore => rpc::Criu_cg_mode::IGNORE,
+        }
+    }
+}
+
+/// Options shared by checkpoint and restore.
+#[derive(Debug, Clone, Default)]
+pub struct CriuFlags {
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub manage_cgroups_mode: CgroupsMode,
+    /// Namespaces to leave empty (only "network" is supported, as in runc).
+    pub empty_ns: Vec<String>,
+    pub auto_dedup: bool,
+    pub lazy_pages: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOptions {
+    pub id: String,
+    pub image_path: PathBuf,
+    pub work_path: Option<PathBuf>,
+    pub parent_path: Option<PathBuf>,
+    pub leave_running: bool,
+    pub pre_dump: bool,
+    pub page_server: Option<String>,
+    pub status_fd: Option<RawFd>,
+    pub link_remap: bool,
+    pub tcp_skip_in_flight: bool,
+    pub flags: CriuFlags,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub id: String,
+    pub image_path: PathBuf,
+    pub work_path: Option<PathBuf>,
+    pub bundle: PathBuf,
+    pub detach: bool,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub no_subreaper: bool,
+    pub no_pivot: bool,
+    pub lsm_profile: Option<String>,
+    pub lsm_mount_context: Option<String>,
+    pub flags: CriuFlags,
+}
+
+/// CRIU's statistics of one dump or restore (`stats-dump` / `stats-restore`).
+#[derive(Debug, Clone, Default)]
+pub struct CriuStats {
+    pub entries: Vec<(&'static str, u64)>,
+}
+
+impl CriuStats {
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+fn empty_ns_flags(names: &[String]) -> Result<u32> {
+    let mut f = 0u32;
+    for n in names {
+        match n.as_str() {
+            "network" | "net" => f |= libc::CLONE_NEWNET as u32,
+            other => {
+                return Err(RuntimeError::Invalid(format!(
+                    "--empty-ns {other:?}: only \"network\" is supported"
+                )))
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn load_spec(bundle: &Path) -> Result<Spec> {
+    let p = bundle.join("config.json");
+    let bytes = fs::read(&p).map_err(|source| RuntimeError::Io {
+        op: "read",
+        path: p.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| RuntimeError::Bundle {
+        path: p,
+        reason: format!("config.json is not a valid OCI runtime spec: {e}"),
+    })
+}
+
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn has_userns(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User))
+}
+
+fn netns_path(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .and_then(|n| n.path().clone())
+        })
+}
+
+fn has_own_netns(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.typ() == LinuxNamespaceType::Network && n.path().is_none())
+        })
+}
+
+/// Mounts CRIU cannot see the source of, as (key, value) pairs of `ext_mnt`.
+/// On dump the key is the mount point and the value the name recorded in the
+/// image; on restore the key is that name and the value the host path to bind.
+fn external_mounts(
+    spec: &Spec,
+    bundle: &Path,
+    restore: bool,
+    rootfs_pid: Option<i32>,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for m in spec.mounts().as_deref().unwrap_or_default() {
+        if !is_bind(m) {
+            continue;
+        }
+        let dest = m.destination().display().to_string();
+        if restore {
+            let src = m.source().clone().unwrap_or_default();
+            let src = if src.is_absolute() {
+                src
+            } else {
+                bundle.join(src)
+            };
+            out.push((dest, src.display().to_string()));
+        } else {
+            out.push((dest.clone(), dest));
+        }
+    }
+    // Masked files are /dev/null bind-mounted from the host.
+    let masked = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.masked_paths().clone())
+        .unwrap_or_default();
+    for p in masked {
+        let is_file_mount = match rootfs_pid {
+            // On dump, only paths that exist as files in the container were masked.
+            Some(pid) => fs::metadata(format!("/proc/{pid}/root{p}")).is_ok_and(|m| !m.is_dir()),
+            None => true,
+        };
+        if !is_file_mount {
+            continue;
+        }
+        if restore {
+            out.push((p.clone(), "/dev/null".into()));
+        } else {
+            out.push((p.clone(), p));
+        }
+    }
+    // In a user namespace device nodes cannot be created: they are bind mounts.
+    if has_userns(spec) {
+        let mut devs: Vec<String> = ["null", "zero", "full", "random", "urandom", "tty"]
+            .iter()
+            .map(|d| format!("/dev/{d}"))
+            .collect();
+        if let Some(ds) = spec.linux().as_ref().and_then(|l| l.devices().as_ref()) {
+            devs.extend(ds.iter().map(|d| d.path().display().to_string()));
+        }
+        devs.dedup();
+        for d in devs {
+            if let Some(pid) = rootfs_pid {
+                if fs::metadata(format!("/proc/{pid}/root{d}")).is_err() {
+                    continue;
+                }
+            }
+            out.push((d.clone(), d));
+        }
+    }
+    out
+}
+
+/// The freezer cgroup directory of `pid` (v1 freezer hierarchy, or the v2 unified
+/// hierarchy when there is no v1 freezer).
+fn freezer_path(pid: i32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let v1 = Path::new("/sys/fs/cgroup/freezer");
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if v1.is_dir() && ctrls.split(',').any(|c| c == "freezer") {
+            return Some(v1.join(path.trim_start_matches('/')));
+        }
+        if !v1.is_dir() && ctrls.is_empty() {
+            return Some(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')));
+        }
+    }
+    None
+}
+
+fn mkdir_private(p: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(|source| RuntimeError::Io {
+            op: "create directory",
+            path: p.to_path_buf(),
+            source,
+        })
+}
+
+fn read_stats(path: &Path) -> CriuStats {
+    CriuStats {
+        entries: criu::read_stats(path).unwrap_or_default(),
+    }
+}
+
+impl Runtime {
+    fn criu(&self) -> Criu {
+        Criu::new(&self.criu)
+    }
+
+    /// `checkpoint`: dumps a running (or paused) container into `image_path`.
+    /// Without `leave_running` the container is stopped and removed only after the
+    /// dump succeeded; a failed checkpoint leaves it running and untouched.
+    pub fn checkpoint(&self, o: &CheckpointOptions) -> Result<CriuStats> {
+        let _lock = self.lock(&o.id)?;
+        let st = self.load(&o.id)?;
+        let status = self.check(&st, Op::Checkpoint)?;
+        let spec = load_spec(&st.bundle)?;
+        let criu = self.criu();
+        criu.require_version()?;
+        if o.pre_dump || o.flags.lazy_pages {
+            let (mem_track, lazy) = criu.features()?;
+            if o.pre_dump && !mem_track {
+                return Err(CriuError::MissingFeature {
+                    feature: "memory tracking (soft-dirty pages), needed by --pre-dump",
+                    why: "the kernel does not track dirty pages (CONFIG_MEM_SOFT_DIRTY); take a full checkpoint instead",
+                }
+                .into());
+            }
+            if o.flags.lazy_pages && !lazy {
+                return Err(CriuError::MissingFeature {
+                    feature: "userfaultfd lazy pages, needed by --lazy-pages",
+                    why: "the kernel has no usable userfaultfd; checkpoint without --lazy-pages",
+                }
+                .into());
+            }
+        }
+        mkdir_private(&o.image_path)?;
+        let work = o.work_path.clone().unwrap_or_else(|| o.image_path.clone());
+        mkdir_private(&work)?;
+
+        let pid = st.pid;
+        let descriptors: Vec<String> = (0..3)
+            .map(|n| {
+                fs::read_link(format!("/proc/{pid}/fd/{n}"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "/dev/null".into())
+            })
+            .collect();
+        let dpath = o.image_path.join(DESCRIPTORS_FILE);
+        let djson = serde_json::to_vec(&descriptors).unwrap_or_default();
+        state::write_atomic(&dpath, &djson)?;
+        // The container's config travels with its image (podman and restore use it).
+        let _ = fs::copy(
+            st.bundle.join("config.json"),
+            o.image_path.join("config.json"),
+        );
+
+        let mut opts = criu::Opts::new();
+        opts.pid = Some(pid);
+        opts.root = Some(st.rootfs.display().to_string());
+        opts.leave_running = Some(o.leave_running || o.pre_dump);
+        opts.manage_cgroups = Some(true);
+        opts.manage_cgroups_mode = Some(EnumOrUnknown::new(o.flags.manage_cgroups_mode.to_rpc()));
+        opts.notify_scripts = Some(true);
+        opts.shell_job = Some(o.flags.shell_job);
+        opts.tcp_established = Some(o.flags.tcp_established);
+        opts.ext_unix_sk = Some(o.flags.ext_unix_sk);
+        opts.file_locks = Some(o.flags.file_locks);
+        opts.auto_dedup = Some(o.flags.auto_dedup);
+        opts.lazy_pages = Some(o.flags.lazy_pages);
+        opts.link_remap = Some(o.link_remap);
+        opts.tcp_skip_in_flight = Some(o.tcp_skip_in_flight);
+        let empty = empty_ns_flags(&o.flags.empty_ns)?;
+        if empty != 0 {
+            opts.empty_ns = Some(empty);
+        }
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        opts.orphan_pts_master = Some(terminal);
+        if let Some(parent) = &o.parent_path {
+            opts.parent_img = Some(parent.display().to_string());
+            opts.track_mem = Some(true);
+        }
+        if o.pre_dump {
+            opts.track_mem = Some(true);
+        }
+        if let Some(ps) = &o.page_server {
+            let (addr, port) = ps.rsplit_once(':').ok_or_else(|| {
+                RuntimeError::Invalid(format!("--page-server {ps:?}: expected ADDRESS:PORT"))
+            })?;
+            let mut info = rpc::Criu_page_server_info::new();
+            info.address = Some(addr.to_string());
+            info.port = Some(port.parse().map_err(|_| {
+                RuntimeError::Invalid(format!("--page-server {ps:?}: port is not a number"))
+            })?);
+            opts.ps = Some(info).into();
+        }
+        let mut keep = Vec::new();
+        if let Some(fd) = o.status_fd {
+            opts.status_fd = Some(fd);
+            keep.push(fd);
+        }
+        for (k, v) in external_mounts(&spec, &st.bundle, false, Some(pid)) {
+            let mut m = rpc::Ext_mount_map::new();
+            m.key = Some(k);
+            m.val = Some(v);
+            opts.ext_mnt.push(m);
+        }
+        if let Some(p) = netns_path(&spec) {
+            use std::os::unix::fs::MetadataExt;
+            let ino = fs::metadata(&p)
+                .map_err(|source| RuntimeError::Io {
+                    op: "stat network namespace",
+                    path: p.clone(),
+                    source,
+                })?
+                .ino();
+            opts.external.push(format!("net[{ino}]:{EXT_NETNS_KEY}"));
+        }
+
+        // Freeze through the cgroup freezer first: CRIU then finds the tree frozen
+        // and skips its own (slow) ptrace-based freezing.
+        let froze = status == Status::Running;
+        if froze {
+            core::set_frozen(&self.dir(&o.id), &o.id, true)?;
+        }
+        if let Some(fp) = freezer_path(pid) {
+            opts.freeze_cgroup = Some(fp.display().to_string());
+        }
+        let call = Call {
+            work_dir: &work,
+            images_dir: &o.image_path,
+            log_file: DUMP_LOG,
+            keep_fds: &keep,
+            on_spawn: None,
+        };
+        let res = if o.pre_dump {
+            criu.pre_dump(opts, call, &mut |_| Ok(()))
+        } else {
+            criu.dump(opts, call, &mut |_| Ok(()))
+        };
+        if froze {
+            // Thaw in every case: on success with --leave-running the container goes
+            // on; without it CRIU killed the tasks, which die once thawed; on failure
+            // it must keep running.
+            let thaw = core::set_frozen(&self.dir(&o.id), &o.id, false);
+            if res.is_ok() && (o.leave_running || o.pre_dump) {
+                thaw?;
+            }
+        }
+        res?;
+        let stats = read_stats(&work.join(if o.pre_dump {
+            "stats-dump"
+        } else {
+            "stats-dump"
+        }));
+        if !o.leave_running && !o.pre_dump {
+            // CRIU killed the container's processes; remove it as runc does.
+            let dir = self.dir(&o.id);
+            core::delete(&dir, &o.id, true)?;
+            let _ = fs::remove_dir_all(&dir);
+        }
+        Ok(stats)
+    }
+
+    /// `restore`: brings a container back from a CRIU image directory under `id`
+    /// with `bundle`'s config and rootfs. Returns the exit code when not detached.
+    pub fn restore(&self, o: &RestoreOptions) -> Result<(i32, CriuStats)> {
+        let (pid, stats) = {
+            let _lock = self.lock(&o.id)?;
+            let dir = self.dir(&o.id);
+            if dir.exists() {
+                return Err(RuntimeError::Exists {
+                    id: o.id.clone(),
+                    root: self.root.clone(),
+                });
+            }
+            let bundle = core::check_bundle(&o.bundle)?;
+            if !o.image_path.join("inventory.img").is_file() {
+                return Err(RuntimeError::Invalid(format!(
+                    "{} is not a CRIU image directory (no inventory.img): create one with `stasis checkpoint --image-path`",
+                    o.image_path.display()
+                )));
+            }
+            let criu = self.criu();
+            criu.require_version()?;
+            if o.flags.lazy_pages && !criu.features()?.1 {
+                return Err(CriuError::MissingFeature {
+                    feature: "userfaultfd lazy pages, needed by --lazy-pages",
+                    why: "the kernel has no usable userfaultfd; restore without --lazy-pages",
+                }
+                .into());
+            }
+            let spec = load_spec(&bundle.path)?;
+            fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+                op: "create container directory",
+                path: dir.clone(),
+                source,
+            })?;
+            let mut cgroup_path = PathBuf::new();
+            let r = self.restore_into(o, &dir, &bundle, &spec, &criu, &mut cgroup_path);
+            match r {
+                Ok(x) => x,
+                Err(e) => {
+                    if !cgroup_path.as_os_str().is_empty() {
+                        core::cgroup_remove(&cgroup_path, &o.id);
+                    }
+                    let _ = fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            }
+        };
+        if o.detach {
+            return Ok((0, stats));
+        }
+        let code = foreground::wait_forwarding_signals(pid).map_err(|source| RuntimeError::Io {
+            op: "wait for restored container",
+            path: PathBuf::from(format!("/proc/{pid}")),
+            source,
+        })?;
+        if let Err(e) = self.delete(&o.id, true) {
+            eprintln!("stasis: warning: {e}");
+        }
+        Ok((code, stats))
+    }
+
+    fn restore_into(
+        &self,
+        o: &RestoreOptions,
+        dir: &Path,
+        bundle: &core::BundleInfo,
+        spec: &Spec,
+        criu: &Criu,
+        cgroup_out: &mut PathBuf,
+    ) -> Result<(i32, CriuStats)> {
+        let id = o.id.as_str();
+        let cgroup_path = core::register(dir, id, spec, &bundle.path, None)?;
+        *cgroup_out = cgroup_path.clone();
+        let work = match &o.work_path {
+            Some(w) => w.clone(),
+            None => dir.join("criu"),
+        };
+        mkdir_private(&work)?;
+
+        // Mount points of bind mounts must exist in the rootfs before CRIU mounts.
+        for m in spec.mounts().as_deref().unwrap_or_default() {
+            if !is_bind(m) {
+                continue;
+            }
+            let target = bundle
+                .rootfs
+                .join(m.destination().strip_prefix("/").unwrap_or(m.destination()));
+            if target.exists() {
+                continue;
+            }
+            let src = m.source().clone().unwrap_or_default();
+            let src = if src.is_absolute() {
+                src
+            } else {
+                bundle.path.join(src)
+            };
+            let res = if src.is_dir() {
+                fs::create_dir_all(&target)
+            } else {
+                if let Some(p) = target.parent() {
+                    let _ = fs::create_dir_all(p);
+                }
+                fs::File::create(&target).map(|_| ())
+            };
+            res.map_err(|source| RuntimeError::Io {
+                op: "create mount point",
+                path: target.clone(),
+                source,
+            })?;
+        }
+
+        // CRIU wants the root to be a mount point: bind the rootfs onto a private dir.
+        let criu_root = dir.join("criu-root");
+        fs::create_dir_all(&criu_root).map_err(|source| RuntimeError::Io {
+            op: "create directory",
+            path: criu_root.clone(),
+            source,
+        })?;
+        mount(
+            Some(&bundle.rootfs),
+            &criu_root,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| RuntimeError::Io {
+            op: "bind-mount rootfs for CRIU",
+            path: criu_root.clone(),
+            source: e.into(),
+        })?;
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+                let _ = fs::remove_dir(&self.0);
+            }
+        }
+        let _unmount = Unmount(criu_root.clone());
+
+        let mut opts = criu::Opts::new();
+        opts.root = Some(criu_root.display().to_string());
+        opts.rst_sibling = Some(true);
+        opts.notify_scripts = Some(true);
+        opts.manage_cgroups = Some(true);
+        opts.manage_cgroups_mode = Some(EnumOrUnknown::new(o.flags.manage_cgroups_mode.to_rpc()));
+        let cg = cgroup_path.display().to_string();
+        let mut root = rpc::Cgroup_root::new();
+        root.path = Some(if cg.starts_with('/') {
+            cg
+        } else {
+            format!("/{cg}")
+        });
+        opts.cg_root.push(root);
+        opts.shell_job = Some(o.flags.shell_job);
+        opts.tcp_established = Some(o.flags.tcp_established);
+        opts.ext_unix_sk = Some(o.flags.ext_unix_sk);
+        opts.file_locks = Some(o.flags.file_locks);
+        opts.auto_dedup = Some(o.flags.auto_dedup);
+        opts.lazy_pages = Some(o.flags.lazy_pages);
+        opts.lsm_profile = o.lsm_profile.clone();
+        opts.lsm_mount_context = o.lsm_mount_context.clone();
+        let empty = empty_ns_flags(&o.flags.empty_ns)?;
+        if empty != 0 {
+            opts.empty_ns = Some(empty);
+        }
+        opts.orphan_pts_master = Some(o.console_socket.is_some());
+        for (k, v) in external_mounts(spec, &bundle.path, true, None) {
+            let mut m = rpc::Ext_mount_map::new();
+            m.key = Some(k);
+            m.val = Some(v);
+            opts.ext_mnt.push(m);
+        }
+
+        // Descriptors CRIU must hand to the restored tree: our stdio pipes in place
+        // of the ones recorded at dump, and an external network namespace.
+        let mut held: Vec<OwnedFd> = Vec::new();
+        let descriptors: Vec<String> = fs::read(o.image_path.join(DESCRIPTORS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for (i, d) in descriptors.iter().enumerate().take(3) {
+            if !d.starts_with("pipe:") {
+                continue;
+            }
+            let fd = nix::fcntl::fcntl(i as RawFd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
+                .map_err(|e| RuntimeError::Io {
+                    op: "duplicate stdio descriptor",
+                    path: PathBuf::from(format!("/proc/self/fd/{i}")),
+                    source: e.into(),
+                })?;
+            // SAFETY: fcntl just returned this new descriptor; we own it.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let mut inh = rpc::Inherit_fd::new();
+            inh.key = Some(d.clone());
+            inh.fd = Some(fd.as_raw_fd());
+            opts.inherit_fd.push(inh);
+            held.push(fd);
+        }
+        if let Some(p) = netns_path(spec) {
+            let f = fs::File::open(&p).map_err(|source| RuntimeError::Io {
+                op: "open network namespace",
+                path: p.clone(),
+                source,
+            })?;
+            let fd: OwnedFd = f.into();
+            let mut inh = rpc::Inherit_fd::new();
+            inh.key = Some(EXT_NETNS_KEY.to_string());
+            inh.fd = Some(fd.as_raw_fd());
+            opts.inherit_fd.push(inh);
+            held.push(fd);
+        }
+        let keep: Vec<RawFd> = held.iter().map(|f| f.as_raw_fd()).collect();
+
+        let own_netns = has_own_netns(spec);
+        let mut hook_err: Option<RuntimeError> = None;
+        let mut restored_pid = 0;
+        let console = o.console_socket.clone();
+        let bundle_path = bundle.path.clone();
+        let mut notify = |n: Notify| -> Result<(), String> {
+            match n.script.as_str() {
+                "setup-namespaces" => {
+                    for kind in ["prestart", "createRuntime"] {
+                        if let Err(e) = core::run_hooks(kind, spec, id, &bundle_path, n.pid) {
+                            let m = e.to_string();
+                            hook_err = Some(e);
+                            return Err(m);
+                        }
+                    }
+                    if own_netns {
+                        netns::loopback_up(n.pid).map_err(|e| {
+                            format!("bring loopback up in the restored network namespace: {e}")
+                        })?;
+                    }
+                }
+                "post-restore" => restored_pid = n.pid,
+                "orphan-pts-master" => {
+                    if let (Some(sock), Some(fd)) = (&console, n.fd) {
+                        send_console(sock, fd)
+                            .map_err(|e| format!("send pty master to {}: {e}", sock.display()))?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        let mut enter_cgroup = |pid: i32| -> Result<(), String> {
+            core::cgroup_enter(&cgroup_path, id, spec, pid).map_err(|e| e.to_string())
+        };
+        let resp = criu.restore(
+            opts,
+            Call {
+                work_dir: &work,
+                images_dir: &o.image_path,
+                log_file: RESTORE_LOG,
+                keep_fds: &keep,
+                on_spawn: Some(&mut enter_cgroup),
+            },
+            &mut notify,
+        );
+        drop(held);
+        if let Some(e) = hook_err {
+            return Err(e);
+        }
+        let resp = resp?;
+        let pid = resp
+            .restore
+            .as_ref()
+            .and_then(|r| r.pid)
+            .filter(|p| *p > 0)
+            .unwrap_or(restored_pid);
+        if pid <= 0 {
+            return Err(RuntimeError::Invalid(
+                "criu restore succeeded but reported no pid".into(),
+            ));
+        }
+        core::register(dir, id, spec, &bundle.path, Some(pid))?;
+        let st = ContainerState {
+            id: id.to_string(),
+            status: Status::Running,
+            pid,
+            pid_start_time: state::process_start_time(pid).unwrap_or(0),
+            bundle: bundle.path.clone(),
+            rootfs: bundle.rootfs.clone(),
+            created: Utc::now(),
+            owner: super::owner_name(),
+            annotations: bundle.annotations.clone(),
+            cgroup_path: cgroup_path.clone(),
+        };
+        st.save(dir)?;
+        if let Some(pf) = &o.pid_file {
+            state::write_atomic(pf, pid.to_string().as_bytes())?;
+        }
+        let _ = core::run_hooks("poststart", spec, id, &bundle.path, pid);
+        Ok((pid, read_stats(&work.join("stats-restore"))))
+    }
+}
+
+/// Sends the pty master to a console socket (SCM_RIGHTS), as runc does.
+fn send_console(sock: &Path, fd: OwnedFd) -> std::io::Result<()> {
+    use nix::sys::socket::{
+        connect, sendmsg, socket, ControlMessage, SockFlag, SockType, UnixAddr,
+    };
+    let s = socket(
+        nix::sys::socket::AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    let addr = UnixAddr::new(sock).map_err(std::io::Error::from)?;
+    connect(s.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let name = b"/dev/ptmx";
+    let iov = [std::io::IoSlice::new(name)];
+    sendmsg::<()>(
+        s.as_raw_fd(),
+        &iov,
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(())
+}

@@ -91,6 +91,31 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
     if spec.process().is_none() {
         return Err(bad(&cfg, "config.json has no process".into()));
     }
+    // A bind mount whose source is missing fails inside the container's init, and
+    // libcontainer 0.7 reports only "failed to prepare rootfs" (the path is in a
+    // debug log of the child). runc names it ("error mounting X to rootfs at Y");
+    // check here so that our one error line does too.
+    for m in spec.mounts().iter().flatten() {
+        let bind = m.typ().as_deref() == Some("bind")
+            || m.options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        let Some(src) = m.source().as_ref().filter(|_| bind) else {
+            continue;
+        };
+        let src = path.join(src);
+        if let Err(e) = fs::metadata(&src) {
+            return Err(bad(
+                &cfg,
+                format!(
+                    "mount {}: source {}: {e}",
+                    m.destination().display(),
+                    src.display()
+                ),
+            ));
+        }
+    }
     let rootfs = fs::canonicalize(&rootfs).unwrap_or(rootfs);
     Ok(BundleInfo {
         path,
@@ -270,7 +295,7 @@ pub fn merge_resources(json: &[u8], o: &ResourceOverrides) -> Result<LinuxResour
     };
     let inv = |e: oci_spec::OciSpecError| RuntimeError::Invalid(format!("update: {e}"));
     if o.memory.is_some() || o.memory_swap.is_some() || o.memory_reservation.is_some() {
-        let cur = r.memory().clone().unwrap_or_default();
+        let cur = (*r.memory()).unwrap_or_default();
         let mut b = LinuxMemoryBuilder::default();
         if let Some(v) = o.memory.or(cur.limit()) {
             b = b.limit(v);

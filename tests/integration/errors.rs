@@ -1,0 +1,325 @@
+//! Illegal transitions and bad input: each exits non-zero with one stderr line that
+//! names what and where, changes nothing, and (for create/run) leaves nothing behind.
+
+use std::fs;
+use std::path::Path;
+
+use crate::common::{edit_config, unique_id, wait_until, Env};
+
+#[test]
+fn illegal_transitions_are_refused_and_change_nothing() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let id = unique_id("illegal");
+    let _c = env.create(&b, &id);
+
+    // exec, pause and resume need a running container.
+    env.run(&["pause", &id])
+        .fails_with_one_line(&[&id, "created"]);
+    env.run(&["resume", &id])
+        .fails_with_one_line(&[&id, "created"]);
+    env.run(&["exec", &id, "true"])
+        .fails_with_one_line(&[&id, "created"]);
+    assert_eq!(env.status(&id), "created");
+
+    env.ok(&["start", &id]);
+    // start twice
+    env.run(&["start", &id])
+        .fails_with_one_line(&[&id, "running"]);
+    // delete a running one without --force
+    env.run(&["delete", &id])
+        .fails_with_one_line(&[&id, "running", "--force"]);
+    assert_eq!(env.status(&id), "running");
+    // resume a running one
+    env.run(&["resume", &id])
+        .fails_with_one_line(&[&id, "running"]);
+    assert_eq!(env.status(&id), "running");
+
+    env.ok(&["pause", &id]);
+    // pause a paused one
+    env.run(&["pause", &id])
+        .fails_with_one_line(&[&id, "paused"]);
+    // exec in a paused one
+    env.run(&["exec", &id, "true"])
+        .fails_with_one_line(&[&id, "paused"]);
+    // start a paused one
+    env.run(&["start", &id])
+        .fails_with_one_line(&[&id, "paused"]);
+    assert_eq!(env.status(&id), "paused");
+    env.ok(&["resume", &id]);
+
+    env.ok(&["kill", &id, "KILL"]);
+    env.wait_status(&id, "stopped");
+    // kill a stopped one
+    env.run(&["kill", &id, "KILL"])
+        .fails_with_one_line(&[&id, "stopped"]);
+    // start, pause, exec on a stopped one
+    env.run(&["start", &id])
+        .fails_with_one_line(&[&id, "stopped"]);
+    env.run(&["pause", &id])
+        .fails_with_one_line(&[&id, "stopped"]);
+    env.run(&["exec", &id, "true"])
+        .fails_with_one_line(&[&id, "stopped"]);
+    env.run(&["ps", &id]).fails_with_one_line(&[&id, "stopped"]);
+    assert_eq!(env.status(&id), "stopped");
+    // and a stopped one can be deleted without --force
+    env.ok(&["delete", &id]);
+    assert_eq!(env.root_entries(), Vec::<String>::new());
+}
+
+#[test]
+fn verbs_on_a_missing_container_name_it() {
+    requires!(root);
+    let env = Env::new();
+    for args in [
+        &["start", "ghost"][..],
+        &["state", "ghost"],
+        &["kill", "ghost"],
+        &["pause", "ghost"],
+        &["resume", "ghost"],
+        &["ps", "ghost"],
+        &["exec", "ghost", "true"],
+        &["update", "--pids-limit", "5", "ghost"],
+        &["events", "--stats", "ghost"],
+        &["delete", "ghost"],
+    ] {
+        env.run(args).fails_with_one_line(&["ghost"]);
+    }
+    assert_eq!(env.root_entries(), Vec::<String>::new());
+}
+
+/// Runs `create` and then `run` on `bundle` with a fresh id; both must fail with
+/// one line containing `needles`, and leave nothing behind.
+fn create_and_run_fail(env: &Env, bundle: &Path, needles: &[&str]) {
+    for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+        let id = unique_id("bad");
+        let _g = env.guard(&id);
+        let mut args: Vec<&str> = verb.to_vec();
+        args.extend(["--bundle", bundle.to_str().unwrap(), &id]);
+        env.run(&args).fails_with_one_line(needles);
+        env.assert_nothing_left(&id, Some(bundle));
+    }
+}
+
+#[test]
+fn malformed_config_json() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    fs::write(
+        b.join("config.json"),
+        "{\"ociVersion\": \"1.0.2\", \"process\": ",
+    )
+    .unwrap();
+    let cfg = b.join("config.json");
+    create_and_run_fail(&env, &b, &[cfg.to_str().unwrap()]);
+
+    // Valid JSON of the wrong shape.
+    fs::write(&cfg, "{\"ociVersion\": 5}").unwrap();
+    create_and_run_fail(&env, &b, &[cfg.to_str().unwrap()]);
+}
+
+#[test]
+fn missing_config_json() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    fs::remove_file(b.join("config.json")).unwrap();
+    create_and_run_fail(&env, &b, &[b.to_str().unwrap(), "config.json"]);
+}
+
+#[test]
+fn missing_rootfs() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    fs::remove_dir_all(b.join("rootfs")).unwrap();
+    create_and_run_fail(&env, &b, &[b.join("rootfs").to_str().unwrap()]);
+}
+
+#[test]
+fn missing_bundle_and_bundle_that_is_a_file() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let file = env.path("not-a-dir");
+    fs::write(&file, "x").unwrap();
+    create_and_run_fail(&env, &file, &[file.to_str().unwrap(), "not a directory"]);
+    let gone = env.path("no-such-bundle");
+    create_and_run_fail(&env, &gone, &[gone.to_str().unwrap()]);
+}
+
+#[test]
+fn missing_executable_leaves_nothing() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["/no/such/binary"]);
+    for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+        let id = unique_id("noexe");
+        let _g = env.guard(&id);
+        let mut args: Vec<&str> = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.run(&args).fails_with_one_line(&["/no/such/binary"]);
+        env.assert_nothing_left(&id, Some(&b));
+    }
+}
+
+#[test]
+fn bad_mount_leaves_nothing() {
+    // A failure deep inside container setup (after namespaces and cgroups exist).
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    let missing = env.path("no-such-source");
+    edit_config(&b, |c| {
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/data", "type": "bind",
+            "source": missing.to_str().unwrap(), "options": ["rbind"]
+        }));
+    });
+    create_and_run_fail(&env, &b, &["no-such-source"]);
+}
+
+#[test]
+fn unknown_signal_is_refused() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let id = unique_id("badsig");
+    let _c = env.run_detached(&b, &id);
+    for sig in ["SIGNOPE", "NOPE", "0", "65", "9x", "SIGRTMIN+99"] {
+        let out = env.run(&["kill", &id, sig]);
+        out.fails_with_one_line(&[sig]);
+    }
+    assert_eq!(env.status(&id), "running");
+}
+
+#[test]
+fn duplicate_id_is_refused_and_the_first_is_untouched() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let id = unique_id("dup");
+    let _c = env.run_detached(&b, &id);
+    let before = env.state(&id);
+    for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+        let mut args: Vec<&str> = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.run(&args).fails_with_one_line(&[&id, "exists"]);
+    }
+    assert_eq!(env.state(&id), before);
+    assert_eq!(env.pids(&id).len(), 1);
+    assert_eq!(env.root_entries(), vec![id.clone()]);
+}
+
+#[test]
+fn ids_with_slash_or_dotdot_are_refused() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    // A unique marker in each id, so a cgroup or directory made from it can be found.
+    let u = unique_id("esc");
+    let ids = [
+        format!("a/{u}"),
+        format!("../{u}"),
+        format!("x/../{u}"),
+        format!("{u}/"),
+        format!("{u} sp"),
+        "..".to_string(),
+        ".".to_string(),
+        String::new(),
+    ];
+    for id in &ids {
+        let id = id.as_str();
+        for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+            let mut args: Vec<&str> = verb.to_vec();
+            args.extend(["--bundle", b.to_str().unwrap(), id]);
+            let line = env.run(&args).fails_with_one_line(&["id"]);
+            assert!(line.contains(&format!("{id:?}")), "names the id: {line}");
+        }
+        // Other verbs refuse it too, without touching anything.
+        for verb in [
+            &["state"][..],
+            &["start"],
+            &["delete"],
+            &["delete", "--force"],
+            &["kill"],
+        ] {
+            let mut args: Vec<&str> = verb.to_vec();
+            args.push(id);
+            env.run(&args).fails_with_one_line(&["id"]);
+        }
+    }
+    env.assert_nothing_left(&u, Some(&b));
+    assert!(!env.path(&u).exists(), "escaped --root");
+    for ctl in ["memory", "pids"] {
+        assert!(!std::path::Path::new("/sys/fs/cgroup")
+            .join(ctl)
+            .join(&u)
+            .exists());
+    }
+    let locks = env.root.join(".locks");
+    if locks.exists() {
+        let names: Vec<String> = fs::read_dir(&locks)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, Vec::<String>::new(), "lock files for invalid ids");
+    }
+}
+
+#[test]
+fn exec_errors_name_what_is_wrong() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let id = unique_id("execerr");
+    let _c = env.run_detached(&b, &id);
+    let missing = env.path("no-process.json");
+    env.run(&["exec", "--process", missing.to_str().unwrap(), &id])
+        .fails_with_one_line(&[missing.to_str().unwrap()]);
+    env.run(&["exec", &id]).fails_with_one_line(&["command"]);
+    env.run(&["exec", "--env", "NOEQUALS", &id, "true"])
+        .fails_with_one_line(&["NOEQUALS"]);
+    env.run(&["exec", "--user", "bob", &id, "true"])
+        .fails_with_one_line(&["bob"]);
+    env.run(&["exec", &id, "/no/such/binary"])
+        .fails_with_one_line(&["/no/such/binary"]);
+    // None of this disturbed the container.
+    assert_eq!(env.status(&id), "running");
+    assert_eq!(env.pids(&id).len(), 1);
+}
+
+#[test]
+fn update_errors() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let id = unique_id("upderr");
+    let _c = env.run_detached(&b, &id);
+    let bad = env.path("bad.json");
+    fs::write(&bad, "{nope").unwrap();
+    env.run(&["update", "--resources", bad.to_str().unwrap(), &id])
+        .fails_with_one_line(&["--resources"]);
+    let gone = env.path("gone.json");
+    env.run(&["update", "--resources", gone.to_str().unwrap(), &id])
+        .fails_with_one_line(&[gone.to_str().unwrap()]);
+    env.run_stdin(&["update", "--resources", "-", &id], b"[1,2")
+        .fails_with_one_line(&["--resources"]);
+    assert_eq!(env.status(&id), "running");
+}
+
+#[test]
+fn stopped_container_events_stats_fails() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    let id = unique_id("evstop");
+    let _c = env.run_detached(&b, &id);
+    wait_until("exit", std::time::Duration::from_secs(10), || {
+        env.status(&id) == "stopped"
+    });
+    env.run(&["events", "--stats", &id])
+        .fails_with_one_line(&[&id, "stopped"]);
+}

@@ -1,0 +1,17 @@
+//! The integration suite of the runtime core: drives the built `stasis` binary
+//! (`CARGO_BIN_EXE_stasis`, or `STASIS_TEST_RUNTIME`) with a private `--root` per
+//! test, on real namespaces and cgroups. Needs root; `requires!` prints why a test
+//! skips, and `STASIS_REQUIRE_ALL=1` (CI) turns every skip into a failure.
+//!
+//! Modules: `lifecycle` (every verb and legal transition), `spec_options`
+//! (runtime-spec options checked from inside the container), `errors` (illegal
+//! transitions and bad input: one stderr line, nothing left behind), `runc_compat`
+//! (the same bundle through runc and stasis, outputs compared field by field).
+
+#[macro_use]
+mod common;
+
+mod errors;
+mod lifecycle;
+mod runc_compat;
+mod spec_options;

@@ -63,6 +63,7 @@ impl From<&CreateArgs> for CreateOptions {
             no_pivot: a.no_pivot,
             no_new_keyring: a.no_new_keyring,
             preserve_fds: a.preserve_fds,
+            keep: false,
         }
     }
 }
@@ -350,7 +351,13 @@ pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
             rt()?.create(&a.into())?;
         }
         Command::Start(a) => rt()?.start(&a.id)?,
-        Command::Run(a) => return Ok(rt()?.run(&(&a.create).into(), a.detach)?),
+        Command::Run(a) => {
+            let opts = CreateOptions {
+                keep: a.keep,
+                ..(&a.create).into()
+            };
+            return Ok(rt()?.run(&opts, a.detach)?);
+        }
         Command::State(a) => {
             // runc leaves `owner` empty in `state` and fills it in `list`.
             let mut st = rt()?.state(&a.id)?;

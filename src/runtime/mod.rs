@@ -91,6 +91,8 @@ pub struct CreateOptions {
     pub no_pivot: bool,
     pub no_new_keyring: bool,
     pub preserve_fds: i32,
+    /// `run --keep`: do not delete the container after a foreground run exits.
+    pub keep: bool,
 }
 
 /// Options for `exec`.
@@ -279,6 +281,9 @@ impl Runtime {
             path: PathBuf::from(format!("/proc/{pid}")),
             source,
         })?;
+        if opts.keep {
+            return Ok(code);
+        }
         // A cleanup failure must not hide the workload's exit code (runc logs it too).
         if let Err(e) = self.delete(&opts.id, true) {
             eprintln!("stasis: warning: {e}");

@@ -787,3 +787,73 @@ fn corrupt_state_file_is_named_and_delete_force_cleans_up() {
             .unwrap_or(true)
     });
 }
+
+#[test]
+fn run_foreground_keep_leaves_a_stopped_container() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sh", "-c", "exit 4"]);
+    let id = unique_id("keep");
+    let _c = env.guard(&id);
+    env.run(&["run", "--keep", "--bundle", b.to_str().unwrap(), &id])
+        .code_is(4);
+    let st = env.state(&id);
+    assert_eq!(
+        (st["status"].as_str(), st["pid"].as_i64()),
+        (Some("stopped"), Some(0))
+    );
+    env.ok(&["delete", &id]);
+    env.assert_nothing_left(&id, Some(&b));
+}
+
+#[test]
+fn exec_foreground_forwards_sigterm() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let id = unique_id("execfwd");
+    let _c = env.run_detached(&b, &id);
+    let ex = env.spawn(
+        &[
+            "exec",
+            &id,
+            "sh",
+            "-c",
+            "trap 'exit 43' TERM; echo ready; while true; do sleep 0.1; done",
+        ],
+        None,
+    );
+    wait_until("exec ready", Duration::from_secs(10), || {
+        ex.stdout_so_far().contains("ready")
+    });
+    // SAFETY: kill(2) on the pid of our own child.
+    assert_eq!(unsafe { libc::kill(ex.pid(), libc::SIGTERM) }, 0);
+    ex.wait(Duration::from_secs(10)).code_is(43);
+    assert_eq!(env.status(&id), "running", "only the exec'd process exited");
+}
+
+#[test]
+fn log_file_in_json_format() {
+    requires!(root);
+    let env = Env::new();
+    let log = env.path("log.json");
+    let out = env.run(&[
+        "--log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "state",
+        "ghost",
+    ]);
+    out.fails_with_one_line(&["ghost"]);
+    let text = fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let v: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["level"], "error");
+    assert!(v["msg"].as_str().unwrap().contains("ghost"), "{v}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(v["time"].as_str().unwrap()).is_ok(),
+        "{v}"
+    );
+}

@@ -196,3 +196,120 @@ fn env_cwd_and_hostname() {
     );
     assert_eq!((code, out.as_str()), (0, "/tmp\nbar=baz qux\n.\nmyhost\n"));
 }
+
+/// A hook that appends `<name> <state JSON from stdin>` to `log`.
+fn hook(name: &str, log: &str) -> serde_json::Value {
+    json!({"path": "/bin/sh", "args": ["sh", "-c", format!("read -r s; echo \"{name} $s\" >> {log}")]})
+}
+
+#[test]
+fn hooks_run_in_order_with_the_state_on_stdin() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let data = env.path("data");
+    fs::create_dir_all(&data).unwrap();
+    let host_log = data.join("hooks");
+    let hl = host_log.to_str().unwrap().to_string();
+    let b = env.bundle("b", &["sh", "-c", "echo main >> /data/hooks"]);
+    add_bind(&b, &data, "/data");
+    edit_config(&b, |c| {
+        c["hooks"] = json!({
+            "prestart": [hook("prestart", &hl)],
+            "createRuntime": [hook("createRuntime", &hl)],
+            // createContainer runs in the container's mount namespace before
+            // pivot_root (runc and youki alike), so host paths still resolve;
+            // startContainer runs inside the container: its log is the bind mount.
+            "createContainer": [hook("createContainer", &hl)],
+            "startContainer": [hook("startContainer", "/data/hooks")],
+            "poststart": [hook("poststart", &hl)],
+            "poststop": [hook("poststop", &hl)],
+        });
+    });
+    let id = unique_id("hooks");
+    let _c = env.guard(&id);
+    env.run(&["run", "--bundle", b.to_str().unwrap(), &id]).ok();
+    let text = fs::read_to_string(&host_log).unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    // poststart runs after the process started, so it may come before or after
+    // "main"; everything else is ordered.
+    let without_poststart: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| *n != "poststart")
+        .collect();
+    assert_eq!(
+        without_poststart,
+        [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "main",
+            "poststop"
+        ],
+        "{text}"
+    );
+    assert!(names.contains(&"poststart"), "{text}");
+    for l in text.lines().filter(|l| !l.starts_with("main")) {
+        let (name, s) = l.split_once(' ').unwrap();
+        let st: serde_json::Value = serde_json::from_str(s)
+            .unwrap_or_else(|e| panic!("{name}: state on stdin is not JSON ({e}): {s}"));
+        assert_eq!(st["id"], id.as_str(), "{name}: {st}");
+        assert_eq!(
+            st["bundle"],
+            b.canonicalize().unwrap().to_str().unwrap(),
+            "{name}: {st}"
+        );
+    }
+}
+
+#[test]
+fn failing_create_runtime_hook_fails_create_and_leaves_nothing() {
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    edit_config(&b, |c| {
+        c["hooks"] = json!({"createRuntime": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}
+        ]});
+    });
+    for verb in [&["create"][..], &["run"]] {
+        let id = unique_id("hookfail");
+        let _c = env.guard(&id);
+        let mut args = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.run(&args).fails_with_one_line(&[&id, "hook"]);
+        env.assert_nothing_left(&id, Some(&b));
+    }
+}
+
+#[test]
+#[ignore = "libcontainer 0.7 runs startContainer hooks in the container's init after \
+            `start` returned and reports a failure only through tracing: stasis exits 255 \
+            with nothing on stderr (runc exits 1 naming the hook)"]
+fn failing_start_container_hook_is_reported() {
+    requires!(root, busybox);
+    let env = Env::new();
+    let b = env.bundle("b", &["echo", "main"]);
+    edit_config(&b, |c| {
+        c["hooks"] = json!({"startContainer": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}
+        ]});
+    });
+    let id = unique_id("starthook");
+    let _c = env.guard(&id);
+    let out = env.run(&["run", "--bundle", b.to_str().unwrap(), &id]);
+    assert!(
+        !out.stdout.contains("main"),
+        "the process must not run: {out:?}"
+    );
+    // runc exits 1 and its error names the hook.
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("hook"),
+        "error does not name the hook: {out:?}"
+    );
+}

@@ -7,3 +7,4 @@
 pub mod cli;
 pub mod criu;
 pub mod runtime;
+pub mod store;

@@ -1,0 +1,2 @@
+//! Snapshot store benchmark (being written).
+fn main() {}

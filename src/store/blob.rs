@@ -1,0 +1,280 @@
+//! Writing and reading content-addressed blobs under `blobs/sha256/`. A blob is
+//! written to a fresh `tmp/` file (O_EXCL) while being hashed, fsynced, made
+//! read-only, renamed to its digest and the directory fsynced (restic's recipe), so a
+//! crash leaves at most an unreferenced temp file or blob. Reads verify the digest.
+//! This module never deletes a published blob; only `gc` does.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use super::error::{io_err, Result, StoreError};
+use super::ids::BlobDigest;
+
+/// A directory of blobs named by their hex sha256 (`blobs/sha256` of a store, or an
+/// import's staging directory).
+#[derive(Clone, Debug)]
+pub(crate) struct BlobDir {
+    pub(crate) dir: PathBuf,
+}
+
+impl BlobDir {
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        BlobDir { dir }
+    }
+
+    pub(crate) fn path(&self, d: &BlobDigest) -> PathBuf {
+        self.dir.join(d.to_hex())
+    }
+
+    pub(crate) fn open(&self, d: &BlobDigest) -> Result<File> {
+        let p = self.path(d);
+        File::open(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                StoreError::MissingBlob {
+                    digest: d.to_string(),
+                    path: p.clone(),
+                }
+            } else {
+                io_err("open", &p)(e)
+            }
+        })
+    }
+
+    /// Reads a whole blob and checks its digest (and, when given, its size).
+    /// `what` names the blob kind in the error ("manifest", "config", ...).
+    pub(crate) fn read_verified(
+        &self,
+        d: &BlobDigest,
+        expect_size: Option<u64>,
+        what: &'static str,
+    ) -> Result<Vec<u8>> {
+        let p = self.path(d);
+        let mut f = self.open(d)?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(io_err("read", &p))?;
+        if let Some(n) = expect_size {
+            if buf.len() as u64 != n {
+                return Err(StoreError::Format {
+                    what,
+                    path: p,
+                    reason: format!("{} bytes, its descriptor says {n}", buf.len()),
+                });
+            }
+        }
+        let got = BlobDigest::of(&buf);
+        if got != *d {
+            return Err(StoreError::Format {
+                what,
+                path: p,
+                reason: format!("content digest is {got}, not {d}"),
+            });
+        }
+        Ok(buf)
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a new, empty file in `tmp_dir` with O_EXCL and a unique name starting
+/// with `kind`.
+pub(crate) fn create_temp(tmp_dir: &Path, kind: &str) -> Result<(File, PathBuf)> {
+    loop {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = tmp_dir.join(format!("{kind}-{}-{n}-{nanos:08x}", std::process::id()));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => return Ok((f, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("create temp file", &path)(e)),
+        }
+    }
+}
+
+/// fsync a directory so a rename or unlink in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+/// A blob being written: hashed and counted as bytes go in.
+pub(crate) struct BlobWriter {
+    file: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl BlobWriter {
+    pub(crate) fn create(tmp_dir: &Path, kind: &str) -> Result<BlobWriter> {
+        let (file, tmp) = create_temp(tmp_dir, kind)?;
+        Ok(BlobWriter {
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            tmp,
+            hasher: Sha256::new(),
+            len: 0,
+        })
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub(crate) fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Flushes and fsyncs the temp file. The blob is not visible until `publish`.
+    pub(crate) fn finish(mut self) -> Result<PendingBlob> {
+        let Some(w) = self.file.take() else {
+            return Err(StoreError::Invalid("blob writer finished twice".into()));
+        };
+        let file = w
+            .into_inner()
+            .map_err(|e| io_err("write", &self.tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("fsync", &self.tmp))?;
+        let hasher = std::mem::take(&mut self.hasher);
+        Ok(PendingBlob {
+            tmp: Some(std::mem::take(&mut self.tmp)),
+            digest: BlobDigest::from_hasher(hasher),
+            len: self.len,
+        })
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(f) = self.file.as_mut() else {
+            return Err(io::Error::other("blob writer already finished"));
+        };
+        let n = f.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A complete, fsynced temp file with its digest, not yet renamed into place.
+/// Dropped without `publish`, the temp file is removed.
+#[derive(Debug)]
+pub(crate) struct PendingBlob {
+    tmp: Option<PathBuf>,
+    pub(crate) digest: BlobDigest,
+    pub(crate) len: u64,
+}
+
+impl PendingBlob {
+    pub(crate) fn tmp_path(&self) -> Option<&Path> {
+        self.tmp.as_deref()
+    }
+
+    /// Makes the blob visible: chmod 0444, rename to `blobs/sha256/<hex>`, fsync the
+    /// directory. Returns true when the blob was new (not already in the store).
+    pub(crate) fn publish(mut self, blobs: &BlobDir) -> Result<bool> {
+        let Some(tmp) = self.tmp.take() else {
+            return Err(StoreError::Invalid("blob published twice".into()));
+        };
+        let target = blobs.path(&self.digest);
+        if let Ok(m) = fs::metadata(&target) {
+            if m.len() == self.len {
+                // Content-addressed: same name and size is the same blob (a damaged
+                // copy is verify's business, and would be replaced below if shorter).
+                fs::remove_file(&tmp).map_err(io_err("remove", &tmp))?;
+                return Ok(false);
+            }
+        }
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+            .map_err(io_err("chmod", &tmp))?;
+        fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
+        sync_dir(&blobs.dir)?;
+        Ok(true)
+    }
+}
+
+impl Drop for PendingBlob {
+    fn drop(&mut self) {
+        if let Some(t) = self.tmp.take() {
+            let _ = fs::remove_file(t);
+        }
+    }
+}
+
+/// Writes `bytes` as a blob and publishes it. Returns (digest, size, newly added).
+pub(crate) fn put_bytes(
+    tmp_dir: &Path,
+    blobs: &BlobDir,
+    kind: &str,
+    bytes: &[u8],
+) -> Result<(BlobDigest, u64, bool)> {
+    let mut w = BlobWriter::create(tmp_dir, kind)?;
+    w.write_all(bytes)
+        .map_err(|e| io_err("write", w.tmp_path())(e))?;
+    let p = w.finish()?;
+    let (d, n) = (p.digest, p.len);
+    let added = p.publish(blobs)?;
+    Ok((d, n, added))
+}
+
+/// A reader that hashes and counts what passes through it.
+pub(crate) struct HashingReader<R> {
+    pub(crate) inner: R,
+    pub(crate) hasher: Sha256,
+    pub(crate) count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Hashes a whole file (streaming). Returns (digest, length).
+pub(crate) fn hash_file(path: &Path) -> Result<(BlobDigest, u64)> {
+    let f = File::open(path).map_err(io_err("open", path))?;
+    let mut r = HashingReader::new(f);
+    io::copy(&mut r, &mut io::sink()).map_err(io_err("read", path))?;
+    Ok((BlobDigest::from_hasher(r.hasher), r.count))
+}

@@ -1,0 +1,133 @@
+//! Diff of two snapshots: which files were added, removed or changed, and for
+//! pages files how many pages changed in place, were added or removed, and how many
+//! of the second snapshot's pages appear nowhere in the first (what a checkpoint
+//! of b after a actually had to store). Reads configs and page tables only.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::config::{FileRecord, SnapshotConfig, KIND_PAGES};
+use super::error::Result;
+use super::ids::{BlobDigest, PageDigest, SnapshotId};
+use super::pagetable;
+use super::Store;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileChange {
+    Added,
+    Removed,
+    Changed,
+    Unchanged,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PageDiff {
+    pub pages_a: u64,
+    pub pages_b: u64,
+    /// Positions present in both whose page differs.
+    pub changed: u64,
+    /// Positions only in b (the file grew).
+    pub added: u64,
+    /// Positions only in a (the file shrank).
+    pub removed: u64,
+    /// Pages of b whose content is nowhere in a (shifted pages are not counted).
+    pub new_content: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FileDiff {
+    pub name: String,
+    pub change: FileChange,
+    pub size_a: Option<u64>,
+    pub size_b: Option<u64>,
+    /// For pages-N.img files present in both.
+    pub pages: Option<PageDiff>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DiffReport {
+    pub a: SnapshotId,
+    pub b: SnapshotId,
+    pub files: Vec<FileDiff>,
+    pub image_bytes_a: u64,
+    pub image_bytes_b: u64,
+    /// Totals over all pages files.
+    pub pages: PageDiff,
+}
+
+fn page_table(store: &Store, rec: &FileRecord) -> Result<Vec<PageDigest>> {
+    let Some(d) = rec.page_table.as_deref().and_then(BlobDigest::parse) else {
+        return Ok(Vec::new());
+    };
+    let bytes = store.blobs().read_verified(&d, None, "page table")?;
+    Ok(pagetable::decode(&bytes, &store.blobs().path(&d))?.digests)
+}
+
+pub(crate) fn diff(store: &Store, a: &SnapshotId, b: &SnapshotId) -> Result<DiffReport> {
+    let (ca, _) = store.snapshot_config(a)?;
+    let (cb, _) = store.snapshot_config(b)?;
+    let fa: BTreeMap<&str, &FileRecord> = ca.files.iter().map(|r| (r.name.as_str(), r)).collect();
+    let fb: BTreeMap<&str, &FileRecord> = cb.files.iter().map(|r| (r.name.as_str(), r)).collect();
+    let all_a: HashSet<PageDigest> = all_pages(store, &ca)?;
+    let mut report = DiffReport {
+        a: *a,
+        b: *b,
+        files: Vec::new(),
+        image_bytes_a: ca.sizes.image_bytes,
+        image_bytes_b: cb.sizes.image_bytes,
+        pages: PageDiff::default(),
+    };
+    let names: std::collections::BTreeSet<&str> = fa.keys().chain(fb.keys()).copied().collect();
+    for name in names {
+        let (ra, rb) = (fa.get(name).copied(), fb.get(name).copied());
+        let change = match (ra, rb) {
+            (None, Some(_)) => FileChange::Added,
+            (Some(_), None) => FileChange::Removed,
+            (Some(x), Some(y)) if x.sha256 == y.sha256 && x.size == y.size => FileChange::Unchanged,
+            _ => FileChange::Changed,
+        };
+        let mut pages = None;
+        if ra.map_or(true, |r| r.kind == KIND_PAGES) && rb.map_or(true, |r| r.kind == KIND_PAGES) {
+            let ta = match ra {
+                Some(r) => page_table(store, r)?,
+                None => Vec::new(),
+            };
+            let tb = match rb {
+                Some(r) => page_table(store, r)?,
+                None => Vec::new(),
+            };
+            let common = ta.len().min(tb.len());
+            let p = PageDiff {
+                pages_a: ta.len() as u64,
+                pages_b: tb.len() as u64,
+                changed: (0..common).filter(|&i| ta[i] != tb[i]).count() as u64,
+                added: tb.len().saturating_sub(ta.len()) as u64,
+                removed: ta.len().saturating_sub(tb.len()) as u64,
+                new_content: tb.iter().filter(|d| !all_a.contains(d)).count() as u64,
+            };
+            report.pages.pages_a += p.pages_a;
+            report.pages.pages_b += p.pages_b;
+            report.pages.changed += p.changed;
+            report.pages.added += p.added;
+            report.pages.removed += p.removed;
+            report.pages.new_content += p.new_content;
+            pages = Some(p);
+        }
+        report.files.push(FileDiff {
+            name: name.to_string(),
+            change,
+            size_a: ra.map(|r| r.size),
+            size_b: rb.map(|r| r.size),
+            pages,
+        });
+    }
+    Ok(report)
+}
+
+fn all_pages(store: &Store, c: &SnapshotConfig) -> Result<HashSet<PageDigest>> {
+    let mut set = HashSet::new();
+    for r in c.files.iter().filter(|r| r.kind == KIND_PAGES) {
+        set.extend(page_table(store, r)?);
+    }
+    Ok(set)
+}

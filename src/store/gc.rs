@@ -1,0 +1,257 @@
+//! Garbage collection and retention. `gc` marks every blob reachable from
+//! index.json and sweeps the rest plus everything in `tmp/` (it holds the exclusive
+//! lock, so no other stasis process can be writing there); `prune` drops untagged
+//! snapshots outside a retention policy and then collects. This is the only code
+//! that deletes published blobs.
+
+use std::collections::HashSet;
+use std::fs;
+use std::time::Duration;
+
+use super::blob::{sync_dir, BlobDir};
+use super::catalog;
+use super::error::{io_err, Result, StoreError};
+use super::ids::{BlobDigest, SnapshotId};
+use super::Store;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Unreferenced blobs removed (or, with dry_run, that would be).
+    pub blobs_removed: u64,
+    /// Bytes freed by removing blobs and temp files.
+    pub bytes_freed: u64,
+    /// Entries removed from tmp/.
+    pub tmp_removed: u64,
+    pub dry_run: bool,
+}
+
+/// Digests a JSON manifest or index refers to (`config`, `layers[]`, `manifests[]`).
+fn children(v: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(d) = v.pointer("/config/digest").and_then(|d| d.as_str()) {
+        out.push(d.to_string());
+    }
+    for key in ["layers", "manifests", "blobs"] {
+        if let Some(a) = v.get(key).and_then(|a| a.as_array()) {
+            out.extend(
+                a.iter()
+                    .filter_map(|l| l.get("digest")?.as_str().map(String::from)),
+            );
+        }
+    }
+    out
+}
+
+/// Best-effort marking below a manifest of another tool (for verify).
+pub(crate) fn mark_foreign(blobs: &BlobDir, d: &BlobDigest, set: &mut HashSet<BlobDigest>) {
+    let Ok(bytes) = fs::read(blobs.path(d)) else {
+        return;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return;
+    };
+    for c in children(&v) {
+        if let Some(cd) = BlobDigest::parse(&c) {
+            if set.insert(cd) {
+                mark_foreign(blobs, &cd, set);
+            }
+        }
+    }
+}
+
+/// Every blob reachable from index.json. Refuses when a root cannot be read: its
+/// blobs would otherwise be swept.
+fn mark(store: &Store) -> Result<HashSet<BlobDigest>> {
+    let index = store.read_index()?;
+    let blobs = store.blobs();
+    let mut set = HashSet::new();
+    let damaged = |reason: String| StoreError::Damaged {
+        path: store.paths.root.clone(),
+        reason,
+    };
+    let mut stack: Vec<(BlobDigest, String)> = Vec::new();
+    for d in &index.manifests {
+        let name = d
+            .snapshot_id()
+            .map(|i| format!("snapshot {i}"))
+            .unwrap_or_else(|| format!("index entry {}", d.digest));
+        let bd = d
+            .blob()
+            .ok_or_else(|| damaged(format!("{name} has a malformed digest {:?}", d.digest)))?;
+        if set.insert(bd) {
+            stack.push((bd, name));
+        }
+    }
+    while let Some((d, name)) = stack.pop() {
+        let path = blobs.path(&d);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(damaged(format!(
+                    "manifest {d} of {name} cannot be read ({e}); gc would lose track of its blobs, remove it with `stasis snapshot rm` first"
+                )))
+            }
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return Err(damaged(format!(
+                "manifest {d} of {name} is not valid JSON; gc would lose track of its blobs, remove it with `stasis snapshot rm` first"
+            )));
+        };
+        for c in children(&v) {
+            let cd = BlobDigest::parse(&c)
+                .ok_or_else(|| damaged(format!("{name} refers to a malformed digest {c:?}")))?;
+            // Only manifests and indexes are descended into; configs and layers
+            // are leaves (their own JSON never names blobs).
+            if set.insert(cd) && is_manifest_like(&v, &c) {
+                stack.push((cd, name.clone()));
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Whether `digest` is listed under `manifests` (a nested index or manifest).
+fn is_manifest_like(v: &serde_json::Value, digest: &str) -> bool {
+    v.get("manifests")
+        .and_then(|a| a.as_array())
+        .is_some_and(|a| {
+            a.iter()
+                .any(|m| m.get("digest").and_then(|d| d.as_str()) == Some(digest))
+        })
+}
+
+/// gc with the exclusive store lock already held.
+pub(crate) fn gc_locked(store: &Store, dry_run: bool) -> Result<GcReport> {
+    let marked = mark(store)?;
+    let blobs = store.blobs();
+    let mut report = GcReport {
+        dry_run,
+        ..GcReport::default()
+    };
+    let rd = fs::read_dir(&blobs.dir).map_err(io_err("read directory", &blobs.dir))?;
+    for e in rd {
+        let e = e.map_err(io_err("read directory", &blobs.dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(d) = BlobDigest::from_hex(&name) else {
+            continue; // not ours; verify warns about it
+        };
+        if marked.contains(&d) {
+            continue;
+        }
+        let path = e.path();
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        if !dry_run {
+            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+        }
+        report.blobs_removed += 1;
+        report.bytes_freed += len;
+    }
+    if report.blobs_removed > 0 && !dry_run {
+        sync_dir(&blobs.dir)?;
+    }
+    // Every writer to tmp/ holds the store lock at least shared, so under our
+    // exclusive lock nothing in tmp/ is live.
+    let tmp = store.paths.tmp();
+    if let Ok(rd) = fs::read_dir(&tmp) {
+        for e in rd.flatten() {
+            let path = e.path();
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            let len = if meta.is_dir() {
+                dir_size(&path)
+            } else {
+                meta.len()
+            };
+            if !dry_run {
+                let r = if meta.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                r.map_err(io_err("remove", &path))?;
+            }
+            report.tmp_removed += 1;
+            report.bytes_freed += len;
+        }
+    }
+    Ok(report)
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// prune with the exclusive store lock already held.
+pub(crate) fn prune_locked(
+    store: &Store,
+    keep_last: Option<usize>,
+    keep_within: Option<Duration>,
+    dry_run: bool,
+) -> Result<Vec<SnapshotId>> {
+    if keep_last.is_none() && keep_within.is_none() {
+        return Err(StoreError::Invalid(
+            "prune needs a policy: keep_last and/or keep_within".into(),
+        ));
+    }
+    let now = chrono::Utc::now();
+    let mut entries = catalog::entries(&store.read_index()?);
+    // Newest first within each container.
+    entries.sort_by(|a, b| {
+        a.container
+            .cmp(&b.container)
+            .then(b.created.cmp(&a.created))
+    });
+    let mut doomed = Vec::new();
+    let mut rank = 0usize;
+    let mut last_container: Option<&str> = None;
+    for e in &entries {
+        if last_container != Some(e.container.as_str()) {
+            last_container = Some(e.container.as_str());
+            rank = 0;
+        }
+        let newest = keep_last.is_some_and(|n| rank < n);
+        rank += 1;
+        let recent = match (
+            keep_within,
+            chrono::DateTime::parse_from_rfc3339(&e.created),
+        ) {
+            (Some(w), Ok(t)) => now
+                .signed_duration_since(t)
+                .to_std()
+                .map(|age| age <= w)
+                .unwrap_or(true), // created in the future: keep
+            (Some(_), Err(_)) => true, // unknown age: keep
+            (None, _) => false,
+        };
+        if !e.tags.is_empty() || newest || recent {
+            continue;
+        }
+        doomed.push(e.id);
+    }
+    if dry_run || doomed.is_empty() {
+        if !dry_run {
+            gc_locked(store, false)?;
+        }
+        return Ok(doomed);
+    }
+    store.update_index(|index| {
+        for id in &doomed {
+            catalog::drop_snapshot(index, id);
+        }
+        Ok(())
+    })?;
+    gc_locked(store, false)?;
+    Ok(doomed)
+}

@@ -1,0 +1,453 @@
+//! Materialize: writes a snapshot back out as the exact CRIU image directory. Every
+//! page is checked against its digest when its frame is decompressed and every file
+//! against its sha256 before it is renamed from a hidden partial name to its real
+//! one, so CRIU never sees unverified bytes; on any error everything written is
+//! removed. Reads the store only; never writes into it.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::archive::ArchiveReader;
+use super::config::{FileRecord, SnapshotConfig, KIND_FILE, KIND_PAGES};
+use super::error::{io_err, Result, StoreError};
+use super::ids::{BlobDigest, PageDigest, SnapshotId};
+use super::layout::{self, Manifest};
+use super::pack::{self, PackIndex, FRAME_PAGES, PAGE_SIZE};
+use super::pagetable;
+use super::util;
+use super::Store;
+
+/// Pages assembled per step (4 MiB).
+const BATCH_PAGES: usize = 1024;
+
+/// The packs of one snapshot, opened, with their indexes and a digest -> location map.
+pub(crate) struct PackSet {
+    pub(crate) packs: Vec<(BlobDigest, File)>,
+    pub(crate) indexes: Vec<PackIndex>,
+    /// (pack, frame, slot) of each page digest.
+    pub(crate) map: HashMap<PageDigest, (u32, u32, u32)>,
+}
+
+impl PackSet {
+    pub(crate) fn open(store: &Store, manifest: &Manifest) -> Result<PackSet> {
+        let blobs = store.blobs();
+        let mut set = PackSet {
+            packs: Vec::new(),
+            indexes: Vec::new(),
+            map: HashMap::new(),
+        };
+        for l in manifest
+            .layers
+            .iter()
+            .filter(|l| l.media_type == layout::MT_PACK)
+        {
+            let d = l.blob().ok_or_else(|| StoreError::Format {
+                what: "manifest",
+                path: store.paths.root.clone(),
+                reason: format!("malformed pack digest {:?}", l.digest),
+            })?;
+            let path = blobs.path(&d);
+            let f = blobs.open(&d)?;
+            let len = f.metadata().map_err(io_err("stat", &path))?.len();
+            if len != l.size {
+                return Err(StoreError::Format {
+                    what: "pack",
+                    path,
+                    reason: format!("{len} bytes, its descriptor says {} (truncated?)", l.size),
+                });
+            }
+            let idx = pack::read_index(&f, len, &path)?;
+            let no = set.packs.len() as u32;
+            for (digest, frame, slot) in idx.locations() {
+                set.map.entry(digest).or_insert((no, frame, slot));
+            }
+            set.packs.push((d, f));
+            set.indexes.push(idx);
+        }
+        Ok(set)
+    }
+
+    /// Decompresses a frame and checks each page against the pack index.
+    fn decode(&self, pack_no: u32, frame: u32) -> std::result::Result<DecodedFrame, String> {
+        let (_, file) = &self.packs[pack_no as usize];
+        let idx = &self.indexes[pack_no as usize];
+        let fr = idx.frames[frame as usize];
+        let mut src = vec![0u8; fr.clen as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut src, fr.offset)
+            .map_err(|e| format!("cannot read the frame at pack offset {}: {e}", fr.offset))?;
+        let mut dec = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
+        let mut data = Vec::new();
+        pack::decode_frame(&mut dec, &src, fr.pages, &mut data)
+            .map_err(|e| format!("{e} (frame at pack offset {})", fr.offset))?;
+        let first = idx.first_page[frame as usize] as usize;
+        let good = (0..fr.pages as usize)
+            .map(|s| {
+                PageDigest::of(&data[s * PAGE_SIZE..(s + 1) * PAGE_SIZE]) == idx.digests[first + s]
+            })
+            .collect();
+        Ok(DecodedFrame {
+            data,
+            good,
+            offset: fr.offset,
+        })
+    }
+}
+
+struct DecodedFrame {
+    data: Vec<u8>,
+    good: Vec<bool>,
+    offset: u64,
+}
+
+type FrameKey = (u32, u32);
+
+pub(crate) fn materialize(
+    store: &Store,
+    id: &SnapshotId,
+    dest: &Path,
+    progress: bool,
+) -> Result<()> {
+    let (cfg, manifest) = store.snapshot_config(id)?;
+    if cfg.snapshot_id != id.full() {
+        return Err(StoreError::Corrupt {
+            snapshot: id.to_string(),
+            file: "config".into(),
+            offset: 0,
+            blob: manifest.config.digest.clone(),
+            what: format!("config names snapshot {}", cfg.snapshot_id),
+        });
+    }
+    let created = prepare_dest(dest)?;
+    let res = write_all(store, id, &cfg, &manifest, dest, progress);
+    if res.is_err() {
+        cleanup(dest, created);
+    }
+    res
+}
+
+/// `dest` must be missing (created here) or an empty directory. Returns whether it
+/// was created.
+fn prepare_dest(dest: &Path) -> Result<bool> {
+    let bad = |reason: &str| StoreError::Destination {
+        path: dest.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+            Ok(true)
+        }
+        Err(e) => Err(io_err("stat", dest)(e)),
+        Ok(m) if !m.is_dir() => Err(bad("exists and is not a directory")),
+        Ok(_) => {
+            let mut rd = fs::read_dir(dest).map_err(io_err("read directory", dest))?;
+            if rd.next().is_some() {
+                return Err(bad("is not empty"));
+            }
+            Ok(false)
+        }
+    }
+}
+
+fn cleanup(dest: &Path, created: bool) {
+    if created {
+        let _ = fs::remove_dir_all(dest);
+        return;
+    }
+    if let Ok(rd) = fs::read_dir(dest) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+fn partial_path(dest: &Path, name: &str) -> PathBuf {
+    dest.join(format!(".stasis-partial-{name}"))
+}
+
+fn write_all(
+    store: &Store,
+    id: &SnapshotId,
+    cfg: &SnapshotConfig,
+    manifest: &Manifest,
+    dest: &Path,
+    progress: bool,
+) -> Result<()> {
+    let bar = util::progress(progress, cfg.sizes.image_bytes, "restoring");
+    let packs = PackSet::open(store, manifest)?;
+    for rec in cfg.files.iter().filter(|r| r.kind == KIND_PAGES) {
+        write_pages_file(store, id, rec, &packs, dest, &bar)?;
+    }
+    write_small_files(store, id, cfg, manifest, dest, &bar)?;
+    for rec in &cfg.files {
+        if rec.kind != KIND_PAGES && rec.kind != KIND_FILE {
+            return Err(StoreError::Format {
+                what: "config",
+                path: store.paths.root.clone(),
+                reason: format!(
+                    "snapshot {id}: file {} has unknown kind {:?}",
+                    rec.name, rec.kind
+                ),
+            });
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn write_pages_file(
+    store: &Store,
+    id: &SnapshotId,
+    rec: &FileRecord,
+    packs: &PackSet,
+    dest: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let corrupt = |offset: u64, blob: String, what: String| StoreError::Corrupt {
+        snapshot: id.to_string(),
+        file: rec.name.clone(),
+        offset,
+        blob,
+        what,
+    };
+    let table_digest = rec
+        .page_table
+        .as_deref()
+        .and_then(BlobDigest::parse)
+        .ok_or_else(|| corrupt(0, "-".into(), "the config has no page table for it".into()))?;
+    let table_path = store.blobs().path(&table_digest);
+    let table_bytes = store
+        .blobs()
+        .read_verified(&table_digest, None, "page table")?;
+    let table = pagetable::decode(&table_bytes, &table_path)?;
+    if table.file_size != rec.size {
+        return Err(corrupt(
+            0,
+            table_digest.to_string(),
+            format!(
+                "page table describes {} bytes, the config {}",
+                table.file_size, rec.size
+            ),
+        ));
+    }
+
+    let partial = partial_path(dest, &rec.name);
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(io_err("create", &partial))?;
+
+    // A writer thread hashes and writes while this one decodes the next batch.
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(2);
+    let (digest, written) = std::thread::scope(|s| -> Result<([u8; 32], u64)> {
+        let writer = s.spawn(|| -> Result<([u8; 32], u64)> {
+            let mut file = io::BufWriter::with_capacity(1 << 20, file);
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            for buf in rx {
+                h.update(&buf);
+                n += buf.len() as u64;
+                file.write_all(&buf).map_err(io_err("write", &partial))?;
+            }
+            file.flush().map_err(io_err("write", &partial))?;
+            Ok((h.finalize().into(), n))
+        });
+        let produced = produce(packs, &table.digests, rec.size, &tx, bar, &corrupt);
+        drop(tx);
+        let written = match writer.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        produced?;
+        written
+    })?;
+    if written != rec.size || hex::encode(digest) != rec.sha256 {
+        return Err(corrupt(
+            0,
+            table_digest.to_string(),
+            format!(
+                "file digest mismatch after reassembly ({written} bytes, sha256 {})",
+                hex::encode(digest)
+            ),
+        ));
+    }
+    fs::rename(&partial, dest.join(&rec.name)).map_err(io_err("rename", &partial))?;
+    Ok(())
+}
+
+/// Assembles the file batch by batch and sends the bytes to the writer.
+fn produce(
+    packs: &PackSet,
+    digests: &[PageDigest],
+    size: u64,
+    tx: &mpsc::SyncSender<Vec<u8>>,
+    bar: &indicatif::ProgressBar,
+    corrupt: &dyn Fn(u64, String, String) -> StoreError,
+) -> Result<()> {
+    let mut cache: HashMap<FrameKey, Arc<std::result::Result<DecodedFrame, String>>> =
+        HashMap::new();
+    for (b, batch) in digests.chunks(BATCH_PAGES).enumerate() {
+        let base = (b * BATCH_PAGES) as u64;
+        let mut locs = Vec::with_capacity(batch.len());
+        let mut need: Vec<FrameKey> = Vec::new();
+        let mut next: HashMap<FrameKey, Arc<std::result::Result<DecodedFrame, String>>> =
+            HashMap::new();
+        for (i, d) in batch.iter().enumerate() {
+            let Some(&(p, f, s)) = packs.map.get(d) else {
+                return Err(corrupt(
+                    (base + i as u64) * PAGE_SIZE as u64,
+                    "-".into(),
+                    format!("page {d} is in none of the snapshot's packs"),
+                ));
+            };
+            locs.push((p, f, s));
+            if !next.contains_key(&(p, f)) {
+                match cache.remove(&(p, f)) {
+                    Some(fr) => {
+                        next.insert((p, f), fr);
+                    }
+                    None if !need.contains(&(p, f)) => need.push((p, f)),
+                    None => {}
+                }
+            }
+        }
+        let decoded = util::par_map(&need, || (), |_, &(p, f)| packs.decode(p, f));
+        for (k, fr) in need.into_iter().zip(decoded) {
+            next.insert(k, Arc::new(fr));
+        }
+        cache = next;
+
+        let mut out = Vec::with_capacity(batch.len() * PAGE_SIZE);
+        for (i, &(p, f, s)) in locs.iter().enumerate() {
+            let offset = (base + i as u64) * PAGE_SIZE as u64;
+            let blob = packs.packs[p as usize].0.to_string();
+            let fr = match cache.get(&(p, f)).map(|a| a.as_ref()) {
+                Some(Ok(fr)) => fr,
+                Some(Err(e)) => return Err(corrupt(offset, blob, e.clone())),
+                None => return Err(corrupt(offset, blob, "internal: frame not decoded".into())),
+            };
+            if !fr.good[s as usize] {
+                return Err(corrupt(
+                    offset,
+                    blob,
+                    format!("page digest mismatch (frame at pack offset {})", fr.offset),
+                ));
+            }
+            let len = (size - offset).min(PAGE_SIZE as u64) as usize;
+            out.extend_from_slice(&fr.data[s as usize * PAGE_SIZE..s as usize * PAGE_SIZE + len]);
+        }
+        bar.inc(out.len() as u64);
+        if tx.send(out).is_err() {
+            // The writer failed; its error is reported by the caller.
+            return Ok(());
+        }
+    }
+    debug_assert!(FRAME_PAGES > 0);
+    Ok(())
+}
+
+fn write_small_files(
+    store: &Store,
+    id: &SnapshotId,
+    cfg: &SnapshotConfig,
+    manifest: &Manifest,
+    dest: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let wanted: HashMap<&str, &FileRecord> = cfg
+        .files
+        .iter()
+        .filter(|r| r.kind == KIND_FILE)
+        .map(|r| (r.name.as_str(), r))
+        .collect();
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == layout::MT_FILES);
+    let Some(layer) = layer else {
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        return Err(StoreError::Format {
+            what: "manifest",
+            path: store.paths.root.clone(),
+            reason: format!("snapshot {id} has no files blob"),
+        });
+    };
+    let d = layer.blob().ok_or_else(|| StoreError::Format {
+        what: "manifest",
+        path: store.paths.root.clone(),
+        reason: format!("snapshot {id}: malformed files blob digest"),
+    })?;
+    let path = store.blobs().path(&d);
+    let bytes = store
+        .blobs()
+        .read_verified(&d, Some(layer.size), "files blob")?;
+    let mut ar = ArchiveReader::new(&bytes[..], &path)?;
+    let mut done = 0usize;
+    while let Some((name, size)) = ar.next_entry()? {
+        let corrupt = |what: String| StoreError::Corrupt {
+            snapshot: id.to_string(),
+            file: name.clone(),
+            offset: 0,
+            blob: d.to_string(),
+            what,
+        };
+        let Some(rec) = wanted.get(name.as_str()) else {
+            return Err(corrupt(
+                "the files blob holds a file the config does not list".into(),
+            ));
+        };
+        if size != rec.size {
+            return Err(corrupt(format!(
+                "{size} bytes in the files blob, {} in the config",
+                rec.size
+            )));
+        }
+        let partial = partial_path(dest, &name);
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(io_err("create", &partial))?;
+        let mut content = Vec::with_capacity(size.min(1 << 24) as usize);
+        ar.content(size)
+            .read_to_end(&mut content)
+            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+        if content.len() as u64 != size || hex::encode(Sha256::digest(&content)) != rec.sha256 {
+            return Err(corrupt("file digest mismatch".into()));
+        }
+        out.write_all(&content).map_err(io_err("write", &partial))?;
+        drop(out);
+        fs::rename(&partial, dest.join(&name)).map_err(io_err("rename", &partial))?;
+        bar.inc(size);
+        done += 1;
+    }
+    if done != wanted.len() {
+        let missing: Vec<&str> = wanted
+            .keys()
+            .filter(|n| !dest.join(n).exists())
+            .copied()
+            .collect();
+        return Err(StoreError::Corrupt {
+            snapshot: id.to_string(),
+            file: missing.join(", "),
+            offset: 0,
+            blob: d.to_string(),
+            what: "files listed in the config are missing from the files blob".into(),
+        });
+    }
+    Ok(())
+}

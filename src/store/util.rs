@@ -1,0 +1,84 @@
+//! Small helpers shared by the store's modules: scoped-thread parallel map (the
+//! machines this runs on have few cores; hashing and zstd are the hot loops), the
+//! progress bar, and the RFC 3339 clock.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Worker threads for CPU-bound loops: the available cores, at most 8.
+pub(crate) fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+}
+
+/// Maps `f` over `items` on up to `threads()` scoped threads, in order. Each thread
+/// gets its own state from `init` (a zstd context, say). Small inputs run inline.
+pub(crate) fn par_map<T, S, R, I, F>(items: &[T], init: I, f: F) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, &T) -> R + Sync,
+{
+    par_map_n(threads(), items, init, f)
+}
+
+/// `par_map` on at most `threads` threads.
+pub(crate) fn par_map_n<T, S, R, I, F>(threads: usize, items: &[T], init: I, f: F) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, &T) -> R + Sync,
+{
+    let n = threads.min(items.len());
+    if n <= 1 {
+        let mut s = init();
+        return items.iter().map(|t| f(&mut s, t)).collect();
+    }
+    let chunk = items.len().div_ceil(n);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| {
+                let (init, f) = (&init, &f);
+                scope.spawn(move || {
+                    let mut s = init();
+                    part.iter().map(|t| f(&mut s, t)).collect::<Vec<R>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            match h.join() {
+                Ok(v) => out.extend(v),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        out
+    })
+}
+
+/// A byte progress bar on stderr when `enabled` and stderr is a terminal; hidden
+/// (free) otherwise.
+pub(crate) fn progress(enabled: bool, total: u64, msg: &str) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(msg.to_string());
+    bar
+}
+
+/// Now, as RFC 3339 UTC with milliseconds (sorts lexically).
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -10,6 +10,10 @@ use crate::runtime::checkpoint::{
     CgroupsMode, CheckpointOptions, CriuFlags, CriuStats, RestoreOptions,
 };
 use crate::runtime::Runtime;
+use crate::store::Store;
+use crate::workflows::snapshot::{
+    checkpoint_to_store, restore_from_store, RestoreFrom, TaggedCheckpoint,
+};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgMode {
@@ -101,6 +105,13 @@ pub struct CheckpointArgs {
     /// ADDRESS:PORT of a CRIU page server
     #[arg(long)]
     pub page_server: Option<String>,
+    /// Store the checkpoint in the snapshot store under this tag NAME[:VER]
+    /// (repeatable) instead of leaving a plain image directory
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// zstd level for new pages stored with --tag
+    #[arg(long, default_value_t = 3)]
+    pub compress_level: i32,
     /// Descriptor CRIU writes \0 to when the dump is done
     #[arg(long)]
     pub status_fd: Option<i32>,
@@ -121,9 +132,16 @@ pub struct RestoreArgs {
     /// CRIU image directory to restore from
     #[arg(long, default_value = "checkpoint")]
     pub image_path: PathBuf,
-    /// Bundle directory of the restored container
-    #[arg(long, short = 'b', default_value = ".")]
-    pub bundle: PathBuf,
+    /// Bundle directory of the restored container (default: `.`, or with --from
+    /// the bundle recorded in the snapshot)
+    #[arg(long, short = 'b')]
+    pub bundle: Option<PathBuf>,
+    /// Restore from the snapshot store: a tag NAME[:VER] or a snapshot id
+    #[arg(long, conflicts_with = "image_path")]
+    pub from: Option<String>,
+    /// Restore even when the host differs from the snapshot's record
+    #[arg(long)]
+    pub force: bool,
     /// Detach from the restored container
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -172,7 +190,7 @@ fn print_stats(stats: &CriuStats, format: StatsFormat) -> Result<()> {
     Ok(())
 }
 
-pub fn checkpoint(rt: &Runtime, a: &CheckpointArgs) -> Result<i32> {
+pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> Result<i32> {
     let opts = CheckpointOptions {
         id: a.id.clone(),
         image_path: a.image_path.clone(),
@@ -186,19 +204,50 @@ pub fn checkpoint(rt: &Runtime, a: &CheckpointArgs) -> Result<i32> {
         tcp_skip_in_flight: a.tcp_skip_in_flight,
         flags: (&a.shared).into(),
     };
-    let stats = rt.checkpoint(&opts)?;
+    if a.tag.is_empty() {
+        let stats = rt.checkpoint(&opts)?;
+        if a.shared.print_stats {
+            print_stats(&stats, a.shared.stats_format)?;
+        }
+        return Ok(0);
+    }
+    let store = Store::open(store)?;
+    let r = checkpoint_to_store(
+        rt,
+        &store,
+        &TaggedCheckpoint {
+            checkpoint: opts,
+            tags: a.tag.clone(),
+            compress_level: a.compress_level,
+            progress: super::snapshot::progress_wanted(),
+        },
+    )?;
+    let rep = &r.report;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
     if a.shared.print_stats {
+        let mut stats = r.stats.clone();
+        stats.entries.extend([
+            ("dump_ms", r.dump_ms as u64),
+            ("ingest_ms", r.ingest_ms as u64),
+            ("image_bytes", rep.image_bytes),
+            ("pages_total", rep.pages_total),
+            ("pages_new", rep.pages_new),
+            ("pages_reused", rep.pages_reused),
+            ("bytes_added", rep.bytes_added),
+        ]);
+        drop(out);
         print_stats(&stats, a.shared.stats_format)?;
     }
     Ok(0)
 }
 
-pub fn restore(rt: &Runtime, a: &RestoreArgs) -> Result<i32> {
-    let opts = RestoreOptions {
+pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result<i32> {
+    let mut opts = RestoreOptions {
         id: a.id.clone(),
         image_path: a.image_path.clone(),
         work_path: a.shared.work_path.clone(),
-        bundle: a.bundle.clone(),
+        bundle: a.bundle.clone().unwrap_or_else(|| PathBuf::from(".")),
         detach: a.detach,
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
@@ -208,6 +257,33 @@ pub fn restore(rt: &Runtime, a: &RestoreArgs) -> Result<i32> {
         lsm_mount_context: a.lsm_mount_context.clone(),
         flags: (&a.shared).into(),
     };
+    if let Some(from) = &a.from {
+        let store = Store::open(store)?;
+        opts.image_path = PathBuf::new();
+        let r = restore_from_store(
+            rt,
+            &store,
+            &RestoreFrom {
+                from: from.clone(),
+                restore: opts,
+                bundle: a.bundle.clone(),
+                force: a.force,
+                progress: super::snapshot::progress_wanted(),
+            },
+        )?;
+        for w in &r.warnings {
+            eprintln!("stasis: warning: {w}");
+        }
+        if a.shared.print_stats && a.detach {
+            let mut stats = r.stats.clone();
+            stats
+                .entries
+                .push(("materialize_ms", r.materialize_ms as u64));
+            stats.entries.push(("restore_ms", r.restore_ms as u64));
+            print_stats(&stats, a.shared.stats_format)?;
+        }
+        return Ok(r.exit_code);
+    }
     let (code, stats) = rt.restore(&opts)?;
     if a.shared.print_stats && a.detach {
         print_stats(&stats, a.shared.stats_format)?;

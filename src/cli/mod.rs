@@ -4,6 +4,7 @@
 
 mod cr;
 mod oci;
+mod snapshot;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -42,6 +43,14 @@ pub struct Cli {
     /// Path to the criu binary used for checkpoint and restore
     #[arg(long, global = true, default_value = "criu")]
     pub criu: PathBuf,
+    /// Snapshot store directory (an OCI image layout)
+    #[arg(
+        long,
+        global = true,
+        env = "STASIS_STORE",
+        default_value = "/var/lib/stasis"
+    )]
+    pub store: PathBuf,
     /// Accepted for runc compatibility; stasis never uses rootless-specific paths
     #[arg(long, global = true, hide = true)]
     pub rootless: Option<String>,
@@ -74,6 +83,8 @@ pub enum Command {
     Features,
     Checkpoint(cr::CheckpointArgs),
     Restore(cr::RestoreArgs),
+    /// Manage snapshots in the store
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Long flags that Go-style clients may send with a single dash (the containerd

@@ -344,8 +344,11 @@ pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
             };
             runtime::info::write_spec(&a.bundle, rootless)?;
         }
-        Command::Checkpoint(a) => return super::cr::checkpoint(&rt()?, a),
-        Command::Restore(a) => return super::cr::restore(&rt()?, a),
+        Command::Checkpoint(a) => return super::cr::checkpoint(&rt()?, &cli.store, a),
+        Command::Restore(a) => return super::cr::restore(&rt()?, &cli.store, a),
+        Command::Snapshot(a) => {
+            return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a)
+        }
         Command::Features => print_json(&runtime::info::features(), true)?,
         Command::Create(a) => {
             rt()?.create(&a.into())?;

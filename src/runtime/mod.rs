@@ -160,6 +160,11 @@ impl Runtime {
         self
     }
 
+    /// Version of the configured CRIU binary, e.g. "4.2.1".
+    pub fn criu_version(&self) -> Result<String> {
+        Ok(crate::criu::Criu::new(&self.criu).version()?.to_string())
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -262,6 +267,7 @@ impl Runtime {
     /// `run`: create + start. Detached it returns at once; otherwise it waits for the
     /// container, forwarding signals, deletes it and returns its exit code.
     pub fn run(&self, opts: &CreateOptions, detach: bool) -> Result<i32> {
+        let early = (!detach).then(foreground::EarlySignals::catch);
         let pid = {
             let _lock = self.lock(&opts.id)?;
             let mut st = self.create_locked(opts, detach)?;
@@ -273,10 +279,10 @@ impl Runtime {
             st.save(&self.dir(&opts.id))?;
             st.pid
         };
-        if detach {
+        let Some(early) = early else {
             return Ok(0);
-        }
-        let code = foreground::wait_forwarding_signals(pid).map_err(|source| RuntimeError::Io {
+        };
+        let code = early.wait(pid).map_err(|source| RuntimeError::Io {
             op: "wait for container process",
             path: PathBuf::from(format!("/proc/{pid}")),
             source,
@@ -286,6 +292,21 @@ impl Runtime {
         }
         // A cleanup failure must not hide the workload's exit code (runc logs it too).
         if let Err(e) = self.delete(&opts.id, true) {
+            eprintln!("stasis: warning: {e}");
+        }
+        Ok(code)
+    }
+
+    /// Waits for a container whose init is our child (run or restore in this
+    /// process), forwarding signals; then deletes it and returns its exit code.
+    pub fn wait(&self, id: &str) -> Result<i32> {
+        let pid = self.load(id)?.pid;
+        let code = foreground::wait_forwarding_signals(pid).map_err(|source| RuntimeError::Io {
+            op: "wait for container process",
+            path: PathBuf::from(format!("/proc/{pid}")),
+            source,
+        })?;
+        if let Err(e) = self.delete(id, true) {
             eprintln!("stasis: warning: {e}");
         }
         Ok(code)
@@ -415,16 +436,17 @@ impl Runtime {
     /// `exec`: starts a new process in a running container. Returns its exit code
     /// when not detached.
     pub fn exec(&self, opts: &ExecOptions) -> Result<i32> {
+        let early = (!opts.detach).then(foreground::EarlySignals::catch);
         let pid = {
             let _lock = self.lock(&opts.id)?;
             let st = self.load(&opts.id)?;
             self.check(&st, Op::Exec)?;
             core::exec(&self.root, opts)?
         };
-        if opts.detach {
+        let Some(early) = early else {
             return Ok(0);
-        }
-        foreground::wait_forwarding_signals(pid).map_err(|source| RuntimeError::Io {
+        };
+        early.wait(pid).map_err(|source| RuntimeError::Io {
             op: "wait for exec'd process",
             path: PathBuf::from(format!("/proc/{pid}")),
             source,

@@ -1,0 +1,290 @@
+//! `stasis snapshot ...`: list, inspect, tag, rm, verify, diff, gc, prune, export,
+//! import — restic/git-style management of the snapshot store.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+
+use super::oci::{parse_duration, Format};
+use crate::store::{DiffReport, FileChange, Level, Store};
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub cmd: SnapshotCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// List snapshots
+    Ls {
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Show everything recorded about a snapshot
+    Inspect {
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Tag (NAME[:VER]) or id
+        snapshot: String,
+    },
+    /// Add a tag to a snapshot
+    Tag {
+        /// Tag or id of the snapshot
+        snapshot: String,
+        /// New tag NAME[:VER]
+        tag: String,
+    },
+    /// Remove a tag (or, given an id, the snapshot's every tag); `gc` frees the data
+    Rm {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+    /// Check the store's integrity and list every problem found
+    Verify {
+        /// Also decompress and check every stored page
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Compare two snapshots: files and pages changed
+    Diff {
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
+        a: String,
+        b: String,
+    },
+    /// Remove blobs no snapshot references, and stale temp files
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Forget old snapshots per container, then gc
+    Prune {
+        /// Keep the N newest snapshots of each container
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Keep snapshots newer than this (e.g. 24h, 30m)
+        #[arg(long, value_parser = parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write a snapshot as an OCI layout tar
+    Export {
+        snapshot: String,
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+    },
+    /// Import snapshots from an OCI layout tar (verified before anything is added)
+    Import { file: PathBuf },
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
+    let mut out = std::io::stdout().lock();
+    match &a.cmd {
+        SnapshotCmd::Ls { format } => {
+            let list = store.list()?;
+            if *format == Format::Json {
+                let v: Vec<serde_json::Value> = list
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "id": s.id.to_string(), "tags": s.tags, "created": s.created,
+                            "container": s.container, "size": s.image_bytes, "new_bytes": s.added_bytes,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(v))?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                    "ID", "TAGS", "CREATED", "CONTAINER", "SIZE", "ADDED"
+                )?;
+                for s in list {
+                    let tags = if s.tags.is_empty() {
+                        "-".into()
+                    } else {
+                        s.tags.join(",")
+                    };
+                    writeln!(
+                        out,
+                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                        s.id.short(),
+                        tags,
+                        s.created,
+                        s.container,
+                        human(s.image_bytes),
+                        human(s.added_bytes)
+                    )?;
+                }
+            }
+        }
+        SnapshotCmd::Inspect { format, snapshot } => {
+            let id = store.resolve(snapshot)?;
+            let cfg = store.config(&id)?;
+            if *format == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
+            } else {
+                writeln!(out, "snapshot {id}")?;
+                print_tree(&mut out, &cfg, 0)?;
+            }
+        }
+        SnapshotCmd::Tag { snapshot, tag } => store.tag(snapshot, tag)?,
+        SnapshotCmd::Rm { snapshots } => {
+            for s in snapshots {
+                for removed in store.remove(s)? {
+                    writeln!(out, "removed {removed}")?;
+                }
+            }
+        }
+        SnapshotCmd::Verify { read_data } => {
+            let findings = store.verify(*read_data)?;
+            let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+            for f in &findings {
+                writeln!(out, "{f}")?;
+            }
+            if errors > 0 {
+                bail!(
+                    "verify found {errors} error(s) in store {}",
+                    store.root().display()
+                );
+            }
+            writeln!(out, "no errors found")?;
+        }
+        SnapshotCmd::Diff { format, a, b } => {
+            let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);
+            let d = store.diff(&ia, &ib)?;
+            if *format == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&d)?)?;
+            } else {
+                print_diff(&mut out, &d)?;
+            }
+        }
+        SnapshotCmd::Gc { dry_run } => {
+            let r = store.gc(*dry_run)?;
+            let verb = if *dry_run { "would remove" } else { "removed" };
+            writeln!(
+                out,
+                "{verb} {} blob(s), {} temp file(s), freeing {}",
+                r.blobs_removed,
+                r.tmp_removed,
+                human(r.bytes_freed)
+            )?;
+        }
+        SnapshotCmd::Prune {
+            keep_last,
+            keep_within,
+            dry_run,
+        } => {
+            if keep_last.is_none() && keep_within.is_none() {
+                bail!("prune needs --keep-last N and/or --keep-within DURATION");
+            }
+            let removed = store.prune(*keep_last, *keep_within, *dry_run)?;
+            let verb = if *dry_run { "would forget" } else { "forgot" };
+            for id in &removed {
+                writeln!(out, "{verb} {}", id.short())?;
+            }
+            writeln!(out, "{verb} {} snapshot(s)", removed.len())?;
+        }
+        SnapshotCmd::Export { snapshot, output } => {
+            store.export(snapshot, output)?;
+            writeln!(out, "exported {snapshot} to {}", output.display())?;
+        }
+        SnapshotCmd::Import { file } => {
+            for id in store.import(file)? {
+                writeln!(out, "imported {}", id.short())?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_tree(out: &mut impl Write, v: &serde_json::Value, depth: usize) -> Result<()> {
+    let pad = "  ".repeat(depth + 1);
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match v {
+                    serde_json::Value::Object(_) => {
+                        writeln!(out, "{pad}{k}:")?;
+                        print_tree(out, v, depth + 1)?;
+                    }
+                    serde_json::Value::Array(a) if a.iter().any(|x| x.is_object()) => {
+                        writeln!(out, "{pad}{k}: ({} entries)", a.len())?;
+                        for x in a {
+                            print_tree(out, x, depth + 1)?;
+                        }
+                    }
+                    other => {
+                        let s = other.to_string();
+                        let s = if s.len() > 200 {
+                            format!("{}...", &s[..200])
+                        } else {
+                            s
+                        };
+                        writeln!(out, "{pad}{k}: {s}")?;
+                    }
+                }
+            }
+        }
+        other => writeln!(out, "{pad}{other}")?,
+    }
+    Ok(())
+}
+
+/// Progress bars only on a terminal.
+pub fn progress_wanted() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+fn print_diff(out: &mut impl Write, d: &DiffReport) -> Result<()> {
+    writeln!(out, "a: {} ({})", d.a.short(), human(d.image_bytes_a))?;
+    writeln!(out, "b: {} ({})", d.b.short(), human(d.image_bytes_b))?;
+    for f in &d.files {
+        let mark = match f.change {
+            FileChange::Added => "+",
+            FileChange::Removed => "-",
+            FileChange::Changed => "M",
+            FileChange::Unchanged => continue,
+        };
+        let sizes = match (f.size_a, f.size_b) {
+            (Some(a), Some(b)) => format!("{} -> {}", human(a), human(b)),
+            (None, Some(b)) => human(b),
+            (Some(a), None) => human(a),
+            (None, None) => String::new(),
+        };
+        match &f.pages {
+            Some(p) => writeln!(
+                out,
+                "{mark} {:<24} {sizes}  pages: {} changed, {} added, {} removed, {} new",
+                f.name, p.changed, p.added, p.removed, p.new_content
+            )?,
+            None => writeln!(out, "{mark} {:<24} {sizes}", f.name)?,
+        }
+    }
+    let p = &d.pages;
+    writeln!(
+        out,
+        "pages: {} -> {}; {} changed in place, {} added, {} removed, {} with new content",
+        p.pages_a, p.pages_b, p.changed, p.added, p.removed, p.new_content
+    )?;
+    Ok(())
+}

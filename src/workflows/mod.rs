@@ -1,0 +1,35 @@
+//! Workflows that combine the runtime, CRIU and the snapshot store: checkpoint
+//! into the store, restore from it (with the host compatibility check).
+
+pub mod host;
+pub mod snapshot;
+
+use std::path::PathBuf;
+
+use crate::runtime::RuntimeError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("storing the checkpoint failed: {source}; the CRIU image is kept at {image}: restore it with `stasis restore --image-path {image}`")]
+    IngestFailed { source: StoreError, image: PathBuf },
+    #[error("snapshot {snapshot} cannot be restored on this host:\n  {}\n(--force restores anyway)", reasons.join("\n  "))]
+    Incompatible {
+        snapshot: String,
+        reasons: Vec<String>,
+    },
+    #[error("snapshot {snapshot}: its original bundle is gone; pass --bundle DIR with the container's config.json and rootfs")]
+    NoBundle { snapshot: String },
+}
+
+pub type Result<T, E = WorkflowError> = std::result::Result<T, E>;

@@ -5,6 +5,7 @@
 mod cr;
 mod oci;
 mod snapshot;
+mod warm;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -85,6 +86,8 @@ pub enum Command {
     Restore(cr::RestoreArgs),
     /// Manage snapshots in the store
     Snapshot(snapshot::SnapshotArgs),
+    /// Run a bundle until ready, checkpoint it into the store, stop it
+    Prewarm(warm::PrewarmArgs),
 }
 
 /// Long flags that Go-style clients may send with a single dash (the containerd

@@ -42,3 +42,20 @@ pub fn loopback_up(pid: i32) -> std::io::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
 }
+
+/// Connects to `addr` from inside the network namespace of `pid`. The connect runs
+/// in a short-lived thread that entered the namespace; the returned socket stays
+/// in that namespace, so the caller can use it from any thread.
+pub fn connect_in(
+    pid: i32,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || {
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        std::net::TcpStream::connect_timeout(&addr, timeout)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+}

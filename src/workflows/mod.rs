@@ -2,6 +2,7 @@
 //! into the store, restore from it (with the host compatibility check).
 
 pub mod host;
+pub mod prewarm;
 pub mod snapshot;
 
 use std::path::PathBuf;
@@ -27,6 +28,14 @@ pub enum WorkflowError {
     Incompatible {
         snapshot: String,
         reasons: Vec<String>,
+    },
+    #[error("prewarm: {0}")]
+    Prewarm(String),
+    #[error("readiness probe {probe} never passed: {last_error}; the container was removed; its last output:\n  {}", if output.is_empty() { "(none)".to_string() } else { output.join("\n  ") })]
+    ProbeFailed {
+        probe: String,
+        last_error: String,
+        output: Vec<String>,
     },
     #[error("snapshot {snapshot}: its original bundle is gone; pass --bundle DIR with the container's config.json and rootfs")]
     NoBundle { snapshot: String },

@@ -1,0 +1,412 @@
+//! `stasis prewarm`: run a bundle, wait until a readiness probe passes, optionally
+//! warm it up, checkpoint it into the store, stop it (or keep it running). A
+//! probe that never passes fails with its last error and the container's last
+//! output lines, and leaves nothing behind.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::snapshot::{checkpoint_to_store, CheckpointResult, TaggedCheckpoint};
+use super::{Result, WorkflowError};
+use crate::runtime::checkpoint::CheckpointOptions;
+use crate::runtime::{netns, Runtime};
+use crate::store::Store;
+
+/// A readiness probe.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// Connect succeeds (inside the container's network namespace when it has one).
+    Tcp(String),
+    /// The command exits 0 inside the container.
+    Exec(Vec<String>),
+    /// GET returns a 2xx status.
+    Http(String),
+    /// A line of the container's stdout/stderr matches.
+    Log(regex::Regex),
+    /// The path exists inside the container's root.
+    File(PathBuf),
+}
+
+impl Probe {
+    /// Parses `tcp:HOST:PORT`, `exec:CMD ARGS...`, `http:URL`, `log:REGEX`, `file:PATH`.
+    pub fn parse(s: &str) -> std::result::Result<Probe, String> {
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            format!("probe {s:?}: expected KIND:ARG (tcp, exec, http, log, file)")
+        })?;
+        match kind {
+            "tcp" => {
+                if rest
+                    .rsplit_once(':')
+                    .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                {
+                    return Err(format!("probe {s:?}: expected tcp:HOST:PORT"));
+                }
+                Ok(Probe::Tcp(rest.to_string()))
+            }
+            "exec" => {
+                let args: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
+                if args.is_empty() {
+                    return Err(format!("probe {s:?}: exec needs a command"));
+                }
+                Ok(Probe::Exec(args))
+            }
+            "http" => {
+                let url = format!("http:{rest}");
+                parse_http_url(&url)?;
+                Ok(Probe::Http(url))
+            }
+            "log" => regex::Regex::new(rest)
+                .map(Probe::Log)
+                .map_err(|e| format!("probe {s:?}: bad regex: {e}")),
+            "file" => Ok(Probe::File(PathBuf::from(rest))),
+            other => Err(format!(
+                "probe {s:?}: unknown kind {other:?} (use tcp, exec, http, log or file)"
+            )),
+        }
+    }
+}
+
+/// (host:port, path) of an `http://host:port/path` URL.
+fn parse_http_url(url: &str) -> std::result::Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?}: only http:// URLs are supported"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    Ok((hostport, path.to_string()))
+}
+
+pub struct PrewarmOptions {
+    pub bundle: PathBuf,
+    pub id: String,
+    pub ready: Probe,
+    pub ready_timeout: Duration,
+    pub warmup: Option<Vec<String>>,
+    pub tags: Vec<String>,
+    pub keep_running: bool,
+    pub compress_level: i32,
+    pub progress: bool,
+    /// The stasis binary and global flags, to run/exec containers as subprocesses
+    /// whose stdio we control.
+    pub self_exe: PathBuf,
+    pub global_args: Vec<String>,
+}
+
+pub struct PrewarmResult {
+    pub cold_to_ready: Duration,
+    pub warmup: Duration,
+    pub checkpoint: CheckpointResult,
+    pub checkpoint_time: Duration,
+}
+
+/// Output lines of the container, kept for `log:` probes and error messages.
+#[derive(Clone, Default)]
+struct OutputTail(Arc<Mutex<VecDeque<String>>>);
+
+impl OutputTail {
+    const KEEP: usize = 200;
+    fn push(&self, line: String) {
+        if let Ok(mut q) = self.0.lock() {
+            if q.len() == Self::KEEP {
+                q.pop_front();
+            }
+            q.push_back(line);
+        }
+    }
+    fn any(&self, re: &regex::Regex) -> bool {
+        self.0
+            .lock()
+            .map(|q| q.iter().any(|l| re.is_match(l)))
+            .unwrap_or(false)
+    }
+    fn last(&self, n: usize) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|q| q.iter().rev().take(n).rev().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Deletes the container on drop unless disarmed.
+struct Cleanup<'a> {
+    rt: &'a Runtime,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.rt.delete(&self.id, true);
+        }
+    }
+}
+
+fn stasis_cmd(o: &PrewarmOptions) -> Command {
+    let mut c = Command::new(&o.self_exe);
+    c.args(&o.global_args);
+    c
+}
+
+pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<PrewarmResult> {
+    let t0 = Instant::now();
+    // Run through a subprocess so the container's stdout/stderr are our pipe (CRIU
+    // cannot dump a container writing to a host file; a pipe is remapped on restore).
+    let (reader, writer) = std::io::pipe().map_err(|source| WorkflowError::Io {
+        op: "create output pipe for",
+        path: o.bundle.clone(),
+        source,
+    })?;
+    let writer2 = writer.try_clone().map_err(|source| WorkflowError::Io {
+        op: "create output pipe for",
+        path: o.bundle.clone(),
+        source,
+    })?;
+    let out = stasis_cmd(o)
+        .args(["run", "-d", "-b"])
+        .arg(&o.bundle)
+        .arg(&o.id)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer2)
+        .status();
+    let tail = OutputTail::default();
+    {
+        let tail = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines() {
+                match line {
+                    Ok(l) => tail.push(l),
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+    let status = out.map_err(|source| WorkflowError::Io {
+        op: "run",
+        path: o.self_exe.clone(),
+        source,
+    })?;
+    if !status.success() {
+        std::thread::sleep(Duration::from_millis(50));
+        return Err(WorkflowError::Prewarm(format!(
+            "starting {} failed: {}",
+            o.bundle.display(),
+            tail.last(5).join(" | ")
+        )));
+    }
+    let mut cleanup = Cleanup {
+        rt,
+        id: o.id.clone(),
+        armed: true,
+    };
+    let pid = rt.load(&o.id)?.pid;
+    let deadline = t0 + o.ready_timeout;
+    let mut last_err;
+    loop {
+        match check_probe(o, pid, &tail) {
+            Ok(()) => break,
+            Err(e) => last_err = e,
+        }
+        if rt.load(&o.id)?.live_status() == crate::runtime::Status::Stopped {
+            std::thread::sleep(Duration::from_millis(50));
+            return Err(WorkflowError::ProbeFailed {
+                probe: describe(&o.ready),
+                last_error: format!("the container exited before it was ready ({last_err})"),
+                output: tail.last(10),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(WorkflowError::ProbeFailed {
+                probe: describe(&o.ready),
+                last_error: format!("not ready after {:?}: {last_err}", o.ready_timeout),
+                output: tail.last(10),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cold_to_ready = t0.elapsed();
+    let t1 = Instant::now();
+    if let Some(cmd) = &o.warmup {
+        let st = stasis_cmd(o)
+            .arg("exec")
+            .arg(&o.id)
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|source| WorkflowError::Io {
+                op: "run warm-up in",
+                path: o.self_exe.clone(),
+                source,
+            })?;
+        if !st.success() {
+            return Err(WorkflowError::Prewarm(format!(
+                "warm-up command {:?} failed with {st}",
+                cmd.join(" ")
+            )));
+        }
+    }
+    let warmup = t1.elapsed();
+    let t2 = Instant::now();
+    let checkpoint = checkpoint_to_store(
+        rt,
+        store,
+        &TaggedCheckpoint {
+            checkpoint: CheckpointOptions {
+                id: o.id.clone(),
+                leave_running: o.keep_running,
+                ..Default::default()
+            },
+            tags: o.tags.clone(),
+            compress_level: o.compress_level,
+            progress: o.progress,
+        },
+    )?;
+    let checkpoint_time = t2.elapsed();
+    if o.keep_running {
+        cleanup.armed = false;
+    }
+    Ok(PrewarmResult {
+        cold_to_ready,
+        warmup,
+        checkpoint,
+        checkpoint_time,
+    })
+}
+
+fn describe(p: &Probe) -> String {
+    match p {
+        Probe::Tcp(a) => format!("tcp:{a}"),
+        Probe::Exec(a) => format!("exec:{}", a.join(" ")),
+        Probe::Http(u) => u.clone(),
+        Probe::Log(r) => format!("log:{}", r.as_str()),
+        Probe::File(p) => format!("file:{}", p.display()),
+    }
+}
+
+fn resolve(addr: &str) -> std::result::Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolve {addr}: no address"))
+}
+
+/// One attempt of the probe; Err carries the reason it did not pass.
+fn check_probe(o: &PrewarmOptions, pid: i32, tail: &OutputTail) -> std::result::Result<(), String> {
+    let timeout = Duration::from_millis(500);
+    match &o.ready {
+        Probe::Tcp(a) => {
+            let addr = resolve(a)?;
+            netns::connect_in(pid, addr, timeout)
+                .map(|_| ())
+                .map_err(|e| format!("connect {addr}: {e}"))
+        }
+        Probe::Exec(args) => {
+            let out = stasis_cmd(o)
+                .arg("exec")
+                .arg(&o.id)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("run stasis exec: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                if msg.is_empty() {
+                    msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                }
+                Err(format!(
+                    "{} exited with {}: {msg}",
+                    args.join(" "),
+                    out.status
+                ))
+            }
+        }
+        Probe::Http(url) => {
+            let (hostport, path) = parse_http_url(url)?;
+            let addr = resolve(&hostport)?;
+            let mut s = netns::connect_in(pid, addr, timeout)
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            write!(
+                s,
+                "GET {path} HTTP/1.0\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+            )
+            .map_err(|e| format!("send request to {url}: {e}"))?;
+            let mut buf = [0u8; 64];
+            let n = s
+                .read(&mut buf)
+                .map_err(|e| format!("read response from {url}: {e}"))?;
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let code = head.split_whitespace().nth(1).unwrap_or("");
+            if code.starts_with('2') {
+                Ok(())
+            } else {
+                Err(format!("GET {url}: status {code:?}"))
+            }
+        }
+        Probe::Log(re) => {
+            if tail.any(re) {
+                Ok(())
+            } else {
+                Err(format!("no output line matched {:?} yet", re.as_str()))
+            }
+        }
+        Probe::File(p) => {
+            let inside =
+                Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p));
+            if inside.exists() {
+                Ok(())
+            } else {
+                Err(format!("{} does not exist yet", p.display()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_parse() {
+        assert!(matches!(
+            Probe::parse("tcp:127.0.0.1:6379"),
+            Ok(Probe::Tcp(_))
+        ));
+        assert!(matches!(Probe::parse("exec:redis-cli ping"), Ok(Probe::Exec(a)) if a.len() == 2));
+        assert!(matches!(
+            Probe::parse("http://127.0.0.1:8080/"),
+            Ok(Probe::Http(_))
+        ));
+        assert!(matches!(
+            Probe::parse("log:Ready to accept"),
+            Ok(Probe::Log(_))
+        ));
+        assert!(matches!(
+            Probe::parse("file:/tmp/ready"),
+            Ok(Probe::File(_))
+        ));
+        assert!(Probe::parse("tcp:nohost").is_err());
+        assert!(Probe::parse("smoke:x").is_err());
+        assert!(Probe::parse("log:(").is_err());
+        assert_eq!(
+            parse_http_url("http://h:81/x").unwrap(),
+            ("h:81".to_string(), "/x".to_string())
+        );
+    }
+}

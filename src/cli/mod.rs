@@ -88,6 +88,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Run a bundle until ready, checkpoint it into the store, stop it
     Prewarm(warm::PrewarmArgs),
+    /// Restore on request: relay connections to restored copies of a snapshot
+    Serve(warm::ServeArgs),
 }
 
 /// Long flags that Go-style clients may send with a single dash (the containerd

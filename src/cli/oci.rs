@@ -347,6 +347,7 @@ pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
         Command::Checkpoint(a) => return super::cr::checkpoint(&rt()?, &cli.store, a),
         Command::Restore(a) => return super::cr::restore(&rt()?, &cli.store, a),
         Command::Prewarm(a) => return super::warm::prewarm_cmd(cli, &rt()?, a),
+        Command::Serve(a) => return super::warm::serve_cmd(cli, rt()?, a),
         Command::Snapshot(a) => {
             return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a)
         }

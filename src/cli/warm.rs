@@ -94,3 +94,96 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Snapshot to serve: tag NAME[:VER] or id
+    #[arg(long, required_unless_present = "status")]
+    pub from: Option<String>,
+    /// Address to listen on, e.g. 127.0.0.1:7000
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// Port inside each copy's network namespace to relay to
+    #[arg(long, required_unless_present = "status")]
+    pub port: Option<u16>,
+    /// Ready copies to keep restored ahead of requests
+    #[arg(long, default_value_t = 1)]
+    pub pool: usize,
+    /// Discard (or --persist) a copy after this long without connections
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub idle: Duration,
+    /// Most copies alive at once
+    #[arg(long, default_value_t = 4)]
+    pub max: usize,
+    /// Checkpoint idle copies back into the store under this tag; later copies
+    /// restore from it
+    #[arg(long)]
+    pub persist: Option<String>,
+    /// When a restore fails, start the bundle cold instead (and log it)
+    #[arg(long)]
+    pub fallback_cold: bool,
+    /// Bundle for restores and cold starts (default: the one recorded in the snapshot)
+    #[arg(long, short = 'b')]
+    pub bundle: Option<PathBuf>,
+    /// Counters file (default: --root/serve-ADDR-PORT.json)
+    #[arg(long)]
+    pub stats_file: Option<PathBuf>,
+    /// Print the counters of the server listening on --listen and exit
+    #[arg(long)]
+    pub status: bool,
+}
+
+pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
+    use crate::workflows::serve::{default_stats_file, serve, ServeOptions};
+    let stats_file = a
+        .stats_file
+        .clone()
+        .unwrap_or_else(|| default_stats_file(&cli.root, &a.listen));
+    if a.status {
+        let text = std::fs::read_to_string(&stats_file).with_context(|| {
+            format!(
+                "read {}: is `stasis serve --listen {}` running with the same --root?",
+                stats_file.display(),
+                a.listen
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parse {}", stats_file.display()))?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let (Some(from), Some(port)) = (a.from.clone(), a.port) else {
+        anyhow::bail!("serve needs --from NAME and --port P");
+    };
+    if a.max == 0 || a.pool > a.max {
+        anyhow::bail!(
+            "--pool ({}) must not exceed --max ({}), and --max must be >= 1",
+            a.pool,
+            a.max
+        );
+    }
+    let store = Store::open(&cli.store)?;
+    let self_exe = std::env::current_exe().context("find the stasis binary")?;
+    let opts = ServeOptions {
+        from,
+        listen: a.listen,
+        port,
+        pool: a.pool,
+        idle: a.idle,
+        max: a.max,
+        persist: a.persist.clone(),
+        fallback_cold: a.fallback_cold,
+        bundle: a.bundle.clone(),
+        stats_file,
+        json_log: cli.log_format == super::LogFormat::Json,
+        self_exe,
+        global_args: vec![
+            "--root".into(),
+            cli.root.display().to_string(),
+            "--criu".into(),
+            cli.criu.display().to_string(),
+        ],
+    };
+    serve(rt, store, opts)?;
+    Ok(0)
+}

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use libcgroups::common::{
     create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
@@ -161,10 +162,36 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
 /// Removes whatever a failed create left: processes, cgroup, the container directory.
 pub fn cleanup_failed(root: &Path, id: &str) {
     let dir = root.join(id);
-    if let Ok(mut c) = Container::load(dir.clone()) {
-        let _ = c.delete(true);
-    }
+    let _ = delete_retrying_cgroup(&dir, true);
     let _ = fs::remove_dir_all(&dir);
+}
+
+/// How long `delete` keeps retrying the removal of a cgroup that is still busy.
+const CGROUP_REMOVE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// `Container::delete`, retried while removing the cgroup fails. libcgroups gives
+/// up on a busy v1 cgroup after ~100 ms, but a killed init keeps its cgroup busy
+/// until its parent reaps it; after `create` that parent is the host's init (or a
+/// subreaper), which on a busy host takes longer. The container was then left
+/// half-deleted ("could not delete" on /sys/fs/cgroup/...) with its cgroups. runc
+/// retries longer too (`cgroups.RemovePath`). Only cgroup errors are retried: the
+/// poststop hooks run after the cgroup is gone and must not run twice.
+fn delete_retrying_cgroup(
+    dir: &Path,
+    force: bool,
+) -> Option<std::result::Result<(), libcontainer::error::LibcontainerError>> {
+    let deadline = Instant::now() + CGROUP_REMOVE_PATIENCE;
+    loop {
+        let mut c = Container::load(dir.to_path_buf()).ok()?;
+        match c.delete(force) {
+            Err(libcontainer::error::LibcontainerError::CgroupManager(_))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return Some(r),
+        }
+    }
 }
 
 fn load(dir: &Path, id: &str) -> Result<Container> {
@@ -185,10 +212,10 @@ pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
 }
 
 pub fn delete(dir: &Path, id: &str, force: bool) -> Result<()> {
-    match Container::load(dir.to_path_buf()) {
-        Ok(mut c) => c.delete(force).map_err(core_err("delete", id)),
+    match delete_retrying_cgroup(dir, force) {
+        Some(r) => r.map_err(core_err("delete", id)),
         // No libcontainer state: nothing was started, only the directory remains.
-        Err(_) => Ok(()),
+        None => Ok(()),
     }
 }
 

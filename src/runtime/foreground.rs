@@ -3,14 +3,85 @@
 //! are reaped, and the process's exit code (128+N when killed by signal N) returned,
 //! as runc's `handleProcessExit` / youki's `handle_foreground` do.
 
-use nix::sys::signal::{kill, SigSet, Signal};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+/// Signals caught by `EarlySignals` before the wait loop blocks them: bit N-1 for
+/// signal N.
+static EARLY: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn record(sig: libc::c_int) {
+    if (1..=64).contains(&sig) {
+        // Lock-free atomics are async-signal-safe.
+        EARLY.fetch_or(1 << (sig - 1), Ordering::SeqCst);
+    }
+}
+
+/// Signals that would be forwarded but are not caught early: the ones the wait loop
+/// ignores, SIGPIPE (ignored by Rust's runtime) and the synchronous faults.
+const NOT_CAUGHT: &[Signal] = &[
+    Signal::SIGKILL,
+    Signal::SIGSTOP,
+    Signal::SIGCHLD,
+    Signal::SIGWINCH,
+    Signal::SIGURG,
+    Signal::SIGPIPE,
+    Signal::SIGSEGV,
+    Signal::SIGBUS,
+    Signal::SIGILL,
+    Signal::SIGFPE,
+    Signal::SIGTRAP,
+    Signal::SIGSYS,
+];
+
+/// Catches the signals a foreground `run`/`exec` forwards from before the process
+/// exists until the wait loop blocks them (runc installs its signal handler before
+/// it creates the process). Without it, a SIGTERM that arrives while stasis still
+/// saves the state file kills stasis, and the container is left running, never
+/// deleted. Handlers, unlike a blocked mask, do not survive the container's execve,
+/// so the container's process starts with default dispositions and nothing blocked.
+pub struct EarlySignals(());
+
+impl EarlySignals {
+    pub fn catch() -> Self {
+        let action = SigAction::new(
+            SigHandler::Handler(record),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for sig in Signal::iterator().filter(|s| !NOT_CAUGHT.contains(s)) {
+            // SAFETY: `record` only does an atomic or, which is async-signal-safe.
+            let _ = unsafe { sigaction(sig, &action) };
+        }
+        Self(())
+    }
+
+    /// Blocks every signal, forwards those caught so far to `pid`, then waits for
+    /// it forwarding the rest; returns its exit code.
+    pub fn wait(self, pid: i32) -> std::io::Result<i32> {
+        let pid = Pid::from_raw(pid);
+        SigSet::all().thread_block().map_err(std::io::Error::from)?;
+        let early = EARLY.swap(0, Ordering::SeqCst);
+        for n in 1..=64 {
+            if early & (1 << (n - 1)) != 0 {
+                if let Ok(sig) = Signal::try_from(n) {
+                    let _ = kill(pid, sig);
+                }
+            }
+        }
+        wait_blocked(pid)
+    }
+}
+
 pub fn wait_forwarding_signals(pid: i32) -> std::io::Result<i32> {
-    let pid = Pid::from_raw(pid);
+    EarlySignals(()).wait(pid)
+}
+
+fn wait_blocked(pid: Pid) -> std::io::Result<i32> {
     let all = SigSet::all();
-    all.thread_block().map_err(std::io::Error::from)?;
     if let Some(code) = reap(pid)? {
         return Ok(code);
     }

@@ -3,6 +3,7 @@
 
 pub mod host;
 pub mod prewarm;
+pub mod serve;
 pub mod snapshot;
 
 use std::path::PathBuf;

@@ -550,7 +550,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// Force-deletes its container when dropped, even when the test panicked.
+/// Force-deletes its container when dropped, even when the test panicked. A failed
+/// delete fails the test (unless it is already failing): cleanup is behaviour too.
 pub struct Container {
     pub bin: PathBuf,
     pub root: PathBuf,
@@ -567,15 +568,21 @@ impl Drop for Container {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "cleanup: {} delete --force {}: {}",
+        let err = match out {
+            Ok(o) if o.status.success() => return,
+            Ok(o) => format!(
+                "cleanup: {} delete --force {} exited with {:?}: {}",
                 self.bin.display(),
                 self.id,
+                o.status.code(),
                 String::from_utf8_lossy(&o.stderr).trim()
             ),
-            Err(e) => eprintln!("cleanup: {}: {e}", self.bin.display()),
+            Err(e) => format!("cleanup: {}: {e}", self.bin.display()),
+        };
+        if std::thread::panicking() {
+            eprintln!("{err}");
+        } else {
+            panic!("{err}");
         }
     }
 }

@@ -857,3 +857,63 @@ fn log_file_in_json_format() {
         "{v}"
     );
 }
+
+#[test]
+fn run_foreground_sigterm_during_setup_is_not_lost() {
+    // SIGTERM sent again and again from the moment `run` takes its lock: stasis must
+    // never die of it (leaving the container behind) but forward it once the
+    // container runs.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; while true; do sleep 0.05; done",
+        ],
+    );
+    let id = unique_id("earlyterm");
+    let _c = env.guard(&id);
+    let mut run = env.spawn(&["run", "--bundle", b.to_str().unwrap(), &id], None);
+    wait_until("run took its lock", Duration::from_secs(10), || {
+        env.root.join(".locks").exists()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while run.child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "run did not exit");
+        // SAFETY: kill(2) on the pid of our own (not yet reaped) child.
+        unsafe { libc::kill(run.pid(), libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run.wait(Duration::from_secs(1)).code_is(42);
+    env.assert_nothing_left(&id, Some(&b));
+}
+
+#[test]
+fn parallel_create_and_delete_force_leave_nothing() {
+    // A killed init keeps its v1 cgroup busy until the host's init reaps it; under
+    // load that took longer than libcgroups' ~100 ms of rmdir retries and
+    // `delete --force` failed, leaving the container and its cgroups.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (env, b) = (&env, &b);
+            s.spawn(move || {
+                for i in 0..8 {
+                    let id = unique_id(&format!("par{t}x{i}"));
+                    let _g = env.guard(&id);
+                    env.ok(&["create", "--bundle", b.to_str().unwrap(), &id]);
+                    env.ok(&["delete", "--force", &id]);
+                    assert_eq!(
+                        crate::common::cgroups_named(&id),
+                        Vec::<std::path::PathBuf>::new()
+                    );
+                }
+            });
+        }
+    });
+    assert_eq!(env.root_entries(), Vec::<String>::new());
+}

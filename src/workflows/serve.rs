@@ -1,0 +1,638 @@
+//! `stasis serve`: restore on request. Holds a listening socket; each connection
+//! is relayed to port P inside the network namespace of a restored copy of a
+//! snapshot (taken from a pool of ready copies, or restored on demand). Copies that
+//! served connections and then stayed idle are discarded (or checkpointed back
+//! into the store with `--persist`); the pool is refilled in the background.
+//! One log line per event; counters in a stats file (`serve --status`).
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::snapshot::{checkpoint_to_store, Staging, TaggedCheckpoint};
+use super::{Result, WorkflowError};
+use crate::runtime::checkpoint::{CheckpointOptions, RestoreOptions};
+use crate::runtime::{netns, Runtime, Status};
+use crate::store::{SnapshotId, Store};
+
+pub struct ServeOptions {
+    pub from: String,
+    pub listen: SocketAddr,
+    pub port: u16,
+    pub pool: usize,
+    pub idle: Duration,
+    pub max: usize,
+    pub persist: Option<String>,
+    pub fallback_cold: bool,
+    pub bundle: Option<PathBuf>,
+    pub stats_file: PathBuf,
+    pub json_log: bool,
+    pub self_exe: PathBuf,
+    pub global_args: Vec<String>,
+}
+
+struct Copy {
+    id: String,
+    pid: i32,
+    used: bool,
+    active: usize,
+    last_active: Instant,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    restores: AtomicU64,
+    restore_failures: AtomicU64,
+    pool_hits: AtomicU64,
+    pool_misses: AtomicU64,
+    cold_starts: AtomicU64,
+    copies_died: AtomicU64,
+    discarded: AtomicU64,
+    persisted: AtomicU64,
+    relay_errors: AtomicU64,
+}
+
+struct Shared {
+    rt: Runtime,
+    store: Store,
+    o: ServeOptions,
+    /// Image directory restores read (the snapshot materialised once).
+    image: Mutex<(SnapshotId, PathBuf)>,
+    bundle: PathBuf,
+    copies: Mutex<Vec<Copy>>,
+    changed: Condvar,
+    counters: Counters,
+    ttfb_ms: Mutex<VecDeque<f64>>,
+    next_copy: AtomicU64,
+    shutdown: AtomicBool,
+    in_flight: AtomicU64,
+    _staging: Mutex<Vec<Staging>>,
+}
+
+impl Shared {
+    fn log(&self, event: &str, fields: serde_json::Value) {
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let line = if self.o.json_log {
+            let mut v = json!({"time": time, "event": event});
+            if let (Some(m), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+                m.extend(f);
+            }
+            v.to_string()
+        } else {
+            let mut s = format!("{time} serve: {event}");
+            if let serde_json::Value::Object(f) = fields {
+                for (k, v) in f {
+                    s.push_str(&format!(
+                        " {k}={}",
+                        v.as_str().map(str::to_string).unwrap_or(v.to_string())
+                    ));
+                }
+            }
+            s
+        };
+        eprintln!("{line}");
+    }
+
+    fn write_stats(&self) {
+        let c = &self.counters;
+        let (p50, p90, p99, n) = {
+            let q = self
+                .ttfb_ms
+                .lock()
+                .map(|q| q.iter().copied().collect::<Vec<f64>>())
+                .unwrap_or_default();
+            let mut v = q;
+            v.sort_by(|a, b| a.total_cmp(b));
+            let pct = |p: f64| -> f64 {
+                if v.is_empty() {
+                    0.0
+                } else {
+                    v[((v.len() - 1) as f64 * p).round() as usize]
+                }
+            };
+            (pct(0.5), pct(0.9), pct(0.99), v.len())
+        };
+        let (copies, ready) = self
+            .copies
+            .lock()
+            .map(|c| (c.len(), c.iter().filter(|x| !x.used).count()))
+            .unwrap_or((0, 0));
+        let v = json!({
+            "from": self.o.from,
+            "listen": self.o.listen.to_string(),
+            "port": self.o.port,
+            "pid": std::process::id(),
+            "updated": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "copies": copies,
+            "ready_copies": ready,
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "connections": c.connections.load(Ordering::Relaxed),
+            "restores": c.restores.load(Ordering::Relaxed),
+            "restore_failures": c.restore_failures.load(Ordering::Relaxed),
+            "pool_hits": c.pool_hits.load(Ordering::Relaxed),
+            "pool_misses": c.pool_misses.load(Ordering::Relaxed),
+            "cold_starts": c.cold_starts.load(Ordering::Relaxed),
+            "copies_died": c.copies_died.load(Ordering::Relaxed),
+            "discarded": c.discarded.load(Ordering::Relaxed),
+            "persisted": c.persisted.load(Ordering::Relaxed),
+            "relay_errors": c.relay_errors.load(Ordering::Relaxed),
+            "ttfb_ms": {"samples": n, "p50": p50, "p90": p90, "p99": p99},
+        });
+        let _ = crate::runtime::state::write_atomic(&self.o.stats_file, v.to_string().as_bytes());
+    }
+
+    fn new_id(&self) -> String {
+        let n = self.next_copy.fetch_add(1, Ordering::Relaxed);
+        format!("serve-{}-{}-{n}", self.o.port, std::process::id())
+    }
+
+    /// Restores one copy; on failure with --fallback-cold, starts the bundle cold.
+    fn spawn_copy(&self) -> std::result::Result<Copy, String> {
+        let id = self.new_id();
+        let t0 = Instant::now();
+        let image = self
+            .image
+            .lock()
+            .map(|g| g.1.clone())
+            .map_err(|_| "image lock poisoned".to_string())?;
+        let r = self.rt.restore(&RestoreOptions {
+            id: id.clone(),
+            image_path: image,
+            bundle: self.bundle.clone(),
+            detach: true,
+            ..Default::default()
+        });
+        match r {
+            Ok(_) => {
+                self.counters.restores.fetch_add(1, Ordering::Relaxed);
+                let pid = self
+                    .rt
+                    .load(&id)
+                    .map(|s| s.pid)
+                    .map_err(|e| e.to_string())?;
+                self.log(
+                    "restored",
+                    json!({"copy": id, "pid": pid, "ms": t0.elapsed().as_millis() as u64}),
+                );
+                Ok(Copy {
+                    id,
+                    pid,
+                    used: false,
+                    active: 0,
+                    last_active: Instant::now(),
+                })
+            }
+            Err(e) => {
+                self.counters
+                    .restore_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.log(
+                    "restore-failed",
+                    json!({"copy": id, "error": e.to_string()}),
+                );
+                if !self.o.fallback_cold {
+                    return Err(e.to_string());
+                }
+                self.cold_start(&id)
+            }
+        }
+    }
+
+    fn cold_start(&self, id: &str) -> std::result::Result<Copy, String> {
+        let t0 = Instant::now();
+        let st = Command::new(&self.o.self_exe)
+            .args(&self.o.global_args)
+            .args(["run", "-d", "-b"])
+            .arg(&self.bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("cold start: {e}"))?;
+        if !st.success() {
+            return Err(format!(
+                "cold start of {} failed ({st})",
+                self.bundle.display()
+            ));
+        }
+        let pid = self.rt.load(id).map(|s| s.pid).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let target = SocketAddr::from(([127, 0, 0, 1], self.o.port));
+            if netns::connect_in(pid, target, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.rt.delete(id, true);
+                return Err("cold start: port never opened".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.counters.cold_starts.fetch_add(1, Ordering::Relaxed);
+        self.log(
+            "cold-started",
+            json!({"copy": id, "pid": pid, "ms": t0.elapsed().as_millis() as u64}),
+        );
+        Ok(Copy {
+            id: id.to_string(),
+            pid,
+            used: false,
+            active: 0,
+            last_active: Instant::now(),
+        })
+    }
+
+    /// Picks the copy for a new connection: the live used copy with the fewest
+    /// connections, else a ready pool copy, else a new restore.
+    fn acquire(&self) -> std::result::Result<(String, i32), String> {
+        {
+            let mut copies = self.copies.lock().map_err(|_| "poisoned".to_string())?;
+            let used = copies
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.used)
+                .min_by_key(|(_, c)| c.active)
+                .map(|(i, _)| i);
+            let pick = used.or_else(|| {
+                let i = copies.iter().position(|c| !c.used)?;
+                self.counters.pool_hits.fetch_add(1, Ordering::Relaxed);
+                Some(i)
+            });
+            if let Some(c) = pick.and_then(|i| copies.get_mut(i)) {
+                c.used = true;
+                c.active += 1;
+                c.last_active = Instant::now();
+                let r = (c.id.clone(), c.pid);
+                self.changed.notify_all();
+                return Ok(r);
+            }
+        }
+        self.counters.pool_misses.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.spawn_copy()?;
+        c.used = true;
+        c.active = 1;
+        let r = (c.id.clone(), c.pid);
+        if let Ok(mut copies) = self.copies.lock() {
+            copies.push(c);
+        }
+        self.changed.notify_all();
+        Ok(r)
+    }
+
+    fn release(&self, id: &str) {
+        if let Ok(mut copies) = self.copies.lock() {
+            if let Some(c) = copies.iter_mut().find(|c| c.id == id) {
+                c.active = c.active.saturating_sub(1);
+                c.last_active = Instant::now();
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    fn forget(&self, id: &str, why: &str) {
+        if let Ok(mut copies) = self.copies.lock() {
+            copies.retain(|c| c.id != id);
+        }
+        let _ = self.rt.delete(id, true);
+        self.log("copy-removed", json!({"copy": id, "reason": why}));
+        self.changed.notify_all();
+    }
+
+    fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let accepted = Instant::now();
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let target = SocketAddr::from(([127, 0, 0, 1], self.o.port));
+        let mut attempt = 0;
+        let backend = loop {
+            attempt += 1;
+            let (id, pid) = match self.acquire() {
+                Ok(x) => x,
+                Err(e) => {
+                    self.log(
+                        "connection-dropped",
+                        json!({"peer": peer.to_string(), "error": e}),
+                    );
+                    self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            match netns::connect_in(pid, target, Duration::from_secs(5)) {
+                Ok(s) => break Some((id, s)),
+                Err(e) => {
+                    let alive = self
+                        .rt
+                        .load(&id)
+                        .map(|s| s.live_status() != Status::Stopped)
+                        .unwrap_or(false);
+                    self.counters
+                        .copies_died
+                        .fetch_add(u64::from(!alive), Ordering::Relaxed);
+                    self.forget(&id, &format!("connect to port {} failed: {e}", self.o.port));
+                    if attempt >= 2 {
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some((id, backend)) = backend else {
+            self.log(
+                "connection-dropped",
+                json!({"peer": peer.to_string(), "error": "no copy could take it"}),
+            );
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.write_stats();
+            return;
+        };
+        self.log("connection", json!({"peer": peer.to_string(), "copy": id}));
+        if let Err(e) = self.relay(client, backend, accepted) {
+            self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
+            self.log("relay-error", json!({"copy": id, "error": e.to_string()}));
+        }
+        self.release(&id);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.write_stats();
+    }
+
+    fn relay(
+        &self,
+        client: TcpStream,
+        backend: TcpStream,
+        accepted: Instant,
+    ) -> std::io::Result<()> {
+        let mut c_read = client.try_clone()?;
+        let mut b_write = backend.try_clone()?;
+        let up = std::thread::spawn(move || {
+            let r = std::io::copy(&mut c_read, &mut b_write);
+            let _ = b_write.shutdown(Shutdown::Write);
+            r
+        });
+        let mut b_read = backend;
+        let mut c_write = client;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut first = true;
+        loop {
+            let n = match b_read.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(e),
+            };
+            if first {
+                first = false;
+                if let Ok(mut q) = self.ttfb_ms.lock() {
+                    if q.len() == 10_000 {
+                        q.pop_front();
+                    }
+                    q.push_back(accepted.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            if c_write.write_all(&buf[..n]).is_err() {
+                // The client went away midway: stop relaying.
+                let _ = b_read.shutdown(Shutdown::Both);
+                break;
+            }
+        }
+        let _ = c_write.shutdown(Shutdown::Write);
+        let _ = up.join();
+        Ok(())
+    }
+
+    /// Keeps `pool` ready copies, reaps idle used copies, notices dead ones.
+    fn maintain(&self) {
+        while !self.shutdown.load(Ordering::Relaxed) {
+            let mut idle_ids = Vec::new();
+            let mut dead = Vec::new();
+            let (ready, total) = match self.copies.lock() {
+                Ok(c) => {
+                    for x in c.iter() {
+                        if !crate::runtime::state::process_alive(x.pid, 0) {
+                            dead.push(x.id.clone());
+                        } else if x.used && x.active == 0 && x.last_active.elapsed() >= self.o.idle
+                        {
+                            idle_ids.push(x.id.clone());
+                        }
+                    }
+                    (c.iter().filter(|x| !x.used).count(), c.len())
+                }
+                Err(_) => return,
+            };
+            for id in dead {
+                self.counters.copies_died.fetch_add(1, Ordering::Relaxed);
+                self.forget(&id, "its process died");
+            }
+            for id in idle_ids {
+                if let Ok(mut c) = self.copies.lock() {
+                    c.retain(|x| x.id != id);
+                }
+                self.retire(&id);
+            }
+            if ready < self.o.pool && total < self.o.max {
+                match self.spawn_copy() {
+                    Ok(c) => {
+                        if let Ok(mut copies) = self.copies.lock() {
+                            copies.push(c);
+                        }
+                        self.write_stats();
+                        continue;
+                    }
+                    Err(e) => self.log("refill-failed", json!({"error": e})),
+                }
+            }
+            self.write_stats();
+            if let Ok(g) = self.copies.lock() {
+                let _ = self.changed.wait_timeout(g, Duration::from_millis(200));
+            }
+        }
+    }
+
+    /// An idle copy leaves: checkpointed into the store (`--persist TAG`, and later
+    /// copies restore from it) or discarded.
+    fn retire(&self, id: &str) {
+        if let Some(tag) = &self.o.persist {
+            let r = checkpoint_to_store(
+                &self.rt,
+                &self.store,
+                &TaggedCheckpoint {
+                    checkpoint: CheckpointOptions {
+                        id: id.to_string(),
+                        ..Default::default()
+                    },
+                    tags: vec![tag.clone()],
+                    compress_level: 3,
+                    progress: false,
+                },
+            );
+            match r {
+                Ok(res) => {
+                    self.counters.persisted.fetch_add(1, Ordering::Relaxed);
+                    self.log(
+                        "persisted",
+                        json!({"copy": id, "tag": tag, "snapshot": res.report.id.short()}),
+                    );
+                    if let Err(e) = self.switch_image(tag) {
+                        self.log("persist-reload-failed", json!({"error": e}));
+                    }
+                }
+                Err(e) => self.log(
+                    "persist-failed",
+                    json!({"copy": id, "error": e.to_string()}),
+                ),
+            }
+            let _ = self.rt.delete(id, true);
+        } else {
+            let _ = self.rt.delete(id, true);
+            self.counters.discarded.fetch_add(1, Ordering::Relaxed);
+            self.log("discarded", json!({"copy": id, "reason": "idle"}));
+        }
+    }
+
+    /// Materialises `name` and makes later restores use it.
+    fn switch_image(&self, name: &str) -> std::result::Result<(), String> {
+        let (sid, dir, staging) = materialize(&self.store, name).map_err(|e| e.to_string())?;
+        if let Ok(mut g) = self.image.lock() {
+            *g = (sid, dir);
+        }
+        if let Ok(mut s) = self._staging.lock() {
+            s.push(staging);
+        }
+        Ok(())
+    }
+}
+
+fn materialize(store: &Store, name: &str) -> Result<(SnapshotId, PathBuf, Staging)> {
+    let sid = store.resolve(name)?;
+    let cfg = store.config(&sid)?;
+    let need = cfg
+        .get("sizes")
+        .and_then(|s| s.get("image_bytes"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1 << 30);
+    let staging = Staging::new(store.root(), need)?;
+    let dir = staging.path().join("image");
+    store.materialize(&sid, &dir, false)?;
+    Ok((sid, dir, staging))
+}
+
+/// Runs the server until SIGTERM/SIGINT; then finishes in-flight connections and
+/// removes every copy.
+pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
+    // Block the stop signals in every thread; one thread waits for them.
+    let mut stop = nix::sys::signal::SigSet::empty();
+    stop.add(nix::sys::signal::Signal::SIGTERM);
+    stop.add(nix::sys::signal::Signal::SIGINT);
+    stop.thread_block().map_err(|e| WorkflowError::Io {
+        op: "block signals for",
+        path: PathBuf::from("serve"),
+        source: e.into(),
+    })?;
+    let (sid, image, staging) = materialize(&store, &o.from)?;
+    let cfg = store.config(&sid)?;
+    let bundle = match &o.bundle {
+        Some(b) => b.clone(),
+        None => cfg
+            .get("metadata")
+            .and_then(|m| m.get("bundle"))
+            .and_then(|b| b.as_str())
+            .map(PathBuf::from)
+            .filter(|b| b.join("config.json").is_file())
+            .ok_or_else(|| WorkflowError::NoBundle {
+                snapshot: sid.short(),
+            })?,
+    };
+    let listener = TcpListener::bind(o.listen).map_err(|source| WorkflowError::Io {
+        op: "listen on",
+        path: PathBuf::from(o.listen.to_string()),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| WorkflowError::Io {
+            op: "configure listener",
+            path: PathBuf::from(o.listen.to_string()),
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        rt,
+        store,
+        image: Mutex::new((sid, image)),
+        bundle,
+        copies: Mutex::new(Vec::new()),
+        changed: Condvar::new(),
+        counters: Counters::default(),
+        ttfb_ms: Mutex::new(VecDeque::new()),
+        next_copy: AtomicU64::new(0),
+        shutdown: AtomicBool::new(false),
+        in_flight: AtomicU64::new(0),
+        _staging: Mutex::new(vec![staging]),
+        o,
+    });
+    shared.log(
+        "listening",
+        json!({"listen": shared.o.listen.to_string(), "snapshot": sid.short(), "port": shared.o.port, "pool": shared.o.pool}),
+    );
+    shared.write_stats();
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            if let Ok(sig) = stop.wait() {
+                s.log("stopping", json!({"signal": format!("{sig:?}")}));
+            }
+            s.shutdown.store(true, Ordering::Relaxed);
+            s.changed.notify_all();
+        });
+    }
+    let maint = {
+        let s = shared.clone();
+        std::thread::spawn(move || s.maintain())
+    };
+    let mut handlers = Vec::new();
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((client, peer)) => {
+                let _ = client.set_nonblocking(false);
+                let s = shared.clone();
+                handlers.push(std::thread::spawn(move || s.handle(client, peer)));
+                handlers.retain(|h| !h.is_finished());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => shared.log("accept-error", json!({"error": e.to_string()})),
+        }
+    }
+    drop(listener);
+    for h in handlers {
+        let _ = h.join();
+    }
+    let _ = maint.join();
+    let ids: Vec<String> = shared
+        .copies
+        .lock()
+        .map(|c| c.iter().map(|x| x.id.clone()).collect())
+        .unwrap_or_default();
+    for id in ids {
+        let _ = shared.rt.delete(&id, true);
+        shared.log("copy-removed", json!({"copy": id, "reason": "shutdown"}));
+    }
+    if let Ok(mut c) = shared.copies.lock() {
+        c.clear();
+    }
+    shared.write_stats();
+    shared.log("stopped", json!({}));
+    Ok(())
+}
+
+/// Default stats file for a listen address.
+pub fn default_stats_file(root: &Path, listen: &SocketAddr) -> PathBuf {
+    root.join(format!("serve-{}-{}.json", listen.ip(), listen.port()))
+}

@@ -11,7 +11,7 @@ pub mod checkpoint;
 mod core;
 mod foreground;
 pub mod info;
-mod netns;
+pub mod netns;
 pub mod state;
 
 use std::collections::HashMap;

@@ -264,6 +264,36 @@ fn freezer_path(pid: i32) -> Option<PathBuf> {
     None
 }
 
+/// The hierarchies (as named in `/proc/PID/cgroup`: `cpu,cpuacct`, `name=systemd`,
+/// `` for v2) in which `pid` sits in the container's own cgroup `cgroup_path` (or
+/// below it). Only these are dumped: in the others (v1 `name=systemd`, the unified
+/// mount of a hybrid host) the container shares the runtime's cgroup, often the
+/// hierarchy root, and CRIU would record that whole subtree (every other
+/// container's directories) and recreate it under the new container's cgroup on
+/// restore, where nothing removes it. Empty (dump all, CRIU's default) when the
+/// container has no cgroup of its own.
+fn own_hierarchies(pid: i32, cgroup_path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    own_hierarchies_in(&text, cgroup_path)
+}
+
+fn own_hierarchies_in(proc_cgroup: &str, cgroup_path: &Path) -> Vec<String> {
+    let own = cgroup_path.to_string_lossy();
+    let own = own.trim_matches('/');
+    if own.is_empty() {
+        return Vec::new();
+    }
+    proc_cgroup
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = Path::new(path.trim_start_matches('/'));
+            path.starts_with(own).then(|| ctrls.to_string())
+        })
+        .collect()
+}
+
 fn mkdir_private(p: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -410,6 +440,7 @@ impl Runtime {
         if let Some(fp) = freezer_path(pid) {
             opts.freeze_cgroup = Some(fp.display().to_string());
         }
+        opts.cgroup_dump_controller = own_hierarchies(pid, &st.cgroup_path);
         let call = Call {
             work_dir: &work,
             images_dir: &o.image_path,
@@ -432,11 +463,8 @@ impl Runtime {
             }
         }
         res?;
-        let stats = read_stats(&work.join(if o.pre_dump {
-            "stats-dump"
-        } else {
-            "stats-dump"
-        }));
+        // CRIU writes pre-dump statistics to `stats-dump` too.
+        let stats = read_stats(&work.join("stats-dump"));
         if !o.leave_running && !o.pre_dump {
             // CRIU killed the container's processes; remove it as runc does.
             let dir = self.dir(&o.id);
@@ -484,7 +512,10 @@ impl Runtime {
             let r = self.restore_into(o, &dir, &bundle, &spec, &criu, &mut cgroup_path);
             match r {
                 Ok(x) => x,
-                Err(e) => {
+                Err(mut e) => {
+                    if o.work_path.is_none() {
+                        keep_failed_log(&mut e, &o.id);
+                    }
                     if !cgroup_path.as_os_str().is_empty() {
                         core::cgroup_remove(&cgroup_path, &o.id);
                     }
@@ -664,9 +695,11 @@ impl Runtime {
         let mut restored_pid = 0;
         let console = o.console_socket.clone();
         let bundle_path = bundle.path.clone();
+        let mut ns_pid = 0;
         let mut notify = |n: Notify| -> Result<(), String> {
             match n.script.as_str() {
                 "setup-namespaces" => {
+                    ns_pid = n.pid;
                     for kind in ["prestart", "createRuntime"] {
                         if let Err(e) = core::run_hooks(kind, spec, id, &bundle_path, n.pid) {
                             let m = e.to_string();
@@ -674,11 +707,14 @@ impl Runtime {
                             return Err(m);
                         }
                     }
-                    if own_netns {
-                        netns::loopback_up(n.pid).map_err(|e| {
-                            format!("bring loopback up in the restored network namespace: {e}")
-                        })?;
-                    }
+                }
+                // Not at setup-namespaces: CRIU restores the links (lo with the
+                // flags it had at dump) only after that script, and CRIU's
+                // post-setup-namespaces notify carries no pid.
+                "post-setup-namespaces" if own_netns && ns_pid > 0 => {
+                    netns::loopback_up(ns_pid).map_err(|e| {
+                        format!("bring loopback up in the restored network namespace: {e}")
+                    })?;
                 }
                 "post-restore" => restored_pid = n.pid,
                 "orphan-pts-master" => {
@@ -743,6 +779,24 @@ impl Runtime {
     }
 }
 
+/// A failed restore removes the container's directory and with it CRIU's log in
+/// the default work directory (`<root>/<id>/criu`), which the error names: copy the
+/// log to the temp directory and name that copy instead.
+fn keep_failed_log(e: &mut RuntimeError, id: &str) {
+    let RuntimeError::Criu(
+        CriuError::Failed { log, .. }
+        | CriuError::Died { log, .. }
+        | CriuError::Timeout { log, .. },
+    ) = e
+    else {
+        return;
+    };
+    let dst = std::env::temp_dir().join(format!("stasis-restore-{id}.log"));
+    if fs::copy(&*log, &dst).is_ok() {
+        *log = dst.display().to_string();
+    }
+}
+
 /// Sends the pty master to a console socket (SCM_RIGHTS), as runc does.
 fn send_console(sock: &Path, fd: OwnedFd) -> std::io::Result<()> {
     use nix::sys::socket::{
@@ -770,4 +824,28 @@ fn send_console(sock: &Path, fd: OwnedFd) -> std::io::Result<()> {
     )
     .map_err(std::io::Error::from)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_containers_own_hierarchies_are_dumped() {
+        let text = "9:name=systemd:/\n8:pids:/:youki:c1\n2:cpu,cpuacct:/:youki:c1/sub\n\
+                    1:memory:/other\n0::/\n";
+        assert_eq!(
+            own_hierarchies_in(text, Path::new(":youki:c1")),
+            vec!["pids".to_string(), "cpu,cpuacct".to_string()]
+        );
+        // v2: the unified hierarchy is named "".
+        assert_eq!(
+            own_hierarchies_in("0::/youki/c1\n", Path::new("/youki/c1")),
+            vec![String::new()]
+        );
+        // No cgroup of its own: dump everything (CRIU's default).
+        assert!(own_hierarchies_in(text, Path::new("")).is_empty());
+        // A sibling whose name merely starts the same is not ours.
+        assert!(own_hierarchies_in("8:pids:/:youki:c10\n", Path::new(":youki:c1")).is_empty());
+    }
 }

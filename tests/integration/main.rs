@@ -11,6 +11,7 @@
 #[macro_use]
 mod common;
 
+mod cr;
 mod errors;
 mod lifecycle;
 mod runc_compat;

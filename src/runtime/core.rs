@@ -44,6 +44,8 @@ pub struct BundleInfo {
     pub path: PathBuf,
     pub rootfs: PathBuf,
     pub annotations: Option<HashMap<String, String>>,
+    /// The container gets a new network namespace (not one given by path).
+    pub own_netns: bool,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -118,10 +120,20 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         }
     }
     let rootfs = fs::canonicalize(&rootfs).unwrap_or(rootfs);
+    let own_netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter().any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+            })
+        });
     Ok(BundleInfo {
         path,
         rootfs,
         annotations: spec.annotations().clone(),
+        own_netns,
     })
 }
 

@@ -235,6 +235,17 @@ impl Runtime {
                 return Err(e);
             }
         };
+        // Like runc, a new network namespace gets its loopback up.
+        if bundle.own_netns {
+            if let Err(source) = netns::loopback_up(created.pid) {
+                core::cleanup_failed(&self.root, &opts.id);
+                return Err(RuntimeError::Io {
+                    op: "bring loopback up in the network namespace of",
+                    path: PathBuf::from(format!("/proc/{}/ns/net", created.pid)),
+                    source,
+                });
+            }
+        }
         let st = ContainerState {
             id: opts.id.clone(),
             status: Status::Created,

@@ -16,7 +16,7 @@ pub enum WorkflowError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -24,7 +24,10 @@ pub enum WorkflowError {
         source: std::io::Error,
     },
     #[error("storing the checkpoint failed: {source}; the CRIU image is kept at {image}: restore it with `stasis restore --image-path {image}`")]
-    IngestFailed { source: StoreError, image: PathBuf },
+    IngestFailed {
+        source: Box<StoreError>,
+        image: PathBuf,
+    },
     #[error("snapshot {snapshot} cannot be restored on this host:\n  {}\n(--force restores anyway)", reasons.join("\n  "))]
     Incompatible {
         snapshot: String,
@@ -40,6 +43,12 @@ pub enum WorkflowError {
     },
     #[error("snapshot {snapshot}: its original bundle is gone; pass --bundle DIR with the container's config.json and rootfs")]
     NoBundle { snapshot: String },
+}
+
+impl From<StoreError> for WorkflowError {
+    fn from(e: StoreError) -> Self {
+        WorkflowError::Store(Box::new(e))
+    }
 }
 
 pub type Result<T, E = WorkflowError> = std::result::Result<T, E>;

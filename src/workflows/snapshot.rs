@@ -148,7 +148,7 @@ pub fn checkpoint_to_store(
         .map_err(|e| {
             let kept = staging.keep();
             WorkflowError::IngestFailed {
-                source: e,
+                source: Box::new(e),
                 image: kept.join("image"),
             }
         })?;

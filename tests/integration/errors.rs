@@ -286,9 +286,14 @@ fn exec_errors_name_what_is_wrong() {
         .fails_with_one_line(&["bob"]);
     env.run(&["exec", &id, "/no/such/binary"])
         .fails_with_one_line(&["/no/such/binary"]);
-    // None of this disturbed the container.
+    // None of this disturbed the container, and no failed process stayed in it.
     assert_eq!(env.status(&id), "running");
-    assert_eq!(env.pids(&id).len(), 1);
+    let pids = env.pids(&id);
+    let cmds: Vec<String> = pids
+        .iter()
+        .map(|p| fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default())
+        .collect();
+    assert_eq!(pids, [env.pid(&id) as i64], "{cmds:?}");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 #[macro_use]
 mod common;
 
+mod clients;
 mod cr;
 mod errors;
 mod lifecycle;

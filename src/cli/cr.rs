@@ -109,6 +109,15 @@ pub struct CheckpointArgs {
     /// (repeatable) instead of leaving a plain image directory
     #[arg(long)]
     pub tag: Vec<String>,
+    /// With --tag: do not capture the root filesystem
+    #[arg(long)]
+    pub ignore_rootfs: bool,
+    /// With --tag: do not capture writable bind-mounted volumes
+    #[arg(long)]
+    pub ignore_volumes: bool,
+    /// With --tag: container path not to capture (repeatable)
+    #[arg(long)]
+    pub exclude: Vec<PathBuf>,
     /// zstd level for new pages stored with --tag
     #[arg(long, default_value_t = 3)]
     pub compress_level: i32,
@@ -139,6 +148,13 @@ pub struct RestoreArgs {
     /// Restore from the snapshot store: a tag NAME[:VER] or a snapshot id
     #[arg(long, conflicts_with = "image_path")]
     pub from: Option<String>,
+    /// With --from: restore N copies, each with its own id, cgroup, writable
+    /// filesystem layer, volumes and network namespace
+    #[arg(long, default_value_t = 1)]
+    pub copies: usize,
+    /// With --copies: ids are PREFIX-0 .. PREFIX-(N-1) (default: the given id)
+    #[arg(long)]
+    pub name_prefix: Option<String>,
     /// Restore even when the host differs from the snapshot's record
     #[arg(long)]
     pub force: bool,
@@ -165,8 +181,9 @@ pub struct RestoreArgs {
     pub lsm_mount_context: Option<String>,
     #[command(flatten)]
     pub shared: SharedFlags,
-    /// Container id
-    pub id: String,
+    /// Container id (optional with --name-prefix)
+    #[arg(required_unless_present = "name_prefix")]
+    pub id: Option<String>,
 }
 
 fn print_stats(stats: &CriuStats, format: StatsFormat) -> Result<()> {
@@ -220,6 +237,9 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
             tags: a.tag.clone(),
             compress_level: a.compress_level,
             progress: super::snapshot::progress_wanted(),
+            ignore_rootfs: a.ignore_rootfs,
+            ignore_volumes: a.ignore_volumes,
+            exclude: a.exclude.clone(),
         },
     )?;
     let rep = &r.report;
@@ -244,7 +264,11 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
 
 pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result<i32> {
     let mut opts = RestoreOptions {
-        id: a.id.clone(),
+        id: a
+            .id
+            .clone()
+            .or_else(|| a.name_prefix.clone())
+            .unwrap_or_default(),
         image_path: a.image_path.clone(),
         work_path: a.shared.work_path.clone(),
         bundle: a.bundle.clone().unwrap_or_else(|| PathBuf::from(".")),
@@ -256,6 +280,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
         lsm_profile: a.lsm_profile.clone(),
         lsm_mount_context: a.lsm_mount_context.clone(),
         flags: (&a.shared).into(),
+        owned_dir: None,
     };
     if let Some(from) = &a.from {
         let store = Store::open(store)?;
@@ -269,8 +294,16 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
                 bundle: a.bundle.clone(),
                 force: a.force,
                 progress: super::snapshot::progress_wanted(),
+                copies: a.copies,
+                name_prefix: a.name_prefix.clone(),
             },
         )?;
+        if r.restored.len() > 1 || a.name_prefix.is_some() {
+            let mut out = std::io::stdout().lock();
+            for id in &r.restored {
+                writeln!(out, "{id}")?;
+            }
+        }
         for w in &r.warnings {
             eprintln!("stasis: warning: {w}");
         }

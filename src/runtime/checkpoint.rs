@@ -96,6 +96,9 @@ pub struct RestoreOptions {
     pub lsm_profile: Option<String>,
     pub lsm_mount_context: Option<String>,
     pub flags: CriuFlags,
+    /// A directory the restored container owns (its overlay, volumes, bundle):
+    /// `delete` unmounts and removes it.
+    pub owned_dir: Option<PathBuf>,
 }
 
 /// CRIU's statistics of one dump or restore (`stats-dump` / `stats-restore`).
@@ -321,6 +324,18 @@ impl Runtime {
     /// Without `leave_running` the container is stopped and removed only after the
     /// dump succeeded; a failed checkpoint leaves it running and untouched.
     pub fn checkpoint(&self, o: &CheckpointOptions) -> Result<CriuStats> {
+        self.checkpoint_with(o, &mut |_| Ok(()))
+    }
+
+    /// `checkpoint`, calling `after_dump` with the container's state once CRIU
+    /// succeeded and before the container is thawed (with `leave_running`) or
+    /// removed: its filesystem is then consistent with the dumped memory. An
+    /// error from `after_dump` fails the checkpoint.
+    pub fn checkpoint_with(
+        &self,
+        o: &CheckpointOptions,
+        after_dump: &mut dyn FnMut(&ContainerState) -> Result<()>,
+    ) -> Result<CriuStats> {
         let _lock = self.lock(&o.id)?;
         let st = self.load(&o.id)?;
         let status = self.check(&st, Op::Checkpoint)?;
@@ -453,6 +468,13 @@ impl Runtime {
         } else {
             criu.dump(opts, call, &mut |_| Ok(()))
         };
+        let res = res.map_err(RuntimeError::from).and_then(|_| {
+            if o.pre_dump {
+                Ok(())
+            } else {
+                after_dump(&st)
+            }
+        });
         if froze {
             // Thaw in every case: on success with --leave-running the container goes
             // on; without it CRIU killed the tasks, which die once thawed; on failure
@@ -469,7 +491,12 @@ impl Runtime {
             // CRIU killed the container's processes; remove it as runc does.
             let dir = self.dir(&o.id);
             core::delete(&dir, &o.id, true)?;
+            super::unmount_under(&dir);
             let _ = fs::remove_dir_all(&dir);
+            if let Some(owned) = &st.owned_dir {
+                super::unmount_under(owned);
+                let _ = fs::remove_dir_all(owned);
+            }
         }
         Ok(stats)
     }
@@ -769,6 +796,7 @@ impl Runtime {
             owner: super::owner_name(),
             annotations: bundle.annotations.clone(),
             cgroup_path: cgroup_path.clone(),
+            owned_dir: o.owned_dir.clone(),
         };
         st.save(dir)?;
         if let Some(pf) = &o.pid_file {

@@ -143,6 +143,7 @@ pub struct Created {
 }
 
 pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) -> Result<Created> {
+    let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
@@ -192,6 +193,7 @@ fn delete_retrying_cgroup(
     dir: &Path,
     force: bool,
 ) -> Option<std::result::Result<(), libcontainer::error::LibcontainerError>> {
+    let _pipe = SigpipeToEpipe::install();
     let deadline = Instant::now() + CGROUP_REMOVE_PATIENCE;
     loop {
         let mut c = Container::load(dir.to_path_buf()).ok()?;
@@ -211,7 +213,41 @@ fn load(dir: &Path, id: &str) -> Result<Container> {
 }
 
 pub fn start(dir: &Path, id: &str) -> Result<()> {
+    let _pipe = SigpipeToEpipe::install();
     load(dir, id)?.start().map_err(core_err("start", id))
+}
+
+/// While alive, SIGPIPE runs a no-op handler, so a write to a closed pipe returns
+/// EPIPE instead of killing stasis. libcontainer writes the container state to each
+/// hook's stdin and relies on EPIPE when a hook exits without reading it; with
+/// SIGPIPE at SIG_DFL (main.rs, for `stasis list | head`) such a hook killed stasis
+/// in the middle of create/start/delete (exit 141, nothing on stderr, the container
+/// and its cgroups left behind). A handler, not SIG_IGN: handlers are reset at
+/// execve, so containers and hooks still start with the default disposition (Go's
+/// runtime, hence runc, behaves the same way).
+struct SigpipeToEpipe(Option<nix::sys::signal::SigAction>);
+
+impl SigpipeToEpipe {
+    fn install() -> Self {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+        extern "C" fn ignore(_: libc::c_int) {}
+        let action = SigAction::new(
+            SigHandler::Handler(ignore),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, which is async-signal-safe.
+        Self(unsafe { sigaction(nix::sys::signal::Signal::SIGPIPE, &action) }.ok())
+    }
+}
+
+impl Drop for SigpipeToEpipe {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores the disposition `install` replaced.
+            let _ = unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGPIPE, old) };
+        }
+    }
 }
 
 pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
@@ -543,6 +579,7 @@ fn chain_dyn(e: &dyn std::error::Error) -> String {
 /// `poststop`) with the OCI state of container `id` (init `pid`).
 pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
     use libcontainer::container::{ContainerStatus, State};
+    let _pipe = SigpipeToEpipe::install();
     let Some(h) = spec.hooks().as_ref() else {
         return Ok(());
     };

@@ -257,6 +257,7 @@ impl Runtime {
             owner: owner_name(),
             annotations: bundle.annotations,
             cgroup_path: created.cgroup_path,
+            owned_dir: None,
         };
         if let Err(e) = st.save(&dir) {
             core::cleanup_failed(&self.root, &opts.id);
@@ -401,6 +402,17 @@ impl Runtime {
             self.check(st, if force { Op::ForceDelete } else { Op::Delete })?;
         }
         core::delete(&dir, id, force)?;
+        unmount_under(&dir);
+        if let Some(owned) = st.as_ref().and_then(|s| s.owned_dir.as_ref()) {
+            unmount_under(owned);
+            if owned.exists() {
+                fs::remove_dir_all(owned).map_err(|source| RuntimeError::Io {
+                    op: "remove the container's private filesystem",
+                    path: owned.clone(),
+                    source,
+                })?;
+            }
+        }
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|source| RuntimeError::Io {
                 op: "remove container directory",
@@ -523,6 +535,24 @@ pub struct ResourceOverrides {
     pub cpuset_cpus: Option<String>,
     pub cpuset_mems: Option<String>,
     pub blkio_weight: Option<u16>,
+}
+
+/// Unmounts every mount at or below `dir` (deepest first): the overlay and
+/// volumes of a container restored onto a private filesystem live there.
+pub fn unmount_under(dir: &Path) {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 /// Parses a signal by name (`TERM`, `SIGTERM`, case-insensitive) or number.

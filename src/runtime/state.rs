@@ -146,6 +146,10 @@ pub struct ContainerState {
     /// Cgroup path of the container as given to the cgroup manager.
     #[serde(default)]
     pub cgroup_path: PathBuf,
+    /// A directory created for this container (overlay, volumes, bundle of a
+    /// restored copy) that `delete` unmounts and removes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_dir: Option<PathBuf>,
 }
 
 impl ContainerState {

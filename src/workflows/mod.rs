@@ -1,6 +1,7 @@
 //! Workflows that combine the runtime, CRIU and the snapshot store: checkpoint
 //! into the store, restore from it (with the host compatibility check).
 
+pub mod fstree;
 pub mod host;
 pub mod prewarm;
 pub mod serve;

@@ -273,6 +273,9 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
             tags: o.tags.clone(),
             compress_level: o.compress_level,
             progress: o.progress,
+            ignore_rootfs: false,
+            ignore_volumes: false,
+            exclude: Vec::new(),
         },
     )?;
     let checkpoint_time = t2.elapsed();

@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::snapshot::{checkpoint_to_store, Staging, TaggedCheckpoint};
+use super::snapshot::{
+    checkpoint_to_store, new_generation, prepare, restore_prepared, Identity, Prepared,
+    TaggedCheckpoint,
+};
 use super::{Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, RestoreOptions};
 use crate::runtime::{netns, Runtime, Status};
-use crate::store::{SnapshotId, Store};
+use crate::store::Store;
 
 pub struct ServeOptions {
     pub from: String,
@@ -64,9 +67,11 @@ struct Shared {
     rt: Runtime,
     store: Store,
     o: ServeOptions,
-    /// Image directory restores read (the snapshot materialised once).
-    image: Mutex<(SnapshotId, PathBuf)>,
-    bundle: PathBuf,
+    /// The snapshot materialised once; restores read it.
+    prepared: Mutex<Arc<Prepared>>,
+    /// Bundle for cold starts (and restores of snapshots without a filesystem).
+    bundle: Option<PathBuf>,
+    generation: String,
     copies: Mutex<Vec<Copy>>,
     changed: Condvar,
     counters: Counters,
@@ -74,7 +79,6 @@ struct Shared {
     next_copy: AtomicU64,
     shutdown: AtomicBool,
     in_flight: AtomicU64,
-    _staging: Mutex<Vec<Staging>>,
 }
 
 impl Shared {
@@ -158,18 +162,33 @@ impl Shared {
     fn spawn_copy(&self) -> std::result::Result<Copy, String> {
         let id = self.new_id();
         let t0 = Instant::now();
-        let image = self
-            .image
+        let p = self
+            .prepared
             .lock()
-            .map(|g| g.1.clone())
-            .map_err(|_| "image lock poisoned".to_string())?;
-        let r = self.rt.restore(&RestoreOptions {
-            id: id.clone(),
-            image_path: image,
-            bundle: self.bundle.clone(),
-            detach: true,
-            ..Default::default()
-        });
+            .map(|g| g.clone())
+            .map_err(|_| "snapshot lock poisoned".to_string())?;
+        let ident = Identity {
+            generation: self.generation.clone(),
+            index: self.next_copy.load(Ordering::Relaxed) as usize,
+            snapshot: p.sid.short(),
+        };
+        let bundle = if p.manifest.is_some() {
+            None
+        } else {
+            self.bundle.as_deref()
+        };
+        let r = restore_prepared(
+            &self.rt,
+            &self.store,
+            &p,
+            &RestoreOptions {
+                id: id.clone(),
+                detach: true,
+                ..Default::default()
+            },
+            bundle,
+            &ident,
+        );
         match r {
             Ok(_) => {
                 self.counters.restores.fetch_add(1, Ordering::Relaxed);
@@ -208,10 +227,14 @@ impl Shared {
 
     fn cold_start(&self, id: &str) -> std::result::Result<Copy, String> {
         let t0 = Instant::now();
+        let bundle = self
+            .bundle
+            .clone()
+            .ok_or_else(|| "cold start needs a bundle: pass --bundle".to_string())?;
         let st = Command::new(&self.o.self_exe)
             .args(&self.o.global_args)
             .args(["run", "-d", "-b"])
-            .arg(&self.bundle)
+            .arg(&bundle)
             .arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -219,10 +242,7 @@ impl Shared {
             .status()
             .map_err(|e| format!("cold start: {e}"))?;
         if !st.success() {
-            return Err(format!(
-                "cold start of {} failed ({st})",
-                self.bundle.display()
-            ));
+            return Err(format!("cold start of {} failed ({st})", bundle.display()));
         }
         let pid = self.rt.load(id).map(|s| s.pid).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -470,6 +490,9 @@ impl Shared {
                     tags: vec![tag.clone()],
                     compress_level: 3,
                     progress: false,
+                    ignore_rootfs: false,
+                    ignore_volumes: false,
+                    exclude: Vec::new(),
                 },
             );
             match r {
@@ -498,29 +521,12 @@ impl Shared {
 
     /// Materialises `name` and makes later restores use it.
     fn switch_image(&self, name: &str) -> std::result::Result<(), String> {
-        let (sid, dir, staging) = materialize(&self.store, name).map_err(|e| e.to_string())?;
-        if let Ok(mut g) = self.image.lock() {
-            *g = (sid, dir);
-        }
-        if let Ok(mut s) = self._staging.lock() {
-            s.push(staging);
+        let p = prepare(&self.rt, &self.store, name, false, false).map_err(|e| e.to_string())?;
+        if let Ok(mut g) = self.prepared.lock() {
+            *g = Arc::new(p);
         }
         Ok(())
     }
-}
-
-fn materialize(store: &Store, name: &str) -> Result<(SnapshotId, PathBuf, Staging)> {
-    let sid = store.resolve(name)?;
-    let cfg = store.config(&sid)?;
-    let need = cfg
-        .get("sizes")
-        .and_then(|s| s.get("image_bytes"))
-        .and_then(|v| v.as_u64())
-        .unwrap_or(1 << 30);
-    let staging = Staging::new(store.root(), need)?;
-    let dir = staging.path().join("image");
-    store.materialize(&sid, &dir, false)?;
-    Ok((sid, dir, staging))
 }
 
 /// Runs the server until SIGTERM/SIGINT; then finishes in-flight connections and
@@ -535,20 +541,23 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
         path: PathBuf::from("serve"),
         source: e.into(),
     })?;
-    let (sid, image, staging) = materialize(&store, &o.from)?;
-    let cfg = store.config(&sid)?;
-    let bundle = match &o.bundle {
-        Some(b) => b.clone(),
-        None => cfg
-            .get("metadata")
-            .and_then(|m| m.get("bundle"))
+    let p = prepare(&rt, &store, &o.from, false, false)?;
+    for w in &p.warnings {
+        eprintln!("stasis: warning: {w}");
+    }
+    let sid = p.sid;
+    let bundle = o.bundle.clone().or_else(|| {
+        p.meta
+            .get("bundle")
             .and_then(|b| b.as_str())
             .map(PathBuf::from)
             .filter(|b| b.join("config.json").is_file())
-            .ok_or_else(|| WorkflowError::NoBundle {
-                snapshot: sid.short(),
-            })?,
-    };
+    });
+    if p.manifest.is_none() && bundle.is_none() {
+        return Err(WorkflowError::NoBundle {
+            snapshot: sid.short(),
+        });
+    }
     let listener = TcpListener::bind(o.listen).map_err(|source| WorkflowError::Io {
         op: "listen on",
         path: PathBuf::from(o.listen.to_string()),
@@ -564,8 +573,9 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
     let shared = Arc::new(Shared {
         rt,
         store,
-        image: Mutex::new((sid, image)),
+        prepared: Mutex::new(Arc::new(p)),
         bundle,
+        generation: new_generation(),
         copies: Mutex::new(Vec::new()),
         changed: Condvar::new(),
         counters: Counters::default(),
@@ -573,7 +583,6 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
         next_copy: AtomicU64::new(0),
         shutdown: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
-        _staging: Mutex::new(vec![staging]),
         o,
     });
     shared.log(

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::{host, Result, WorkflowError};
+use super::{fstree, host, Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, CriuStats, RestoreOptions};
 use crate::runtime::Runtime;
 use crate::store::{IngestOptions, IngestReport, SnapshotId, SnapshotInput, Store};
@@ -72,6 +72,78 @@ pub struct TaggedCheckpoint {
     pub tags: Vec<String>,
     pub compress_level: i32,
     pub progress: bool,
+    /// Do not capture the root filesystem / the writable bind-mounted volumes.
+    pub ignore_rootfs: bool,
+    pub ignore_volumes: bool,
+    /// Container paths not to capture.
+    pub exclude: Vec<PathBuf>,
+}
+
+/// The trees to capture: the rootfs and every writable bind mount of a directory.
+fn fs_sources(
+    t: &TaggedCheckpoint,
+    bundle: &Path,
+    rootfs: &Path,
+    config_json: &[u8],
+) -> Vec<fstree::Source> {
+    let spec: serde_json::Value = serde_json::from_slice(config_json).unwrap_or_default();
+    let excl = |dest: &str| -> Vec<PathBuf> {
+        t.exclude
+            .iter()
+            .filter_map(|x| x.strip_prefix(dest).ok().map(Path::to_path_buf))
+            .filter(|x| !x.as_os_str().is_empty())
+            .collect()
+    };
+    let mut out = Vec::new();
+    if !t.ignore_rootfs {
+        out.push(fstree::Source {
+            role: "rootfs",
+            dest: "/".into(),
+            path: rootfs.to_path_buf(),
+            exclude: excl("/"),
+        });
+    }
+    if t.ignore_volumes {
+        return out;
+    }
+    for m in spec
+        .get("mounts")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let opts: Vec<&str> = m
+            .get("options")
+            .and_then(|o| o.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let is_bind = m.get("type").and_then(|v| v.as_str()) == Some("bind")
+            || opts.iter().any(|o| *o == "bind" || *o == "rbind");
+        if !is_bind || opts.contains(&"ro") {
+            continue;
+        }
+        let (Some(dest), Some(src)) = (
+            m.get("destination").and_then(|v| v.as_str()),
+            m.get("source").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        let src = if Path::new(src).is_absolute() {
+            PathBuf::from(src)
+        } else {
+            bundle.join(src)
+        };
+        if !src.is_dir() || t.exclude.iter().any(|x| x == Path::new(dest)) {
+            continue;
+        }
+        out.push(fstree::Source {
+            role: "volume",
+            dest: dest.to_string(),
+            path: src,
+            exclude: excl(dest),
+        });
+    }
+    out
 }
 
 pub struct CheckpointResult {
@@ -105,7 +177,25 @@ pub fn checkpoint_to_store(
     opts.image_path = img.clone();
     opts.work_path = Some(work);
     let t0 = Instant::now();
-    let stats = rt.checkpoint(&opts)?;
+    // The filesystem is captured right after the dump, while the container is
+    // still frozen (or already stopped), so files and memory agree.
+    let sources = fs_sources(t, &st.bundle, &st.rootfs, &config_json);
+    let mut fs_info = serde_json::Value::Null;
+    let mut capture_ms = 0;
+    let stats = rt.checkpoint_with(&opts, &mut |_| {
+        if sources.is_empty() {
+            return Ok(());
+        }
+        let c0 = Instant::now();
+        let m = fstree::capture(&sources, &img).map_err(|e| crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}")))?;
+        capture_ms = c0.elapsed().as_millis();
+        fs_info = json!({
+            "files": m.files(),
+            "bytes": m.bytes(),
+            "trees": m.trees.iter().map(|t| json!({"role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len()})).collect::<Vec<_>>(),
+        });
+        Ok(())
+    })?;
     let dump_ms = t0.elapsed().as_millis();
     let criu_version = rt.criu_version().unwrap_or_default();
     let mut host_record = host::record();
@@ -128,7 +218,8 @@ pub fn checkpoint_to_store(
         "host": host_record,
         "bundle": st.bundle,
         "rootfs": st.rootfs,
-        "timings_ms": {"dump": dump_ms},
+        "filesystem": fs_info,
+        "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms},
     });
     let t1 = Instant::now();
     let report = store
@@ -163,10 +254,15 @@ pub fn checkpoint_to_store(
 pub struct RestoreFrom {
     pub from: String,
     pub restore: RestoreOptions,
-    /// Bundle given on the command line; else the one recorded in the snapshot.
+    /// Bundle given on the command line; else the one recorded in the snapshot
+    /// (or, when the snapshot carries its filesystem, its own config.json).
     pub bundle: Option<PathBuf>,
     pub force: bool,
     pub progress: bool,
+    /// Number of copies; ids are `{restore.id}` for one copy, else
+    /// `{name_prefix}-{i}` (or `{restore.id}-{i}`).
+    pub copies: usize,
+    pub name_prefix: Option<String>,
 }
 
 pub struct RestoreFromResult {
@@ -176,22 +272,38 @@ pub struct RestoreFromResult {
     pub materialize_ms: u128,
     pub restore_ms: u128,
     pub warnings: Vec<String>,
+    /// Ids of the restored copies.
+    pub restored: Vec<String>,
+    pub generation: String,
 }
 
-/// `restore --from NAME NEWID`: check compatibility, materialise the verified
-/// image into staging, restore through the plain restore path, drop staging.
-pub fn restore_from_store(
+/// A snapshot materialised and checked, ready to be restored any number of times.
+pub struct Prepared {
+    pub sid: SnapshotId,
+    pub image: PathBuf,
+    pub manifest: Option<fstree::Manifest>,
+    pub meta: serde_json::Value,
+    pub config_json: Vec<u8>,
+    pub warnings: Vec<String>,
+    pub materialize_ms: u128,
+    _staging: Staging,
+}
+
+/// Resolves, checks compatibility and materialises the verified image.
+pub fn prepare(
     rt: &Runtime,
     store: &Store,
-    r: &RestoreFrom,
-) -> Result<RestoreFromResult> {
-    let sid = store.resolve(&r.from)?;
+    from: &str,
+    force: bool,
+    progress: bool,
+) -> Result<Prepared> {
+    let sid = store.resolve(from)?;
     let cfg = store.config(&sid)?;
     let meta = cfg.get("metadata").cloned().unwrap_or_default();
     let mut warnings = Vec::new();
     let mismatches = host::compare(meta.get("host"), &rt.criu_version().unwrap_or_default());
     if !mismatches.is_empty() {
-        if r.force {
+        if force {
             for m in &mismatches {
                 warnings.push(format!("ignoring (--force): {m}"));
             }
@@ -202,17 +314,6 @@ pub fn restore_from_store(
             });
         }
     }
-    let bundle = match &r.bundle {
-        Some(b) => b.clone(),
-        None => meta
-            .get("bundle")
-            .and_then(|b| b.as_str())
-            .map(PathBuf::from)
-            .filter(|b| b.join("config.json").is_file())
-            .ok_or_else(|| WorkflowError::NoBundle {
-                snapshot: sid.short(),
-            })?,
-    };
     let need = cfg
         .get("sizes")
         .and_then(|s| s.get("image_bytes"))
@@ -221,24 +322,361 @@ pub fn restore_from_store(
     let staging = Staging::new(store.root(), need)?;
     let img = staging.path().join("image");
     let t0 = Instant::now();
-    store.materialize(&sid, &img, r.progress)?;
+    store.materialize(&sid, &img, progress)?;
     let materialize_ms = t0.elapsed().as_millis();
-    let mut opts = r.restore.clone();
-    opts.image_path = img;
-    opts.bundle = bundle;
-    let detach = opts.detach;
+    let manifest = fstree::read_manifest(&img)?;
+    let config_json = store.config_json(&sid)?;
+    Ok(Prepared {
+        sid,
+        image: img,
+        manifest,
+        meta,
+        config_json,
+        warnings,
+        materialize_ms,
+        _staging: staging,
+    })
+}
+
+/// Who a restored copy is: exposed to it as /.stasis/identity.json, as env vars of
+/// exec'd processes (STASIS_GENERATION, STASIS_COPY_INDEX, STASIS_SNAPSHOT,
+/// STASIS_CONTAINER_ID) and to its poststart hooks.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub generation: String,
+    pub index: usize,
+    pub snapshot: String,
+}
+
+impl Identity {
+    fn env(&self, id: &str) -> Vec<String> {
+        vec![
+            format!("STASIS_GENERATION={}", self.generation),
+            format!("STASIS_COPY_INDEX={}", self.index),
+            format!("STASIS_SNAPSHOT={}", self.snapshot),
+            format!("STASIS_CONTAINER_ID={id}"),
+        ]
+    }
+}
+
+/// A fresh random generation id (16 hex digits).
+pub fn new_generation() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    hex::encode(b)
+}
+
+/// The read-only, verified base of a snapshot's root filesystem under the store's
+/// cache, materialised once (under an exclusive flock) and shared by every copy.
+fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
+    let Some(manifest) = &p.manifest else {
+        return Err(WorkflowError::Prewarm("snapshot has no filesystem".into()));
+    };
+    let dir = store
+        .root()
+        .join("cache")
+        .join("fs")
+        .join(p.sid.to_string().replace(':', "-"));
+    let done = dir.join(".complete");
+    if done.exists() {
+        return Ok(dir.join("rootfs"));
+    }
+    fs::create_dir_all(&dir).map_err(|source| WorkflowError::Io {
+        op: "create cache directory",
+        path: dir.clone(),
+        source,
+    })?;
+    let lock_path = dir.join(".lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| WorkflowError::Io {
+            op: "open lock",
+            path: lock_path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| WorkflowError::Io {
+            op: "lock",
+            path: lock_path.clone(),
+            source: e.into(),
+        })
+        .and_then(|_guard| {
+            if done.exists() {
+                return Ok(());
+            }
+            let Some(root_index) = manifest.trees.iter().position(|t| t.role == "rootfs") else {
+                return Err(WorkflowError::Prewarm(
+                    "snapshot filesystem has no rootfs tree".into(),
+                ));
+            };
+            let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&tmp);
+            fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), &tmp)?;
+            let target = dir.join("rootfs");
+            let _ = fs::remove_dir_all(&target);
+            fs::rename(&tmp, &target).map_err(|source| WorkflowError::Io {
+                op: "publish cached rootfs",
+                path: target.clone(),
+                source,
+            })?;
+            fs::write(&done, b"").map_err(|source| WorkflowError::Io {
+                op: "mark cached rootfs complete",
+                path: done.clone(),
+                source,
+            })
+        })?;
+    Ok(dir.join("rootfs"))
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
+    let path = path.to_path_buf();
+    move |source| WorkflowError::Io { op, path, source }
+}
+
+/// Gives container `id` a private filesystem: an overlay on the cached base, its
+/// own copy of every volume, and a bundle whose config points at them.
+/// Returns (bundle dir, owned dir).
+fn private_fs(
+    rt: &Runtime,
+    store: &Store,
+    p: &Prepared,
+    id: &str,
+    config_json: &[u8],
+    ident: &Identity,
+) -> Result<(PathBuf, PathBuf)> {
+    let base = ensure_base(store, p)?;
+    let manifest = p
+        .manifest
+        .as_ref()
+        .ok_or_else(|| WorkflowError::Prewarm("no filesystem".into()))?;
+    let owned = rt.root().join(".copies").join(id);
+    if owned.exists() {
+        return Err(WorkflowError::Io {
+            op: "create private filesystem",
+            path: owned,
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        });
+    }
+    let (upper, work, merged) = (
+        owned.join("upper"),
+        owned.join("work"),
+        owned.join("merged"),
+    );
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).map_err(io_err("create", d))?;
+    }
+    let result = (|| -> Result<PathBuf> {
+        // The identity file, visible at /.stasis/identity.json.
+        let idir = upper.join(".stasis");
+        fs::create_dir_all(&idir).map_err(io_err("create", &idir))?;
+        let ijson = json!({
+            "generation": ident.generation, "copy_index": ident.index,
+            "snapshot": ident.snapshot, "container_id": id,
+        });
+        fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io_err("write", &idir))?;
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            base.display(),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| WorkflowError::Io {
+            op: "mount overlay at",
+            path: merged.clone(),
+            source: e.into(),
+        })?;
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(config_json).map_err(|e| WorkflowError::Io {
+                op: "parse the snapshot's config.json for",
+                path: owned.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        cfg["root"]["path"] = json!(merged);
+        // Volumes: each copy gets its own, materialised from the snapshot.
+        let data = p.image.join(fstree::DATA_FILE);
+        for (i, t) in manifest.trees.iter().enumerate() {
+            if t.role != "volume" {
+                continue;
+            }
+            let vdir = owned.join("volumes").join(i.to_string());
+            fstree::materialize(manifest, i, &data, &vdir)?;
+            if let Some(mounts) = cfg.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+                for m in mounts.iter_mut() {
+                    if m.get("destination").and_then(|d| d.as_str()) == Some(t.dest.as_str()) {
+                        m["source"] = json!(vdir);
+                    }
+                }
+            }
+        }
+        if let Some(env) = cfg
+            .get_mut("process")
+            .and_then(|p| p.get_mut("env"))
+            .and_then(|e| e.as_array_mut())
+        {
+            env.retain(|v| !v.as_str().is_some_and(|s| s.starts_with("STASIS_")));
+            env.extend(ident.env(id).into_iter().map(serde_json::Value::from));
+        }
+        let bdir = owned.join("bundle");
+        fs::create_dir_all(&bdir).map_err(io_err("create", &bdir))?;
+        let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| WorkflowError::Io {
+            op: "encode config.json in",
+            path: bdir.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        fs::write(bdir.join("config.json"), bytes).map_err(io_err("write", &bdir))?;
+        Ok(bdir)
+    })();
+    match result {
+        Ok(b) => Ok((b, owned)),
+        Err(e) => {
+            let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir_all(&owned);
+            Err(e)
+        }
+    }
+}
+
+/// Restores one copy from a prepared snapshot. Returns CRIU's stats.
+pub fn restore_prepared(
+    rt: &Runtime,
+    store: &Store,
+    p: &Prepared,
+    opts: &RestoreOptions,
+    bundle: Option<&Path>,
+    ident: &Identity,
+) -> Result<CriuStats> {
+    let mut opts = opts.clone();
+    opts.image_path = p.image.clone();
     opts.detach = true;
+    if p.manifest.is_some() {
+        let cfg = match bundle {
+            Some(b) => fs::read(b.join("config.json")).map_err(io_err("read config.json of", b))?,
+            None => p.config_json.clone(),
+        };
+        let (bdir, owned) = private_fs(rt, store, p, &opts.id, &cfg, ident)?;
+        opts.bundle = bdir;
+        opts.owned_dir = Some(owned.clone());
+        match rt.restore(&opts) {
+            Ok((_, stats)) => Ok(stats),
+            Err(e) => {
+                crate::runtime::unmount_under(&owned);
+                let _ = fs::remove_dir_all(&owned);
+                Err(e.into())
+            }
+        }
+    } else {
+        opts.bundle = match bundle {
+            Some(b) => b.to_path_buf(),
+            None => p
+                .meta
+                .get("bundle")
+                .and_then(|b| b.as_str())
+                .map(PathBuf::from)
+                .filter(|b| b.join("config.json").is_file())
+                .ok_or_else(|| WorkflowError::NoBundle {
+                    snapshot: p.sid.short(),
+                })?,
+        };
+        Ok(rt.restore(&opts)?.1)
+    }
+}
+
+/// `restore --from NAME NEWID [--copies N]`: prepare once, restore each copy (in
+/// parallel), drop staging, wait when not detached (one copy only).
+pub fn restore_from_store(
+    rt: &Runtime,
+    store: &Store,
+    r: &RestoreFrom,
+) -> Result<RestoreFromResult> {
+    let p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    let generation = new_generation();
+    let n = r.copies.max(1);
+    let ids: Vec<String> = if n == 1 && r.name_prefix.is_none() {
+        vec![r.restore.id.clone()]
+    } else {
+        let prefix = r
+            .name_prefix
+            .clone()
+            .unwrap_or_else(|| r.restore.id.clone());
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
     let t1 = Instant::now();
-    let (_, stats) = rt.restore(&opts)?;
+    let results: Vec<Result<CriuStats>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let p = &p;
+                let generation = &generation;
+                scope.spawn(move || {
+                    let mut o = r.restore.clone();
+                    o.id = id.clone();
+                    let ident = Identity {
+                        generation: generation.clone(),
+                        index: i,
+                        snapshot: p.sid.short(),
+                    };
+                    restore_prepared(rt, store, p, &o, r.bundle.as_deref(), &ident)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(WorkflowError::Prewarm("restore thread panicked".into()))
+                })
+            })
+            .collect()
+    });
     let restore_ms = t1.elapsed().as_millis();
-    drop(staging);
-    let exit_code = if detach { 0 } else { rt.wait(&opts.id)? };
+    let mut stats = CriuStats::default();
+    let mut restored = Vec::new();
+    let mut first_err = None;
+    for (id, res) in ids.iter().zip(results) {
+        match res {
+            Ok(s) => {
+                stats = s;
+                restored.push(id.clone());
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        // All or nothing: remove the copies that did come up.
+        for id in &restored {
+            let _ = rt.delete(id, true);
+        }
+        return Err(e);
+    }
+    let exit_code = if r.restore.detach || restored.len() != 1 {
+        0
+    } else {
+        rt.wait(&restored[0])?
+    };
     Ok(RestoreFromResult {
-        id: sid,
+        id: p.sid,
         exit_code,
         stats,
-        materialize_ms,
+        materialize_ms: p.materialize_ms,
         restore_ms,
-        warnings,
+        warnings: p.warnings.clone(),
+        restored,
+        generation,
     })
 }

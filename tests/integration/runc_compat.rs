@@ -420,3 +420,51 @@ fn spec_matches_runc() {
         assert_ne!(ro.code, Some(0));
     }
 }
+
+/// `SigBlk` and `SigIgn` of /proc/self/status, without signals 32 and 33: glibc
+/// reserves them (SIGCANCEL, SIGSETXID), and what a runtime inherits for them from
+/// its own parent differs between Go and Rust/glibc processes.
+fn signal_masks(status: &str) -> (u64, u64) {
+    let field = |name: &str| -> u64 {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status:?}"));
+        u64::from_str_radix(line.trim(), 16).unwrap() & !(0b11 << 31)
+    };
+    (field("SigBlk:"), field("SigIgn:"))
+}
+
+#[test]
+fn container_signal_dispositions_match_runc() {
+    // Nothing stasis does with signals (forwarding, SIGPIPE) may leak into the
+    // container: no blocked signals, and ignored ones only where runc has them too
+    // (both pass on what their own parent ignores, and sh as pid 1 ignores QUIT).
+    requires!(root, busybox, runc);
+    let p = Pair::new("csig");
+    let show = "grep -E '^Sig(Blk|Ign)' /proc/self/status";
+    let b = p.stasis.bundle("b", &["sh", "-c", show]);
+    let (sid, rid) = (unique_id("csig-s"), unique_id("csig-r"));
+    let _gs = p.stasis.guard(&sid);
+    let _gr = p.runc.guard(&rid);
+    let s = p
+        .stasis
+        .run(&["run", "--bundle", b.to_str().unwrap(), &sid])
+        .ok();
+    let r = p
+        .runc
+        .run(&["run", "--bundle", b.to_str().unwrap(), &rid])
+        .ok();
+    let (s, r) = (signal_masks(&s.stdout), signal_masks(&r.stdout));
+    assert_eq!(s.0, 0, "run: blocked signals {:#x}", s.0);
+    assert_eq!(s, r, "run: (blocked, ignored) stasis vs runc");
+
+    let b2 = p.stasis.bundle("b2", &["sleep", "100"]);
+    let _g = p.create_both(&b2);
+    p.same_outcome(&["start"], true);
+    let s = p.stasis.ok(&["exec", &p.sid, "sh", "-c", show]);
+    let r = p.runc.ok(&["exec", &p.rid, "sh", "-c", show]);
+    let (s, r) = (signal_masks(&s.stdout), signal_masks(&r.stdout));
+    assert_eq!(s.0, 0, "exec: blocked signals {:#x}", s.0);
+    assert_eq!(s, r, "exec: (blocked, ignored) stasis vs runc");
+}

@@ -87,7 +87,7 @@ pub(crate) fn diff(store: &Store, a: &SnapshotId, b: &SnapshotId) -> Result<Diff
             _ => FileChange::Changed,
         };
         let mut pages = None;
-        if ra.map_or(true, |r| r.kind == KIND_PAGES) && rb.map_or(true, |r| r.kind == KIND_PAGES) {
+        if ra.is_none_or(|r| r.kind == KIND_PAGES) && rb.is_none_or(|r| r.kind == KIND_PAGES) {
             let ta = match ra {
                 Some(r) => page_table(store, r)?,
                 None => Vec::new(),

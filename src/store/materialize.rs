@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::config::{FileRecord, SnapshotConfig, KIND_FILE, KIND_PAGES};
 use super::error::{io_err, Result, StoreError};
 use super::ids::{BlobDigest, PageDigest, SnapshotId};
 use super::layout::{self, Manifest};
-use super::pack::{self, PackIndex, FRAME_PAGES, PAGE_SIZE};
+use super::pack::{self, PackIndex, PAGE_SIZE};
 use super::pagetable;
 use super::util;
 use super::Store;
@@ -74,16 +75,20 @@ impl PackSet {
     }
 
     /// Decompresses a frame and checks each page against the pack index.
-    fn decode(&self, pack_no: u32, frame: u32) -> std::result::Result<DecodedFrame, String> {
+    fn decode(
+        &self,
+        dec: &mut zstd::bulk::Decompressor<'static>,
+        pack_no: u32,
+        frame: u32,
+    ) -> std::result::Result<DecodedFrame, String> {
         let (_, file) = &self.packs[pack_no as usize];
         let idx = &self.indexes[pack_no as usize];
         let fr = idx.frames[frame as usize];
         let mut src = vec![0u8; fr.clen as usize];
         std::os::unix::fs::FileExt::read_exact_at(file, &mut src, fr.offset)
             .map_err(|e| format!("cannot read the frame at pack offset {}: {e}", fr.offset))?;
-        let mut dec = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?;
         let mut data = Vec::new();
-        pack::decode_frame(&mut dec, &src, fr.pages, &mut data)
+        pack::decode_frame(dec, &src, fr.pages, &mut data)
             .map_err(|e| format!("{e} (frame at pack offset {})", fr.offset))?;
         let first = idx.first_page[frame as usize] as usize;
         let good = (0..fr.pages as usize)
@@ -106,6 +111,12 @@ struct DecodedFrame {
 }
 
 type FrameKey = (u32, u32);
+
+/// Digest of a page of zeros (14% of a real pages file, STORE.md).
+pub(crate) fn zero_page_digest() -> PageDigest {
+    static ZERO: std::sync::OnceLock<PageDigest> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| PageDigest::of(&[0u8; PAGE_SIZE]))
+}
 
 pub(crate) fn materialize(
     store: &Store,
@@ -249,29 +260,71 @@ fn write_pages_file(
         .open(&partial)
         .map_err(io_err("create", &partial))?;
 
-    // A writer thread hashes and writes while this one decodes the next batch.
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(2);
+    // Three stages overlap: this thread decodes and assembles batch k+2 while a
+    // hasher thread hashes batch k+1 and a writer thread writes batch k. Buffers
+    // circulate so no batch touches fresh memory.
+    let (to_hash, hash_rx) = mpsc::sync_channel::<Batch>(1);
+    let (to_write, write_rx) = mpsc::sync_channel::<Batch>(1);
+    let (free_tx, free_rx) = mpsc::sync_channel::<Batch>(4);
     let (digest, written) = std::thread::scope(|s| -> Result<([u8; 32], u64)> {
-        let writer = s.spawn(|| -> Result<([u8; 32], u64)> {
-            let mut file = io::BufWriter::with_capacity(1 << 20, file);
+        let partial = &partial;
+        let hasher = s.spawn(move || -> ([u8; 32], u64) {
             let mut h = Sha256::new();
             let mut n = 0u64;
-            for buf in rx {
-                h.update(&buf);
-                n += buf.len() as u64;
-                file.write_all(&buf).map_err(io_err("write", &partial))?;
+            for b in hash_rx {
+                h.update(&b.data);
+                n += b.data.len() as u64;
+                if to_write.send(b).is_err() {
+                    break;
+                }
             }
-            file.flush().map_err(io_err("write", &partial))?;
-            Ok((h.finalize().into(), n))
+            (h.finalize().into(), n)
         });
-        let produced = produce(packs, &table.digests, rec.size, &tx, bar, &corrupt);
-        drop(tx);
-        let written = match writer.join() {
+        let writer = s.spawn(move || -> Result<()> {
+            // Zero pages are left as holes: less to copy, and they read as zeros.
+            let mut offset = 0u64;
+            for b in write_rx {
+                let mut i = 0;
+                while i < b.zero.len() {
+                    let start = i;
+                    let z = b.zero[i];
+                    while i < b.zero.len() && b.zero[i] == z {
+                        i += 1;
+                    }
+                    let from = start * PAGE_SIZE;
+                    let to = (i * PAGE_SIZE).min(b.data.len());
+                    if !z {
+                        file.write_all_at(&b.data[from..to], offset + from as u64)
+                            .map_err(io_err("write", partial))?;
+                    }
+                }
+                offset += b.data.len() as u64;
+                let _ = free_tx.try_send(b);
+            }
+            file.set_len(offset).map_err(io_err("truncate", partial))?;
+            Ok(())
+        });
+        let produced = produce(
+            packs,
+            &table.digests,
+            rec.size,
+            &to_hash,
+            &free_rx,
+            bar,
+            &corrupt,
+        );
+        drop(to_hash);
+        let hashed = match hasher.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        let wrote = match writer.join() {
             Ok(r) => r,
             Err(p) => std::panic::resume_unwind(p),
         };
         produced?;
-        written
+        wrote?;
+        Ok(hashed)
     })?;
     if written != rec.size || hex::encode(digest) != rec.sha256 {
         return Err(corrupt(
@@ -287,17 +340,27 @@ fn write_pages_file(
     Ok(())
 }
 
-/// Assembles the file batch by batch and sends the bytes to the writer.
+/// A run of verified file bytes on its way to the hasher and writer.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    /// Per page: it is the zero page (written as a hole).
+    zero: Vec<bool>,
+}
+
+/// Assembles the file batch by batch and sends the bytes to the hasher.
 fn produce(
     packs: &PackSet,
     digests: &[PageDigest],
     size: u64,
-    tx: &mpsc::SyncSender<Vec<u8>>,
+    tx: &mpsc::SyncSender<Batch>,
+    free: &mpsc::Receiver<Batch>,
     bar: &indicatif::ProgressBar,
     corrupt: &dyn Fn(u64, String, String) -> StoreError,
 ) -> Result<()> {
     let mut cache: HashMap<FrameKey, Arc<std::result::Result<DecodedFrame, String>>> =
         HashMap::new();
+    let zero = zero_page_digest();
     for (b, batch) in digests.chunks(BATCH_PAGES).enumerate() {
         let base = (b * BATCH_PAGES) as u64;
         let mut locs = Vec::with_capacity(batch.len());
@@ -305,6 +368,10 @@ fn produce(
         let mut next: HashMap<FrameKey, Arc<std::result::Result<DecodedFrame, String>>> =
             HashMap::new();
         for (i, d) in batch.iter().enumerate() {
+            if *d == zero {
+                locs.push(None);
+                continue;
+            }
             let Some(&(p, f, s)) = packs.map.get(d) else {
                 return Err(corrupt(
                     (base + i as u64) * PAGE_SIZE as u64,
@@ -312,49 +379,71 @@ fn produce(
                     format!("page {d} is in none of the snapshot's packs"),
                 ));
             };
-            locs.push((p, f, s));
-            if !next.contains_key(&(p, f)) {
+            locs.push(Some((p, f, s)));
+            if let std::collections::hash_map::Entry::Vacant(slot) = next.entry((p, f)) {
                 match cache.remove(&(p, f)) {
                     Some(fr) => {
-                        next.insert((p, f), fr);
+                        slot.insert(fr);
                     }
                     None if !need.contains(&(p, f)) => need.push((p, f)),
                     None => {}
                 }
             }
         }
-        let decoded = util::par_map(&need, || (), |_, &(p, f)| packs.decode(p, f));
+        let decoded = util::par_map(
+            &need,
+            zstd::bulk::Decompressor::new,
+            |dec, &(p, f)| match dec {
+                Ok(dec) => packs.decode(dec, p, f),
+                Err(e) => Err(format!("zstd: {e}")),
+            },
+        );
         for (k, fr) in need.into_iter().zip(decoded) {
             next.insert(k, Arc::new(fr));
         }
         cache = next;
 
-        let mut out = Vec::with_capacity(batch.len() * PAGE_SIZE);
-        for (i, &(p, f, s)) in locs.iter().enumerate() {
+        let mut b = free.try_recv().unwrap_or_default();
+        b.data.clear();
+        b.data.reserve(batch.len() * PAGE_SIZE);
+        b.zero.clear();
+        let out = &mut b.data;
+        for (i, loc) in locs.iter().enumerate() {
             let offset = (base + i as u64) * PAGE_SIZE as u64;
-            let blob = packs.packs[p as usize].0.to_string();
+            let len = (size - offset).min(PAGE_SIZE as u64) as usize;
+            b.zero.push(loc.is_none());
+            let Some((p, f, s)) = *loc else {
+                // The zero page: its content is known, nothing to read or check.
+                out.resize(out.len() + len, 0);
+                continue;
+            };
+            let blob = || packs.packs[p as usize].0.to_string();
             let fr = match cache.get(&(p, f)).map(|a| a.as_ref()) {
                 Some(Ok(fr)) => fr,
-                Some(Err(e)) => return Err(corrupt(offset, blob, e.clone())),
-                None => return Err(corrupt(offset, blob, "internal: frame not decoded".into())),
+                Some(Err(e)) => return Err(corrupt(offset, blob(), e.clone())),
+                None => {
+                    return Err(corrupt(
+                        offset,
+                        blob(),
+                        "internal: frame not decoded".into(),
+                    ))
+                }
             };
             if !fr.good[s as usize] {
                 return Err(corrupt(
                     offset,
-                    blob,
+                    blob(),
                     format!("page digest mismatch (frame at pack offset {})", fr.offset),
                 ));
             }
-            let len = (size - offset).min(PAGE_SIZE as u64) as usize;
             out.extend_from_slice(&fr.data[s as usize * PAGE_SIZE..s as usize * PAGE_SIZE + len]);
         }
         bar.inc(out.len() as u64);
-        if tx.send(out).is_err() {
+        if tx.send(b).is_err() {
             // The writer failed; its error is reported by the caller.
             return Ok(());
         }
     }
-    debug_assert!(FRAME_PAGES > 0);
     Ok(())
 }
 

@@ -172,12 +172,26 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
     let p = Paths {
         root: root.to_path_buf(),
     };
-    if entries.is_empty() {
+    // Empty, or left half-created by a crash or by a concurrent `open`: (finish)
+    // create it.
+    let ours = |n: &String| {
+        [
+            OCI_LAYOUT, INDEX_JSON, "blobs", TMP, CACHE, LOCK, INDEX_LOCK,
+        ]
+        .contains(&n.as_str())
+    };
+    if entries.iter().all(ours) && !(root.join(OCI_LAYOUT).exists() && p.index().exists()) {
         for d in [p.blobs(), p.tmp(), p.cache()] {
             fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
         }
-        write_atomic(&p, &root.join(OCI_LAYOUT), OCI_LAYOUT_CONTENT.as_bytes())?;
-        write_index(&p, &Index::empty())?;
+        // Two processes may create the same store at once: only one writes.
+        let _lock = index_lock(root)?;
+        if !root.join(OCI_LAYOUT).exists() {
+            write_atomic(&p, &root.join(OCI_LAYOUT), OCI_LAYOUT_CONTENT.as_bytes())?;
+        }
+        if !p.index().exists() {
+            write_index(&p, &Index::empty())?;
+        }
         return Ok(());
     }
     let layout = root.join(OCI_LAYOUT);
@@ -225,10 +239,24 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
             }
         }
         // A crash during creation: finish it.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => write_index(&p, &Index::empty())?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let _lock = index_lock(root)?;
+            if !p.index().exists() {
+                write_index(&p, &Index::empty())?;
+            }
+        }
         Err(e) => return Err(io_err("stat", &p.index())(e)),
     }
     Ok(())
+}
+
+fn index_lock(root: &Path) -> Result<super::lock::Flock> {
+    super::lock::Flock::acquire(
+        &root.join(INDEX_LOCK),
+        super::lock::Mode::Exclusive,
+        super::DEFAULT_LOCK_TIMEOUT,
+        "it is creating the store",
+    )
 }
 
 pub(crate) fn read_index(p: &Paths) -> Result<Index> {

@@ -11,6 +11,9 @@ use super::ids::PageDigest;
 use super::pack::PAGE_SIZE;
 
 const WHAT: &str = "page table";
+/// Largest pages file a table may describe (bounds what a hostile table can make
+/// us allocate).
+const MAX_FILE_SIZE: u64 = 1 << 40;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PageTable {
@@ -46,6 +49,13 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<PageTable> {
     let (Some(file_size), Some(count)) = (c.u64(), c.u64()) else {
         return Err(format_err(WHAT, path, "short header"));
     };
+    if file_size > MAX_FILE_SIZE {
+        return Err(format_err(
+            WHAT,
+            path,
+            format!("file size {file_size} is beyond the 1 TiB limit"),
+        ));
+    }
     if count != pages_for(file_size) {
         return Err(format_err(
             WHAT,

@@ -424,17 +424,13 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
     let ids = store.update_index(|idx| {
         let existing = catalog::entries(idx);
         let mut ids = Vec::new();
-        for ((d, tag), (_, m)) in roots.iter().zip(&manifests) {
+        for ((d, tag), (md, m)) in roots.iter().zip(&manifests) {
             let Some(id) = d.snapshot_id() else { continue };
             let root = match existing.iter().find(|e| e.id == id) {
                 Some(e) => e.descriptor.clone(),
                 None => {
                     // Annotations from the verified manifest, not from the archive's index.
-                    let mut r = Descriptor::new(
-                        layout::MT_MANIFEST,
-                        &d.blob().unwrap_or(BlobDigest([0; 32])),
-                        d.size,
-                    );
+                    let mut r = Descriptor::new(layout::MT_MANIFEST, md, d.size);
                     r.artifact_type = Some(layout::ARTIFACT_TYPE.into());
                     for k in [
                         layout::A_ID,

@@ -157,3 +157,17 @@ fn tag_move_and_remove() {
         "{e}"
     );
 }
+
+#[test]
+fn concurrent_opens_of_a_new_store_agree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("s");
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| Store::open(&root))).collect();
+        for h in hs {
+            h.join().expect("thread").expect("open");
+        }
+    });
+    let s = Store::open(&root).expect("reopen");
+    assert!(s.verify(true).expect("verify").is_empty());
+}

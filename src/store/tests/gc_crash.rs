@@ -185,3 +185,67 @@ fn prune_keeps_tagged_newest_and_recent() {
     assert!(fx.store.verify(true).expect("verify").is_empty());
     assert!(fx.store.prune(None, None, false).is_err());
 }
+
+/// Run by `concurrent_ingests_from_two_processes` in a child process.
+#[test]
+#[ignore = "helper: runs only as a child of concurrent_ingests_from_two_processes"]
+fn child_ingest_helper() {
+    let (Some(root), Some(image), Some(tag)) = (
+        std::env::var_os("STASIS_TEST_STORE"),
+        std::env::var_os("STASIS_TEST_IMAGE"),
+        std::env::var("STASIS_TEST_TAG").ok(),
+    ) else {
+        return;
+    };
+    let store = Store::open(Path::new(&root)).expect("open");
+    store
+        .ingest(
+            SnapshotInput {
+                image_dir: Path::new(&image),
+                config_json: CONFIG_JSON,
+                container_id: "child",
+                metadata: serde_json::Value::Null,
+                tags: vec![tag],
+            },
+            &IngestOptions::default(),
+        )
+        .expect("child ingest");
+}
+
+#[test]
+fn concurrent_ingests_from_two_processes() {
+    let fx = Fixture::new();
+    let exe = std::env::current_exe().expect("test binary");
+    let children: Vec<_> = (0..2)
+        .map(|i| {
+            let img = fx.image(&format!("img{i}"), 80 + i, 256);
+            std::process::Command::new(&exe)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "store::tests::gc_crash::child_ingest_helper",
+                    "--test-threads=1",
+                ])
+                .env("STASIS_TEST_STORE", fx.store.root())
+                .env("STASIS_TEST_IMAGE", &img)
+                .env("STASIS_TEST_TAG", format!("p{i}"))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn child")
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().expect("wait").success());
+    }
+    assert_eq!(fx.store.list().expect("list").len(), 2);
+    assert!(fx.store.verify(true).expect("verify").is_empty());
+    for i in 0..2 {
+        let id = fx.store.resolve(&format!("p{i}")).expect("tag");
+        let out = fx.path(&format!("out{i}"));
+        fx.store.materialize(&id, &out, false).expect("materialize");
+        assert_eq!(
+            dir_contents(&out),
+            dir_contents(&fx.path(&format!("img{i}")))
+        );
+    }
+}

@@ -9,6 +9,9 @@
 //! - `STASIS_BIN`: the stasis binary (default `target/release/stasis`)
 //! - `RUNC_BIN`, `CRUN_BIN`: override where runc / crun are looked up
 //! - `BENCH_CRUN=0`: leave crun out even when it is installed
+//! - `BENCH_EXTRA=name=/path,...`: more binaries to interleave (A/B of stasis builds)
+//! - `BENCH_STATE_DIR`: where the `--root` directories go (default: under /run when
+//!   it is tmpfs, as in production; else next to the bundle, on disk)
 //!
 //! Wall time is measured around spawn..wait of the runtime command. CPU time is
 //! user+sys of everything the runtime and its own waited-for children used (the
@@ -28,7 +31,7 @@ const DEFAULT_ITERS: usize = 40;
 const DEFAULT_WARMUP: usize = 3;
 
 struct Runtime {
-    name: &'static str,
+    name: String,
     bin: PathBuf,
     /// Mount namespace to run in (crun on a hybrid cgroup host, see `probe_crun`).
     mnt_ns: Option<Arc<OwnedFd>>,
@@ -40,12 +43,12 @@ struct Runtime {
 }
 
 impl Runtime {
-    fn new(name: &'static str, bin: PathBuf, tmp: &Path) -> Self {
+    fn new(name: &str, bin: PathBuf, state_dir: &Path, index: usize) -> Self {
         Self {
-            name,
+            name: name.to_string(),
             bin,
             mnt_ns: None,
-            root: tmp.join(format!("root-{name}")),
+            root: state_dir.join(format!("root-{index}")),
             ids: Vec::new(),
             wall: Vec::new(),
             cpu: Vec::new(),
@@ -258,6 +261,57 @@ fn warn_if_stale(bin: &Path, src: &Path) {
     }
 }
 
+/// `BENCH_EXTRA=name=/path/bin,...`: more runc-compatible binaries to measure
+/// alongside (e.g. a stasis built with other settings, for an A/B comparison).
+fn extra_bins() -> Result<Vec<(String, PathBuf)>, String> {
+    let Ok(v) = std::env::var("BENCH_EXTRA") else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|item| {
+            let (name, path) = item
+                .split_once('=')
+                .ok_or_else(|| format!("BENCH_EXTRA item {item:?}: expected NAME=PATH"))?;
+            let path = PathBuf::from(path.trim());
+            if !is_executable(&path) {
+                return Err(format!(
+                    "BENCH_EXTRA {name}: {} is not executable",
+                    path.display()
+                ));
+            }
+            Ok((name.trim().to_string(), path))
+        })
+        .collect()
+}
+
+/// Where the runtimes keep container state: `BENCH_STATE_DIR` when set, else under
+/// /run when it is tmpfs (where runc, crun and stasis keep it by default), else
+/// next to the bundle. State on a disk file system makes every fsync real.
+fn state_dir(fallback: &Path) -> Result<tempfile::TempDir, String> {
+    let base = match std::env::var_os("BENCH_STATE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None if is_tmpfs(Path::new("/run")) => PathBuf::from("/run"),
+        None => fallback.to_path_buf(),
+    };
+    tempfile::Builder::new()
+        .prefix("stasis-bench-state-")
+        .tempdir_in(&base)
+        .map_err(|e| format!("cannot create a state directory in {}: {e}", base.display()))
+}
+
+fn is_tmpfs(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct; `c` is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
 fn build_bundle(manifest: &Path, bundle: &Path) -> Result<(), String> {
     let script = manifest.join("images/busybox/build");
     let out = Command::new(&script)
@@ -398,6 +452,7 @@ fn bench() -> Result<(), String> {
         return Ok(());
     }
     let stasis = stasis_bin(&manifest)?;
+    let extra = extra_bins()?;
     let crun = if std::env::var("BENCH_CRUN").as_deref() == Ok("0") {
         None
     } else {
@@ -410,14 +465,21 @@ fn bench() -> Result<(), String> {
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let bundle = tmp.path().join("bundle");
     build_bundle(&manifest, &bundle)?;
+    let state = state_dir(tmp.path())?;
+    println!("run_true: state roots in {}", state.path().display());
 
     // Dropped before `tmp` (declared later), so containers go before their roots.
     let mut guard = Cleanup(vec![
-        Runtime::new("stasis", stasis, tmp.path()),
-        Runtime::new("runc", runc, tmp.path()),
+        Runtime::new("stasis", stasis, state.path(), 0),
+        Runtime::new("runc", runc, state.path(), 1),
     ]);
+    for (name, bin) in extra {
+        let i = guard.0.len();
+        guard.0.push(Runtime::new(&name, bin, state.path(), i));
+    }
     if let Some(c) = crun {
-        guard.0.push(Runtime::new("crun", c, tmp.path()));
+        let i = guard.0.len();
+        guard.0.push(Runtime::new("crun", c, state.path(), i));
         if let Err(e) = probe_crun(guard.0.last_mut().unwrap(), &bundle) {
             println!("run_true: crun left out: {e}");
             guard.0.last_mut().unwrap().cleanup();
@@ -433,7 +495,7 @@ fn bench() -> Result<(), String> {
         // Rotate who goes first, so no runtime always follows the same one.
         for k in 0..n {
             let rt = &mut guard.0[(i + k) % n];
-            let id = format!("bench-{tag}-{}-{i}", rt.name);
+            let id = format!("bench-{tag}-{}-{i}", (i + k) % n);
             let (wall, cpu) = rt.run_once(&bundle, id)?;
             if i >= warmup {
                 rt.wall.push(wall);
@@ -443,6 +505,9 @@ fn bench() -> Result<(), String> {
     }
     report(&guard.0, iters);
     drop(guard);
+    state
+        .close()
+        .map_err(|e| format!("cannot remove the state directory: {e}"))?;
     tmp.close()
         .map_err(|e| format!("cannot remove the temporary directory: {e}"))?;
     Ok(())
@@ -466,7 +531,7 @@ fn probe_crun(rt: &mut Runtime, bundle: &Path) -> Result<(), String> {
         format!("{err}; and no mount namespace without the cgroup2 mount could be made: {e}")
     })?;
     rt.mnt_ns = Some(Arc::new(ns));
-    rt.name = "crun*";
+    rt.name = "crun*".into();
     rt.run_once(bundle, format!("{id}-v1"))
         .map_err(|e| format!("{err}; and with cgroup v1 only: {e}"))?;
     println!(

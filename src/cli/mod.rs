@@ -18,7 +18,10 @@ use clap::{Parser, Subcommand, ValueEnum};
     name = "stasis",
     version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.0.2-dev\nlibcontainer: 0.7.0"),
     about = "An OCI container runtime built around warm starts (runc-compatible)",
-    disable_help_subcommand = true
+    disable_help_subcommand = true,
+    // Go-flag clients repeat flags (podman 4.3 sends `checkpoint ... --leave-running
+    // ... --leave-running`); runc takes the last, so do we.
+    args_override_self = true
 )]
 pub struct Cli {
     /// Directory for container state (tmpfs recommended)
@@ -189,6 +192,66 @@ impl Logger {
     }
 }
 
+/// `--debug`: library debug output (libcontainer's tracing) goes where runc's goes,
+/// to the `--log` file when there is one (never stderr, which podman's exec shows to
+/// the user), in runc's JSON line shape with `--log-format json` (a line of any other
+/// shape in log.json makes containerd's shim drop the error it looks for).
+fn init_debug_log(path: Option<&PathBuf>, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::new("debug");
+    let file = path.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let Some(file) = file else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return;
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file));
+    let _ = match format {
+        LogFormat::Json => builder.event_format(RuncJson).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Formats tracing events as runc's JSON log lines: `{"level","msg","time"}`.
+struct RuncJson;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for RuncJson
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::fmt::FormatFields as _;
+        let mut msg = String::new();
+        ctx.format_fields(
+            tracing_subscriber::fmt::format::Writer::new(&mut msg),
+            event,
+        )?;
+        let level = event.metadata().level().as_str().to_ascii_lowercase();
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        writeln!(
+            writer,
+            "{}",
+            serde_json::json!({"level": level, "msg": msg, "time": time})
+        )
+    }
+}
+
 /// Parses `args`, runs the command and returns the process exit code.
 pub fn main(args: Vec<OsString>) -> i32 {
     let cli = match Cli::try_parse_from(normalise_args(args)) {
@@ -200,11 +263,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         }
     };
     if cli.debug {
-        let filter = tracing_subscriber::EnvFilter::new("debug");
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
+        init_debug_log(cli.log.as_ref(), cli.log_format);
     }
     let mut logger = Logger::new(cli.log.as_ref(), cli.log_format, cli.debug);
     match oci::dispatch(&cli, &mut logger) {

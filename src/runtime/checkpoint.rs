@@ -187,9 +187,19 @@ fn external_mounts(
     bundle: &Path,
     restore: bool,
     rootfs_pid: Option<i32>,
+    cgroup_path: &Path,
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for m in spec.mounts().as_deref().unwrap_or_default() {
+        if m.typ().as_deref() == Some("cgroup") {
+            out.extend(cgroup_v1_mounts(
+                m.destination(),
+                restore,
+                rootfs_pid,
+                cgroup_path,
+            ));
+            continue;
+        }
         if !is_bind(m) {
             continue;
         }
@@ -245,6 +255,82 @@ fn external_mounts(
             }
             out.push((d.clone(), d));
         }
+    }
+    out
+}
+
+/// Mount entries of `/proc/<pid>/mountinfo` as (mount point, fs type, super options).
+fn mountinfo(pid: &str) -> Vec<(String, String, String)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mp = pre.split_whitespace().nth(4)?.to_string();
+            let mut post = post.split_whitespace();
+            let fstype = post.next()?.to_string();
+            let _source = post.next();
+            let sopts = post.next().unwrap_or_default().to_string();
+            Some((mp, fstype, sopts))
+        })
+        .collect()
+}
+
+/// A `cgroup` mount of the spec (podman's `/sys/fs/cgroup`) is, on cgroup v1, one
+/// bind mount per hierarchy (`DEST/<hierarchy dir>`) of a host cgroup directory
+/// whose root CRIU cannot see ("doesn't have a proper root mount"): each one is an
+/// external mount, as runc's `getCgroupMounts` makes them. On dump the keys are the
+/// container's mount points; on restore each maps to the host hierarchy joined with
+/// the restored container's cgroup or, for named hierarchies (name=systemd) where
+/// the container has no cgroup of its own, the restorer's (libcontainer binds the
+/// same on create).
+fn cgroup_v1_mounts(
+    dest: &Path,
+    restore: bool,
+    pid: Option<i32>,
+    cgroup_path: &Path,
+) -> Vec<(String, String)> {
+    if !restore {
+        let Some(pid) = pid else {
+            return Vec::new();
+        };
+        return mountinfo(&pid.to_string())
+            .into_iter()
+            .filter(|(mp, fstype, _)| fstype == "cgroup" && Path::new(mp).starts_with(dest))
+            .map(|(mp, _, _)| (mp.clone(), mp))
+            .collect();
+    }
+    let own = cgroup_path
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .to_string();
+    let self_cgroups = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut out = Vec::new();
+    for (mp, fstype, sopts) in mountinfo("self") {
+        // Only the host's hierarchies, not other mounts of the same cgroup
+        // filesystems (a concurrent CRIU's cgroup yard under its work dir is
+        // visible here and must not be picked).
+        if fstype != "cgroup" || Path::new(&mp).parent() != Some(Path::new("/sys/fs/cgroup")) {
+            continue;
+        }
+        let Some(name) = Path::new(&mp).file_name() else {
+            continue;
+        };
+        let named = sopts.split(',').find_map(|o| o.strip_prefix("name="));
+        let rel = match named {
+            Some(n) => self_cgroups
+                .lines()
+                .find_map(|l| {
+                    let mut p = l.splitn(3, ':');
+                    let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+                    (c == format!("name={n}")).then(|| path.trim_start_matches('/').to_string())
+                })
+                .unwrap_or_default(),
+            None => own.clone(),
+        };
+        out.push((
+            dest.join(name).display().to_string(),
+            Path::new(&mp).join(rel).display().to_string(),
+        ));
     }
     out
 }
@@ -428,7 +514,7 @@ impl Runtime {
             opts.status_fd = Some(fd);
             keep.push(fd);
         }
-        for (k, v) in external_mounts(&spec, &st.bundle, false, Some(pid)) {
+        for (k, v) in external_mounts(&spec, &st.bundle, false, Some(pid), &st.cgroup_path) {
             let mut m = rpc::Ext_mount_map::new();
             m.key = Some(k);
             m.val = Some(v);
@@ -670,7 +756,7 @@ impl Runtime {
             opts.empty_ns = Some(empty);
         }
         opts.orphan_pts_master = Some(o.console_socket.is_some());
-        for (k, v) in external_mounts(spec, &bundle.path, true, None) {
+        for (k, v) in external_mounts(spec, &bundle.path, true, None, &cgroup_path) {
             let mut m = rpc::Ext_mount_map::new();
             m.key = Some(k);
             m.val = Some(v);

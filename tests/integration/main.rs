@@ -17,3 +17,5 @@ mod errors;
 mod lifecycle;
 mod runc_compat;
 mod spec_options;
+mod store_flows;
+mod warm;

@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 
 use super::archive::ArchiveReader;
 use super::blob::{hash_file, BlobDir};
-use super::catalog;
 use super::config::{SnapshotConfig, KIND_FILE, KIND_PAGES};
 use super::ids::{BlobDigest, PageDigest};
 use super::layout::{self, Descriptor, Manifest};
@@ -535,7 +534,6 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
             g.1.push(t.to_string());
         }
     }
-    let ids: Vec<_> = catalog::entries(&index).into_iter().map(|e| e.id).collect();
     for (desc, tags) in groups.values() {
         match desc.snapshot_id() {
             Some(id) => c.check_manifest(desc, &label_for(&id.to_string(), tags)),
@@ -555,7 +553,6 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
             }
         }
     }
-    let _ = ids;
 
     // Store-wide leftovers.
     let mut unref = (0u64, 0u64);

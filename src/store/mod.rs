@@ -124,6 +124,12 @@ pub struct SnapshotSummary {
     pub added_bytes: u64,
 }
 
+/// Checks a tag `NAME[:VER]` and returns its normal form (`NAME` means
+/// `NAME:latest`), without touching any store.
+pub fn normalize_tag(tag: &str) -> std::result::Result<String, StoreError> {
+    catalog::normalize_tag(tag)
+}
+
 impl Store {
     /// Opens the store at `root`, creating the layout if the directory is missing or
     /// empty. A non-empty directory that is not a store is refused.

@@ -281,6 +281,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
         lsm_mount_context: a.lsm_mount_context.clone(),
         flags: (&a.shared).into(),
         owned_dir: None,
+        null_stdio: false,
     };
     if let Some(from) = &a.from {
         let store = Store::open(store)?;

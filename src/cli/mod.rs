@@ -252,6 +252,20 @@ where
     }
 }
 
+/// The error and its causes on one line, skipping a cause whose text the message
+/// already contains (our error types quote their source in their message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 /// Parses `args`, runs the command and returns the process exit code.
 pub fn main(args: Vec<OsString>) -> i32 {
     let cli = match Cli::try_parse_from(normalise_args(args)) {
@@ -269,7 +283,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
     match oci::dispatch(&cli, &mut logger) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = error_chain(&e);
             logger.log("error", &msg);
             if logger.file.is_some() {
                 // runc prints fatal errors on stderr as well as in the log file.

@@ -180,13 +180,15 @@ pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
         }
         SnapshotCmd::Gc { dry_run } => {
             let r = store.gc(*dry_run)?;
+            let (dirs, cache_bytes) = crate::workflows::snapshot::gc_fs_cache(store, *dry_run)?;
             let verb = if *dry_run { "would remove" } else { "removed" };
             writeln!(
                 out,
-                "{verb} {} blob(s), {} temp file(s), freeing {}",
+                "{verb} {} blob(s), {} temp file(s), {} cached root filesystem(s), freeing {}",
                 r.blobs_removed,
                 r.tmp_removed,
-                human(r.bytes_freed)
+                dirs,
+                human(r.bytes_freed + cache_bytes)
             )?;
         }
         SnapshotCmd::Prune {
@@ -198,6 +200,7 @@ pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
                 bail!("prune needs --keep-last N and/or --keep-within DURATION");
             }
             let removed = store.prune(*keep_last, *keep_within, *dry_run)?;
+            crate::workflows::snapshot::gc_fs_cache(store, *dry_run)?;
             let verb = if *dry_run { "would forget" } else { "forgot" };
             for id in &removed {
                 writeln!(out, "{verb} {}", id.short())?;

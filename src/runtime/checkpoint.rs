@@ -99,6 +99,10 @@ pub struct RestoreOptions {
     /// A directory the restored container owns (its overlay, volumes, bundle):
     /// `delete` unmounts and removes it.
     pub owned_dir: Option<PathBuf>,
+    /// Give the restored tree fresh pipes in place of the stdio pipes it had at
+    /// dump time (stdin at EOF, output drained and dropped), instead of our own
+    /// stdio: for a server restoring copies on behalf of others.
+    pub null_stdio: bool,
 }
 
 /// CRIU's statistics of one dump or restore (`stats-dump` / `stats-restore`).
@@ -774,14 +778,34 @@ impl Runtime {
             if !d.starts_with("pipe:") {
                 continue;
             }
-            let fd = nix::fcntl::fcntl(i as RawFd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
-                .map_err(|e| RuntimeError::Io {
-                    op: "duplicate stdio descriptor",
-                    path: PathBuf::from(format!("/proc/self/fd/{i}")),
-                    source: e.into(),
+            let fd: OwnedFd = if o.null_stdio {
+                // Fresh pipes (CRIU can dump a pipe, not a host file): stdin reads
+                // EOF, stdout/stderr are drained and dropped by a thread of ours.
+                let (r, w) = std::io::pipe().map_err(|source| RuntimeError::Io {
+                    op: "create stdio pipe for",
+                    path: PathBuf::from(&o.id),
+                    source,
                 })?;
-            // SAFETY: fcntl just returned this new descriptor; we own it.
-            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                if i == 0 {
+                    drop(w);
+                    OwnedFd::from(r)
+                } else {
+                    std::thread::spawn(move || {
+                        let mut r = r;
+                        let _ = std::io::copy(&mut r, &mut std::io::sink());
+                    });
+                    OwnedFd::from(w)
+                }
+            } else {
+                let fd = nix::fcntl::fcntl(i as RawFd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
+                    .map_err(|e| RuntimeError::Io {
+                        op: "duplicate stdio descriptor",
+                        path: PathBuf::from(format!("/proc/self/fd/{i}")),
+                        source: e.into(),
+                    })?;
+                // SAFETY: fcntl just returned this new descriptor; we own it.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            };
             let mut inh = rpc::Inherit_fd::new();
             inh.key = Some(d.clone());
             inh.fd = Some(fd.as_raw_fd());
@@ -896,6 +920,23 @@ impl Runtime {
 /// A failed restore removes the container's directory and with it CRIU's log in
 /// the default work directory (`<root>/<id>/criu`), which the error names: copy the
 /// log to the temp directory and name that copy instead.
+/// Copies the CRIU log an error names to `$TMPDIR/stasis-<what>-<id>.log` and
+/// points the error there, for logs in directories that are about to be removed.
+pub fn keep_failed_log_as(e: &mut RuntimeError, what: &str, id: &str) {
+    let RuntimeError::Criu(
+        CriuError::Failed { log, .. }
+        | CriuError::Died { log, .. }
+        | CriuError::Timeout { log, .. },
+    ) = e
+    else {
+        return;
+    };
+    let dst = std::env::temp_dir().join(format!("stasis-{what}-{id}.log"));
+    if fs::copy(&*log, &dst).is_ok() {
+        *log = dst.display().to_string();
+    }
+}
+
 fn keep_failed_log(e: &mut RuntimeError, id: &str) {
     let RuntimeError::Criu(
         CriuError::Failed { log, .. }

@@ -175,6 +175,9 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
 /// Removes whatever a failed create left: processes, cgroup, the container directory.
 pub fn cleanup_failed(root: &Path, id: &str) {
     let dir = root.join(id);
+    // A restore killed midway leaves the rootfs bind-mounted under the container
+    // directory: unmount before removing anything, or the rootfs would go too.
+    super::unmount_under(&dir);
     let _ = delete_retrying_cgroup(&dir, true);
     let _ = fs::remove_dir_all(&dir);
 }

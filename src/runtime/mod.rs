@@ -388,9 +388,15 @@ impl Runtime {
         let st = match self.load(id) {
             Ok(st) => Some(st),
             Err(RuntimeError::NotFound { .. }) if force => {
-                // Maybe a half-created directory without our state: clean it.
+                // Maybe a half-created (or half-restored) container without our
+                // state: clean its directory and its private filesystem.
                 if dir.exists() {
                     core::cleanup_failed(&self.root, id);
+                }
+                let copy = self.root.join(".copies").join(id);
+                if copy.exists() {
+                    unmount_under(&copy);
+                    let _ = fs::remove_dir_all(&copy);
                 }
                 lock.remove_file();
                 return Ok(());

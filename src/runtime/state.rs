@@ -199,7 +199,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RuntimeError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    // Unique per write: several threads of one process may write the same file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
     let io = |op: &'static str, p: &Path| {
         let p = p.to_path_buf();
         move |source| RuntimeError::Io {

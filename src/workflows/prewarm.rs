@@ -161,6 +161,9 @@ fn stasis_cmd(o: &PrewarmOptions) -> Command {
 }
 
 pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<PrewarmResult> {
+    for tag in &o.tags {
+        crate::store::normalize_tag(tag)?;
+    }
     let t0 = Instant::now();
     // Run through a subprocess so the container's stdout/stderr are our pipe (CRIU
     // cannot dump a container writing to a host file; a pipe is remapped on restore).
@@ -238,6 +241,9 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
         std::thread::sleep(Duration::from_millis(50));
     }
     let cold_to_ready = t0.elapsed();
+    if matches!(o.ready, Probe::Tcp(_) | Probe::Http(_)) {
+        settle_connections(pid);
+    }
     let t1 = Instant::now();
     if let Some(cmd) = &o.warmup {
         let st = stasis_cmd(o)
@@ -290,6 +296,30 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     })
 }
 
+/// Waits (at most 2 s) until the probe's connections are gone from the
+/// container's network namespace: CRIU refuses to dump a connected TCP socket
+/// without --tcp-established, and a server may hold our closed probe connection
+/// for a moment (busybox httpd forks a handler per connection).
+fn settle_connections(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let busy = || {
+        ["tcp", "tcp6"].iter().any(|f| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+                .map(|t| {
+                    t.lines().skip(1).any(|l| {
+                        // st column: 0A LISTEN, 06 TIME_WAIT (no process holds it), 07 CLOSE
+                        let st = l.split_whitespace().nth(3).unwrap_or("0A");
+                        !matches!(st, "0A" | "06" | "07")
+                    })
+                })
+                .unwrap_or(false)
+        })
+    };
+    while busy() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn describe(p: &Probe) -> String {
     match p {
         Probe::Tcp(a) => format!("tcp:{a}"),
@@ -332,8 +362,9 @@ fn check_probe(o: &PrewarmOptions, pid: i32, tail: &OutputTail) -> std::result::
                 if msg.is_empty() {
                     msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
                 }
+                let sep = if msg.is_empty() { "" } else { ": " };
                 Err(format!(
-                    "{} exited with {}: {msg}",
+                    "{} exited with {}{sep}{msg}",
                     args.join(" "),
                     out.status
                 ))

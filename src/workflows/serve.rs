@@ -23,7 +23,7 @@ use super::snapshot::{
 use super::{Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, RestoreOptions};
 use crate::runtime::{netns, Runtime, Status};
-use crate::store::Store;
+use crate::store::{SnapshotId, Store};
 
 pub struct ServeOptions {
     pub from: String,
@@ -44,6 +44,8 @@ pub struct ServeOptions {
 struct Copy {
     id: String,
     pid: i32,
+    /// The snapshot it was restored from (None: started cold).
+    snapshot: Option<SnapshotId>,
     used: bool,
     active: usize,
     last_active: Instant,
@@ -153,14 +155,17 @@ impl Shared {
         let _ = crate::runtime::state::write_atomic(&self.o.stats_file, v.to_string().as_bytes());
     }
 
-    fn new_id(&self) -> String {
+    fn new_id(&self) -> (String, usize) {
         let n = self.next_copy.fetch_add(1, Ordering::Relaxed);
-        format!("serve-{}-{}-{n}", self.o.port, std::process::id())
+        (
+            format!("serve-{}-{}-{n}", self.o.port, std::process::id()),
+            n as usize,
+        )
     }
 
     /// Restores one copy; on failure with --fallback-cold, starts the bundle cold.
     fn spawn_copy(&self) -> std::result::Result<Copy, String> {
-        let id = self.new_id();
+        let (id, index) = self.new_id();
         let t0 = Instant::now();
         let p = self
             .prepared
@@ -169,7 +174,7 @@ impl Shared {
             .map_err(|_| "snapshot lock poisoned".to_string())?;
         let ident = Identity {
             generation: self.generation.clone(),
-            index: self.next_copy.load(Ordering::Relaxed) as usize,
+            index,
             snapshot: p.sid.short(),
         };
         let bundle = if p.manifest.is_some() {
@@ -184,6 +189,7 @@ impl Shared {
             &RestoreOptions {
                 id: id.clone(),
                 detach: true,
+                null_stdio: true,
                 ..Default::default()
             },
             bundle,
@@ -204,6 +210,7 @@ impl Shared {
                 Ok(Copy {
                     id,
                     pid,
+                    snapshot: Some(p.sid),
                     used: false,
                     active: 0,
                     last_active: Instant::now(),
@@ -265,6 +272,7 @@ impl Shared {
         Ok(Copy {
             id: id.to_string(),
             pid,
+            snapshot: None,
             used: false,
             active: 0,
             last_active: Instant::now(),
@@ -274,16 +282,20 @@ impl Shared {
     /// Picks the copy for a new connection: the live used copy with the fewest
     /// connections, else a ready pool copy, else a new restore.
     fn acquire(&self) -> std::result::Result<(String, i32), String> {
+        let current = self.prepared.lock().map(|p| p.sid).ok();
+        // Copies of the current snapshot (after a --persist, older ones hold stale
+        // state), or started cold.
+        let current_ok = |c: &Copy| c.snapshot.is_none() || c.snapshot == current;
         {
             let mut copies = self.copies.lock().map_err(|_| "poisoned".to_string())?;
             let used = copies
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.used)
+                .filter(|(_, c)| c.used && current_ok(c))
                 .min_by_key(|(_, c)| c.active)
                 .map(|(i, _)| i);
             let pick = used.or_else(|| {
-                let i = copies.iter().position(|c| !c.used)?;
+                let i = copies.iter().position(|c| !c.used && current_ok(c))?;
                 self.counters.pool_hits.fetch_add(1, Ordering::Relaxed);
                 Some(i)
             });
@@ -456,7 +468,7 @@ impl Shared {
                 }
                 self.retire(&id);
             }
-            if ready < self.o.pool && total < self.o.max {
+            if ready < self.o.pool && total < self.o.max && !self.shutdown.load(Ordering::Relaxed) {
                 match self.spawn_copy() {
                     Ok(c) => {
                         if let Ok(mut copies) = self.copies.lock() {
@@ -522,9 +534,32 @@ impl Shared {
     /// Materialises `name` and makes later restores use it.
     fn switch_image(&self, name: &str) -> std::result::Result<(), String> {
         let p = prepare(&self.rt, &self.store, name, false, false).map_err(|e| e.to_string())?;
+        let sid = p.sid;
         if let Ok(mut g) = self.prepared.lock() {
             *g = Arc::new(p);
         }
+        // Ready copies of the previous snapshot would serve stale state: drop them;
+        // the pool refills from the new one.
+        let stale: Vec<String> = match self.copies.lock() {
+            Ok(mut c) => {
+                let ids = c
+                    .iter()
+                    .filter(|x| !x.used && x.snapshot.is_some_and(|s| s != sid))
+                    .map(|x| x.id.clone())
+                    .collect::<Vec<_>>();
+                c.retain(|x| !ids.contains(&x.id));
+                ids
+            }
+            Err(_) => Vec::new(),
+        };
+        for id in stale {
+            let _ = self.rt.delete(&id, true);
+            self.log(
+                "copy-removed",
+                json!({"copy": id, "reason": "restored from a superseded snapshot"}),
+            );
+        }
+        self.changed.notify_all();
         Ok(())
     }
 }
@@ -541,6 +576,9 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
         path: PathBuf::from("serve"),
         source: e.into(),
     })?;
+    if let Some(t) = &o.persist {
+        crate::store::normalize_tag(t)?;
+    }
     let p = prepare(&rt, &store, &o.from, false, false)?;
     for w in &p.warnings {
         eprintln!("stasis: warning: {w}");

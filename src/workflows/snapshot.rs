@@ -162,6 +162,10 @@ pub fn checkpoint_to_store(
     t: &TaggedCheckpoint,
 ) -> Result<CheckpointResult> {
     let id = &t.checkpoint.id;
+    // A bad tag must not cost the container: check every tag before the dump.
+    for tag in &t.tags {
+        crate::store::normalize_tag(tag)?;
+    }
     let st = rt.load(id)?;
     let config_json =
         fs::read(st.bundle.join("config.json")).map_err(|source| WorkflowError::Io {
@@ -195,6 +199,11 @@ pub fn checkpoint_to_store(
             "trees": m.trees.iter().map(|t| json!({"role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len()})).collect::<Vec<_>>(),
         });
         Ok(())
+    });
+    // The staging directory goes away: keep the CRIU log the error names.
+    let stats = stats.map_err(|mut e| {
+        crate::runtime::checkpoint::keep_failed_log_as(&mut e, "checkpoint", id);
+        e
     })?;
     let dump_ms = t0.elapsed().as_millis();
     let criu_version = rt.criu_version().unwrap_or_default();
@@ -316,7 +325,7 @@ pub fn prepare(
     }
     let need = cfg
         .get("sizes")
-        .and_then(|s| s.get("image_bytes"))
+        .and_then(|s| s.get("imageBytes"))
         .and_then(|v| v.as_u64())
         .unwrap_or(1 << 30);
     let staging = Staging::new(store.root(), need)?;
@@ -679,4 +688,50 @@ pub fn restore_from_store(
         restored,
         generation,
     })
+}
+
+/// Removes cached root filesystems (`cache/fs/`) of snapshots that are no longer
+/// in the store, unless an overlay still uses them. Returns (dirs, bytes).
+pub fn gc_fs_cache(store: &Store, dry_run: bool) -> Result<(u64, u64)> {
+    let cache = store.root().join("cache").join("fs");
+    let Ok(entries) = fs::read_dir(&cache) else {
+        return Ok((0, 0));
+    };
+    let live: Vec<String> = store
+        .list()?
+        .iter()
+        .map(|s| s.id.to_string().replace(':', "-"))
+        .collect();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let (mut n, mut bytes) = (0, 0);
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if live.contains(&name) || mounts.contains(&format!("lowerdir={}", path.display())) {
+            continue;
+        }
+        let size: u64 = walk_size(&path);
+        if !dry_run {
+            fs::remove_dir_all(&path).map_err(io_err("remove cached rootfs", &path))?;
+        }
+        n += 1;
+        bytes += size;
+    }
+    Ok((n, bytes))
+}
+
+fn walk_size(p: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }

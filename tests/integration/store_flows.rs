@@ -1298,3 +1298,61 @@ fn restore_from_without_filesystem_uses_the_recorded_bundle_or_asks_for_one() {
     );
     sx.assert_carries_on(&id3, &before);
 }
+
+// ---------------------------------------------------------------------------
+// A full disk
+
+/// Unmounts the small tmpfs even when the test fails.
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_store_on_a_full_disk_fails_cleanly_and_stays_valid() {
+    let sx = setup!();
+    // A 4 MiB tmpfs as the store: the first snapshot (a few MiB of random data in
+    // the container's memory, ~1 MiB of busybox rootfs) cannot fit.
+    let store = sx.path("small-store");
+    fs::create_dir_all(&store).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a small tmpfs at {}", store.display());
+    let _m = TmpfsMount(store.clone());
+    let b = sx.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "head -c 8388608 /dev/urandom > /dev/shm/blob; i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done",
+        ],
+    );
+    let id = unique_id("sf-full");
+    let _g = sx.run_d(&b, &id);
+    std::thread::sleep(Duration::from_millis(800));
+    let out = sx.run_in(
+        &store,
+        &["checkpoint", "--leave-running", "--tag", "full", &id],
+    );
+    if let Some(st) = kept_staging(&out.stderr) {
+        let _ = fs::remove_dir_all(&st);
+    }
+    assert_fails(&out, &["No space left on device"]);
+    // The container went on running, the store holds no snapshot and verifies clean.
+    assert_eq!(sx.state(&id).unwrap()["status"], "running");
+    let ls = sx
+        .run_in(&store, &["snapshot", "ls", "--format", "json"])
+        .ok();
+    assert_eq!(ls.stdout.trim(), "[]", "{ls:#?}");
+    sx.run_in(&store, &["snapshot", "verify"]).ok();
+    // After gc the temp files of the failed ingest are gone.
+    sx.run_in(&store, &["snapshot", "gc"]).ok();
+    let tmp: Vec<String> = names_in(&store.join("tmp"));
+    assert!(tmp.is_empty(), "left in the store's tmp/: {tmp:?}");
+}

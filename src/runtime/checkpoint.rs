@@ -100,8 +100,8 @@ pub struct RestoreOptions {
     /// `delete` unmounts and removes it.
     pub owned_dir: Option<PathBuf>,
     /// Give the restored tree fresh pipes in place of the stdio pipes it had at
-    /// dump time (stdin at EOF, output drained and dropped), instead of our own
-    /// stdio: for a server restoring copies on behalf of others.
+    /// dump time (stdin at EOF, output drained by a detached `stasis __drain`),
+    /// instead of our own stdio: for a server restoring copies for others.
     pub null_stdio: bool,
 }
 
@@ -778,24 +778,21 @@ impl Runtime {
             if !d.starts_with("pipe:") {
                 continue;
             }
-            let fd: OwnedFd = if o.null_stdio {
-                // Fresh pipes (CRIU can dump a pipe, not a host file): stdin reads
-                // EOF, stdout/stderr are drained and dropped by a thread of ours.
-                let (r, w) = std::io::pipe().map_err(|source| RuntimeError::Io {
+            // Our own /dev/null (or, for a server, no stdio at all) cannot be
+            // handed over: the host's /dev/null is outside the container's mounts
+            // and the next dump would fail. A pipe can: at EOF for stdin,
+            // drained by a detached `stasis __drain` for output.
+            let fd: OwnedFd = if o.null_stdio || super::stdio::is_dev_null(i as RawFd) {
+                let r = if i == 0 {
+                    super::stdio::eof_pipe()
+                } else {
+                    super::stdio::drained_pipe()
+                };
+                r.map_err(|source| RuntimeError::Io {
                     op: "create stdio pipe for",
                     path: PathBuf::from(&o.id),
                     source,
-                })?;
-                if i == 0 {
-                    drop(w);
-                    OwnedFd::from(r)
-                } else {
-                    std::thread::spawn(move || {
-                        let mut r = r;
-                        let _ = std::io::copy(&mut r, &mut std::io::sink());
-                    });
-                    OwnedFd::from(w)
-                }
+                })?
             } else {
                 let fd = nix::fcntl::fcntl(i as RawFd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
                     .map_err(|e| RuntimeError::Io {

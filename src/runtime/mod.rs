@@ -13,6 +13,7 @@ mod foreground;
 pub mod info;
 pub mod netns;
 pub mod state;
+pub(crate) mod stdio;
 
 use std::collections::HashMap;
 use std::fs;
@@ -228,6 +229,15 @@ impl Runtime {
             });
         }
         let bundle = core::check_bundle(&opts.bundle)?;
+        // libcontainer 0.7 hands /dev/null stdio to the container read-only.
+        let _stdio = match std::env::current_exe() {
+            Ok(exe) => stdio::devnull_outputs_to_pipe(&exe).map_err(|source| RuntimeError::Io {
+                op: "replace /dev/null stdio with a pipe for",
+                path: opts.bundle.clone(),
+                source,
+            })?,
+            Err(_) => None,
+        };
         let created = match core::create(&self.root, opts, &bundle.path, detach) {
             Ok(c) => c,
             Err(e) => {

@@ -165,6 +165,56 @@ impl Criu {
         Ok(v)
     }
 
+    /// The binary's absolute path (a bare name is looked up in PATH).
+    pub fn resolved_bin(&self) -> Option<PathBuf> {
+        if self.bin.components().count() > 1 {
+            return Some(self.bin.clone());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_else(|| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        });
+        std::env::split_paths(&path)
+            .map(|d| d.join(&self.bin))
+            .find(|p| p.is_file())
+    }
+
+    /// `require_version`, remembered in `cache` (keyed by the binary's path,
+    /// inode, size and mtime) so that each checkpoint and restore does not spawn
+    /// CRIU once more just to ask its version.
+    pub fn require_version_cached(&self, cache: &Path) -> Result<Version> {
+        use std::os::unix::fs::MetadataExt;
+        let key = self.resolved_bin().and_then(|p| {
+            let m = fs::metadata(&p).ok()?;
+            Some(format!(
+                "{}\t{}\t{}\t{}",
+                p.display(),
+                m.ino(),
+                m.len(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000
+            ))
+        });
+        if let (Some(key), Ok(text)) = (&key, fs::read_to_string(cache)) {
+            if let Some((k, v)) = text.rsplit_once('\t') {
+                let parts: Vec<i32> = v.trim().split('.').filter_map(|x| x.parse().ok()).collect();
+                if k == key && parts.len() == 3 && (parts[0], parts[1]) >= MIN_VERSION {
+                    return Ok(Version {
+                        major: parts[0],
+                        minor: parts[1],
+                        sublevel: parts[2],
+                    });
+                }
+            }
+        }
+        let v = self.require_version()?;
+        if let Some(key) = key {
+            let tmp = cache.with_extension(format!("tmp.{}", std::process::id()));
+            if fs::write(&tmp, format!("{key}\t{v}")).is_ok() {
+                let _ = fs::rename(&tmp, cache);
+            }
+        }
+        Ok(v)
+    }
+
     /// FEATURE_CHECK for memory tracking (soft-dirty, needed by pre-dump) and
     /// lazy pages (userfaultfd). Returns (mem_track, lazy_pages).
     pub fn features(&self) -> Result<(bool, bool)> {

@@ -431,7 +431,7 @@ impl Runtime {
         let status = self.check(&st, Op::Checkpoint)?;
         let spec = load_spec(&st.bundle)?;
         let criu = self.criu();
-        criu.require_version()?;
+        criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
         if o.pre_dump || o.flags.lazy_pages {
             let (mem_track, lazy) = criu.features()?;
             if o.pre_dump && !mem_track {
@@ -538,10 +538,20 @@ impl Runtime {
 
         // Freeze through the cgroup freezer first: CRIU then finds the tree frozen
         // and skips its own (slow) ptrace-based freezing.
-        let froze = status == Status::Running;
-        if froze {
-            core::set_frozen(&self.dir(&o.id), &o.id, true)?;
-        }
+        // Freeze through the cgroup freezer at CRIU's `pre-dump` notification,
+        // right before it collects the tree: CRIU then finds the cgroup frozen and
+        // skips its freezer poll (100 ms steps), and its own start-up (kernel
+        // probing) stays outside the frozen window.
+        let freeze_wanted = status == Status::Running;
+        let froze = std::cell::Cell::new(false);
+        let cdir = self.dir(&o.id);
+        let mut on_notify = |n: Notify| -> Result<(), String> {
+            if freeze_wanted && !froze.get() && n.script == "pre-dump" {
+                core::set_frozen(&cdir, &o.id, true).map_err(|e| e.to_string())?;
+                froze.set(true);
+            }
+            Ok(())
+        };
         if let Some(fp) = freezer_path(pid) {
             opts.freeze_cgroup = Some(fp.display().to_string());
         }
@@ -554,10 +564,11 @@ impl Runtime {
             on_spawn: None,
         };
         let res = if o.pre_dump {
-            criu.pre_dump(opts, call, &mut |_| Ok(()))
+            criu.pre_dump(opts, call, &mut on_notify)
         } else {
-            criu.dump(opts, call, &mut |_| Ok(()))
+            criu.dump(opts, call, &mut on_notify)
         };
+        let froze = froze.get();
         let res = res.map_err(RuntimeError::from).and_then(|_| {
             if o.pre_dump {
                 Ok(())
@@ -611,7 +622,7 @@ impl Runtime {
                 )));
             }
             let criu = self.criu();
-            criu.require_version()?;
+            criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
             if o.flags.lazy_pages && !criu.features()?.1 {
                 return Err(CriuError::MissingFeature {
                     feature: "userfaultfd lazy pages, needed by --lazy-pages",

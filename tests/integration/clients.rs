@@ -285,6 +285,13 @@ fn flag_value<'a>(call: &'a [String], flag: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// podman tests run one at a time: a restore in one was seen SIGKILLed (CRIU:
+/// "killed by signal 9") while other podman tests ran beside it under heavy load.
+fn podman_serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 // ---------------------------------------------------------------------------
 // Teardown helpers shared by both clients
 
@@ -721,6 +728,7 @@ fn pid_of(pm: &Podman, name: &str) -> i64 {
 #[test]
 fn podman_run_exec_stop_rm() {
     requires_client!(PODMAN_TOOLS, false);
+    let _one_at_a_time = podman_serial();
     let pm = Podman::new();
     let id = pm.run_counter("c1");
     assert_eq!(pm.status("c1"), "running");
@@ -779,6 +787,7 @@ fn podman_run_exec_stop_rm() {
 #[test]
 fn podman_checkpoint_leave_running_with_flags() {
     requires_client!(PODMAN_TOOLS, true);
+    let _one_at_a_time = podman_serial();
     let pm = Podman::new();
     let id = pm.run_counter("c1");
     let before = pm.count_above("c1", 2);
@@ -827,6 +836,7 @@ fn podman_checkpoint_leave_running_with_flags() {
 #[test]
 fn podman_checkpoint_then_restore() {
     requires_client!(PODMAN_TOOLS, true);
+    let _one_at_a_time = podman_serial();
     let pm = Podman::new();
     let id = pm.run_counter("c1");
     // High enough that a container started afresh (counting from 1) would show less.
@@ -903,6 +913,7 @@ fn podman_checkpoint_then_restore() {
 #[test]
 fn podman_checkpoint_export_and_import_a_copy() {
     requires_client!(PODMAN_TOOLS, true);
+    let _one_at_a_time = podman_serial();
     let pm = Podman::new();
     pm.run_counter("c1");
     let before = pm.count_above("c1", 10);
@@ -972,6 +983,7 @@ fn podman_checkpoint_export_and_import_a_copy() {
 #[ignore = "blocked: libcontainer 0.7.0's tenant builder drops linux.seccomp, so exec'd processes run unfiltered; fixing it needs a patched libcontainer"]
 fn podman_exec_runs_under_the_container_seccomp_filter() {
     requires_client!(PODMAN_TOOLS, false);
+    let _one_at_a_time = podman_serial();
     let pm = Podman::new();
     pm.run_counter("c1");
     let init = pm.ok(&["exec", "c1", "grep", "^Seccomp:", "/proc/1/status"]);

@@ -230,14 +230,12 @@ impl Runtime {
         }
         let bundle = core::check_bundle(&opts.bundle)?;
         // libcontainer 0.7 hands /dev/null stdio to the container read-only.
-        let _stdio = match std::env::current_exe() {
-            Ok(exe) => stdio::devnull_outputs_to_pipe(&exe).map_err(|source| RuntimeError::Io {
+        let _stdio =
+            stdio::devnull_outputs_to_pipe(!detach).map_err(|source| RuntimeError::Io {
                 op: "replace /dev/null stdio with a pipe for",
                 path: opts.bundle.clone(),
                 source,
-            })?,
-            Err(_) => None,
-        };
+            })?;
         let created = match core::create(&self.root, opts, &bundle.path, detach) {
             Ok(c) => c,
             Err(e) => {

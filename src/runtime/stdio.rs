@@ -51,14 +51,24 @@ pub fn is_dev_null(fd: RawFd) -> bool {
 }
 
 /// Replaces stdout/stderr that are `/dev/null` with a drained pipe, until the
-/// returned guard is dropped. `None` when neither is `/dev/null`.
-pub fn devnull_outputs_to_pipe(self_exe: &Path) -> std::io::Result<Option<StdioSwap>> {
+/// returned guard is dropped. `None` when neither is `/dev/null`. A foreground
+/// caller (which outlives the container) drains in a thread of its own; a
+/// detached one leaves a `stasis __drain` process behind.
+pub fn devnull_outputs_to_pipe(foreground: bool) -> std::io::Result<Option<StdioSwap>> {
     let fds: Vec<RawFd> = [1, 2].into_iter().filter(|fd| is_dev_null(*fd)).collect();
     if fds.is_empty() {
         return Ok(None);
     }
-    let _ = self_exe;
-    let w = drained_pipe()?;
+    let w = if foreground {
+        let (r, w) = std::io::pipe()?;
+        std::thread::spawn(move || {
+            let mut r = r;
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        });
+        OwnedFd::from(w)
+    } else {
+        drained_pipe()?
+    };
     let mut swap = StdioSwap { saved: Vec::new() };
     for fd in fds {
         let orig = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))

@@ -104,7 +104,8 @@ impl Shared {
             }
             s
         };
-        eprintln!("{line}");
+        // One write per line, so a reader of the log never sees half a line.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
     }
 
     fn write_stats(&self) {

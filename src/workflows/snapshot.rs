@@ -295,7 +295,6 @@ pub struct Prepared {
     pub config_json: Vec<u8>,
     pub warnings: Vec<String>,
     pub materialize_ms: u128,
-    _staging: Staging,
 }
 
 /// Resolves, checks compatibility and materialises the verified image.
@@ -323,15 +322,14 @@ pub fn prepare(
             });
         }
     }
-    let need = cfg
-        .get("sizes")
-        .and_then(|s| s.get("imageBytes"))
-        .and_then(|v| v.as_u64())
-        .unwrap_or(1 << 30);
-    let staging = Staging::new(store.root(), need)?;
-    let img = staging.path().join("image");
+    // The verified image is kept under the store's cache (`cache/img/`): the
+    // first restore of a snapshot materialises and verifies it, later restores
+    // (more copies, serve's pool) read it directly. CRIU never writes to it.
     let t0 = Instant::now();
-    store.materialize(&sid, &img, progress)?;
+    let img = cached(&cache_dir(store, "img", &sid), "image", |tmp| {
+        store.materialize(&sid, tmp, progress)?;
+        Ok(())
+    })?;
     let materialize_ms = t0.elapsed().as_millis();
     let manifest = fstree::read_manifest(&img)?;
     let config_json = store.config_json(&sid)?;
@@ -343,7 +341,6 @@ pub fn prepare(
         config_json,
         warnings,
         materialize_ms,
-        _staging: staging,
     })
 }
 
@@ -378,69 +375,68 @@ pub fn new_generation() -> String {
     hex::encode(b)
 }
 
-/// The read-only, verified base of a snapshot's root filesystem under the store's
-/// cache, materialised once (under an exclusive flock) and shared by every copy.
-fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
-    let Some(manifest) = &p.manifest else {
-        return Err(WorkflowError::Prewarm("snapshot has no filesystem".into()));
-    };
-    let dir = store
-        .root()
-        .join("cache")
-        .join("fs")
-        .join(p.sid.to_string().replace(':', "-"));
-    let done = dir.join(".complete");
+/// `dir/name`, built once by `build` (into a temp name, renamed into place, then
+/// marked complete) under an exclusive flock on `dir/.lock`; later callers, in
+/// this or another process, reuse it.
+fn cached(dir: &Path, name: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let target = dir.join(name);
+    let done = dir.join(format!(".complete-{name}"));
     if done.exists() {
-        return Ok(dir.join("rootfs"));
+        return Ok(target);
     }
-    fs::create_dir_all(&dir).map_err(|source| WorkflowError::Io {
-        op: "create cache directory",
-        path: dir.clone(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(io_err("create cache directory", dir))?;
     let lock_path = dir.join(".lock");
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|source| WorkflowError::Io {
-            op: "open lock",
-            path: lock_path.clone(),
-            source,
-        })?;
-    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| WorkflowError::Io {
-            op: "lock",
-            path: lock_path.clone(),
-            source: e.into(),
-        })
-        .and_then(|_guard| {
-            if done.exists() {
-                return Ok(());
+        .map_err(io_err("open lock", &lock_path))?;
+    let _guard =
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+            WorkflowError::Io {
+                op: "lock",
+                path: lock_path.clone(),
+                source: e.into(),
             }
-            let Some(root_index) = manifest.trees.iter().position(|t| t.role == "rootfs") else {
-                return Err(WorkflowError::Prewarm(
-                    "snapshot filesystem has no rootfs tree".into(),
-                ));
-            };
-            let tmp = dir.join(format!(".tmp-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&tmp);
-            fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), &tmp)?;
-            let target = dir.join("rootfs");
-            let _ = fs::remove_dir_all(&target);
-            fs::rename(&tmp, &target).map_err(|source| WorkflowError::Io {
-                op: "publish cached rootfs",
-                path: target.clone(),
-                source,
-            })?;
-            fs::write(&done, b"").map_err(|source| WorkflowError::Io {
-                op: "mark cached rootfs complete",
-                path: done.clone(),
-                source,
-            })
         })?;
-    Ok(dir.join("rootfs"))
+    if done.exists() {
+        return Ok(target);
+    }
+    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    if let Err(e) = build(&tmp) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let _ = fs::remove_dir_all(&target);
+    fs::rename(&tmp, &target).map_err(io_err("publish cached", &target))?;
+    fs::write(&done, b"").map_err(io_err("mark complete", &done))?;
+    Ok(target)
+}
+
+fn cache_dir(store: &Store, kind: &str, sid: &SnapshotId) -> PathBuf {
+    store
+        .root()
+        .join("cache")
+        .join(kind)
+        .join(sid.to_string().replace(':', "-"))
+}
+
+/// The read-only, verified base of a snapshot's root filesystem under the store's
+/// cache (`cache/fs/`), materialised once and shared by every copy.
+fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
+    let Some(manifest) = &p.manifest else {
+        return Err(WorkflowError::Prewarm("snapshot has no filesystem".into()));
+    };
+    let Some(root_index) = manifest.trees.iter().position(|t| t.role == "rootfs") else {
+        return Err(WorkflowError::Prewarm(
+            "snapshot filesystem has no rootfs tree".into(),
+        ));
+    };
+    cached(&cache_dir(store, "fs", &p.sid), "rootfs", |tmp| {
+        fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), tmp)
+    })
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
@@ -693,7 +689,17 @@ pub fn restore_from_store(
 /// Removes cached root filesystems (`cache/fs/`) of snapshots that are no longer
 /// in the store, unless an overlay still uses them. Returns (dirs, bytes).
 pub fn gc_fs_cache(store: &Store, dry_run: bool) -> Result<(u64, u64)> {
-    let cache = store.root().join("cache").join("fs");
+    let (mut n, mut bytes) = (0, 0);
+    for kind in ["fs", "img"] {
+        let (a, b) = gc_cache_kind(store, kind, dry_run)?;
+        n += a;
+        bytes += b;
+    }
+    Ok((n, bytes))
+}
+
+fn gc_cache_kind(store: &Store, kind: &str, dry_run: bool) -> Result<(u64, u64)> {
+    let cache = store.root().join("cache").join(kind);
     let Ok(entries) = fs::read_dir(&cache) else {
         return Ok((0, 0));
     };

@@ -16,7 +16,8 @@
 //! Wall time is measured around spawn..wait of the runtime command. CPU time is
 //! user+sys of everything the runtime and its own waited-for children used (the
 //! container init included: every runtime here reaps it), read as the delta of
-//! `getrusage(RUSAGE_CHILDREN)` around each run. Every container is deleted with
+//! `getrusage(RUSAGE_CHILDREN)` around each run. The bench is a child subreaper and
+//! waits for any process a runtime leaves behind, so detached helpers count too. Every container is deleted with
 //! `delete --force` at the end, also when a run fails.
 
 use std::ffi::OsString;
@@ -39,6 +40,10 @@ struct Runtime {
     /// Ids this runtime was asked to create; each is force-deleted at the end.
     ids: Vec<String>,
     wall: Vec<Duration>,
+    /// Processes the runtime left running after it exited (reaped by us).
+    helpers: usize,
+    /// Runs started, warm-up included.
+    runs: usize,
     cpu: Vec<Duration>,
 }
 
@@ -52,6 +57,8 @@ impl Runtime {
             ids: Vec::new(),
             wall: Vec::new(),
             cpu: Vec::new(),
+            helpers: 0,
+            runs: 0,
         }
     }
 
@@ -79,6 +86,7 @@ impl Runtime {
     /// One foreground `run`; returns (wall, cpu) or a description of the failure.
     fn run_once(&mut self, bundle: &Path, id: String) -> Result<(Duration, Duration), String> {
         self.ids.push(id.clone());
+        self.runs += 1;
         let mut cmd = self.command();
         cmd.arg("run")
             .arg("-b")
@@ -93,6 +101,9 @@ impl Runtime {
             .status()
             .map_err(|e| format!("{}: cannot spawn {}: {e}", self.name, self.bin.display()))?;
         let wall = t0.elapsed();
+        // Detached helpers the runtime left behind were re-parented to us (we are
+        // a child subreaper): wait for them too, so their CPU counts.
+        self.helpers += reap_orphans(Duration::from_secs(5));
         let cpu = children_cpu().saturating_sub(cpu0);
         if status.success() {
             return Ok((wall, cpu));
@@ -168,6 +179,30 @@ impl Drop for Cleanup {
         for rt in &mut self.0 {
             rt.cleanup();
         }
+    }
+}
+
+/// Reaps descendants re-parented to this process (a child subreaper) until none
+/// is left or `limit` passes; returns how many were reaped.
+fn reap_orphans(limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    let mut n = 0;
+    loop {
+        // SAFETY: waitpid with a null status pointer reaps any child of ours.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if pid > 0 {
+            n += 1;
+            continue;
+        }
+        if pid < 0 || Instant::now() >= deadline {
+            // ECHILD: nothing left. A timeout leaves a helper running; its CPU
+            // then lands on a later run, so say so.
+            if pid == 0 {
+                eprintln!("run_true: warning: a runtime left a process running for over {limit:?}");
+            }
+            return n;
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -422,6 +457,13 @@ fn report(runtimes: &[Runtime], iters: usize) {
             rc
         );
     }
+    for rt in runtimes.iter().filter(|r| r.helpers > 0) {
+        println!();
+        println!(
+            "{}: left {} detached helper process(es) behind in {} runs; the bench waited for them and counts their CPU.",
+            rt.name, rt.helpers, rt.runs
+        );
+    }
     if runtimes.iter().any(|r| r.name == "crun*") {
         println!();
         println!("crun*: crun with the cgroup2 `unified` mount hidden (it refuses hybrid cgroup hosts); it still uses the v1 cgroups.");
@@ -452,6 +494,14 @@ fn bench() -> Result<(), String> {
         return Ok(());
     }
     let stasis = stasis_bin(&manifest)?;
+    // Detached helpers of a runtime become our children, so their CPU is counted.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_CHILD_SUBREAPER): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let extra = extra_bins()?;
     let crun = if std::env::var("BENCH_CRUN").as_deref() == Ok("0") {
         None

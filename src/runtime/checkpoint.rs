@@ -925,9 +925,6 @@ impl Runtime {
     }
 }
 
-/// A failed restore removes the container's directory and with it CRIU's log in
-/// the default work directory (`<root>/<id>/criu`), which the error names: copy the
-/// log to the temp directory and name that copy instead.
 /// Copies the CRIU log an error names to `$TMPDIR/stasis-<what>-<id>.log` and
 /// points the error there, for logs in directories that are about to be removed.
 pub fn keep_failed_log_as(e: &mut RuntimeError, what: &str, id: &str) {
@@ -945,19 +942,10 @@ pub fn keep_failed_log_as(e: &mut RuntimeError, what: &str, id: &str) {
     }
 }
 
+/// A failed restore removes the container's directory and with it CRIU's log in
+/// the default work directory (`<root>/<id>/criu`), which the error names.
 fn keep_failed_log(e: &mut RuntimeError, id: &str) {
-    let RuntimeError::Criu(
-        CriuError::Failed { log, .. }
-        | CriuError::Died { log, .. }
-        | CriuError::Timeout { log, .. },
-    ) = e
-    else {
-        return;
-    };
-    let dst = std::env::temp_dir().join(format!("stasis-restore-{id}.log"));
-    if fs::copy(&*log, &dst).is_ok() {
-        *log = dst.display().to_string();
-    }
+    keep_failed_log_as(e, "restore", id);
 }
 
 /// Sends the pty master to a console socket (SCM_RIGHTS), as runc does.

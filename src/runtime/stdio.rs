@@ -11,12 +11,21 @@ use std::process::{Command, Stdio};
 /// Our stdio as it was, put back on drop.
 pub struct StdioSwap {
     saved: Vec<(RawFd, OwnedFd)>,
+    /// Read end drained by a thread started on drop, i.e. after libcontainer has
+    /// cloned the container's processes: a thread running during those clones
+    /// could hold a libc lock the children then wait for forever.
+    drain: Option<std::io::PipeReader>,
 }
 
 impl Drop for StdioSwap {
     fn drop(&mut self) {
         for (fd, orig) in self.saved.drain(..) {
             let _ = nix::unistd::dup2(orig.as_raw_fd(), fd);
+        }
+        if let Some(mut r) = self.drain.take() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut r, &mut std::io::sink());
+            });
         }
     }
 }
@@ -59,17 +68,18 @@ pub fn devnull_outputs_to_pipe(foreground: bool) -> std::io::Result<Option<Stdio
     if fds.is_empty() {
         return Ok(None);
     }
-    let w = if foreground {
+    let (w, drain) = if foreground {
+        // The container does not run before `start`, which comes after this
+        // guard is dropped; the pipe buffer holds anything written until then.
         let (r, w) = std::io::pipe()?;
-        std::thread::spawn(move || {
-            let mut r = r;
-            let _ = std::io::copy(&mut r, &mut std::io::sink());
-        });
-        OwnedFd::from(w)
+        (OwnedFd::from(w), Some(r))
     } else {
-        drained_pipe()?
+        (drained_pipe()?, None)
     };
-    let mut swap = StdioSwap { saved: Vec::new() };
+    let mut swap = StdioSwap {
+        saved: Vec::new(),
+        drain,
+    };
     for fd in fds {
         let orig = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
             .map_err(std::io::Error::from)?;

@@ -1356,3 +1356,114 @@ fn a_store_on_a_full_disk_fails_cleanly_and_stays_valid() {
     let tmp: Vec<String> = names_in(&store.join("tmp"));
     assert!(tmp.is_empty(), "left in the store's tmp/: {tmp:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Filesystem state and copies
+
+/// `stasis exec ID sh -c CMD` on this test's root, stdout trimmed.
+fn sh_in(sx: &Sx, id: &str, cmd: &str) -> String {
+    sx.ok(&["exec", id, "sh", "-c", cmd])
+        .stdout
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn copies_get_the_checkpoint_time_filesystem_and_do_not_see_each_other() {
+    let sx = setup!();
+    // The process appends to a file in its rootfs and keeps the line count in
+    // memory; it checks on every step that the file still has exactly that many
+    // lines (a restore onto a file that grew would break it).
+    let b = sx.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /data; n=0; : > /data/log; \
+             while true; do n=$((n+1)); echo line$n >> /data/log; \
+             c=$(wc -l < /data/log); [ $c -eq $n ] || { echo MISMATCH > /data/bad; }; \
+             echo $n > /data/n; sleep 0.05; done",
+        ],
+    );
+    crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
+    let id = unique_id("sf-fs");
+    let _g = sx.run_d(&b, &id);
+    crate::common::wait_until("10 lines", Duration::from_secs(10), || {
+        fs::read_to_string(b.join("rootfs/data/n"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|n| n >= 10)
+    });
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "fs", &id]);
+    // The original keeps growing its file after the checkpoint.
+    std::thread::sleep(Duration::from_millis(500));
+    let grown: u64 = crate::common::read_trim(&b.join("rootfs/data/n"))
+        .parse()
+        .unwrap();
+
+    let prefix = unique_id("sf-copy");
+    let out = sx
+        .run_starting(
+            &sx.store,
+            &[
+                "restore",
+                "-d",
+                "--from",
+                "fs",
+                "--copies",
+                "3",
+                "--name-prefix",
+                &prefix,
+            ],
+        )
+        .ok();
+    let ids: Vec<String> = (0..3).map(|i| format!("{prefix}-{i}")).collect();
+    let _guards: Vec<_> = ids.iter().map(|i| sx.guard(i)).collect();
+    let _ = out;
+    let mut generations = Vec::new();
+    for (i, c) in ids.iter().enumerate() {
+        // Restored from checkpoint-time content: the copy's file is consistent with
+        // its memory (no MISMATCH) and started below what the original has now.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            sh_in(&sx, c, "cat /data/bad 2>/dev/null || echo ok"),
+            "ok",
+            "copy {c}"
+        );
+        let n: u64 = sh_in(&sx, c, "cat /data/n").parse().unwrap();
+        let lines: u64 = sh_in(&sx, c, "wc -l < /data/log").parse().unwrap();
+        assert!(
+            lines >= n && lines <= n + 1,
+            "copy {c}: {lines} lines, n={n}"
+        );
+        // Each copy writes the same path; none sees another's write.
+        sh_in(&sx, c, &format!("echo {c} > /data/who"));
+        let ident: Value =
+            serde_json::from_str(&sh_in(&sx, c, "cat /.stasis/identity.json")).unwrap();
+        assert_eq!(ident["copy_index"], i as u64);
+        assert_eq!(ident["container_id"], c.as_str());
+        generations.push(ident["generation"].as_str().unwrap().to_string());
+        let env = sh_in(&sx, c, "echo $STASIS_COPY_INDEX/$STASIS_GENERATION");
+        assert_eq!(env, format!("{i}/{}", generations[i]));
+    }
+    for c in &ids {
+        assert_eq!(sh_in(&sx, c, "cat /data/who"), c.as_str());
+    }
+    // One restore command, one generation; the original's rootfs is untouched.
+    assert!(generations.iter().all(|g| g == &generations[0]));
+    assert!(!b.join("rootfs/data/who").exists());
+    let now: u64 = crate::common::read_trim(&b.join("rootfs/data/n"))
+        .parse()
+        .unwrap();
+    assert!(now >= grown);
+    // delete removes each copy's overlay, volumes and bundle.
+    for c in &ids {
+        sx.ok(&["delete", "--force", c]);
+    }
+    assert!(
+        mounts_under(&sx.env.root).is_empty(),
+        "{:?}",
+        mounts_under(&sx.env.root)
+    );
+    assert!(names_in(&sx.env.root.join(".copies")).is_empty());
+}

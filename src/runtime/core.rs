@@ -255,11 +255,11 @@ impl Drop for SigpipeToEpipe {
 
 pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
     let signal = Signal::try_from(sig).map_err(|_| RuntimeError::BadSignal(sig.to_string()))?;
-    let c = load(dir, id)?;
-    // `Container::kill` records the container as stopped after any signal; we keep
-    // our own status, so call the signal delivery directly through a fresh load.
-    let mut c = c;
-    c.kill(signal, all).map_err(core_err("kill", id))
+    // libcontainer records the container as stopped after any signal; that record
+    // is not ours: our state file and the live process decide the status.
+    load(dir, id)?
+        .kill(signal, all)
+        .map_err(core_err("kill", id))
 }
 
 pub fn delete(dir: &Path, id: &str, force: bool) -> Result<()> {

@@ -36,6 +36,8 @@ pub enum WorkflowError {
     },
     #[error("prewarm: {0}")]
     Prewarm(String),
+    #[error("snapshot {snapshot}: {reason}")]
+    Snapshot { snapshot: String, reason: String },
     #[error("readiness probe {probe} never passed: {last_error}; the container was removed; its last output:\n  {}", if output.is_empty() { "(none)".to_string() } else { output.join("\n  ") })]
     ProbeFailed {
         probe: String,

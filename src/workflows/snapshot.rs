@@ -427,12 +427,16 @@ fn cache_dir(store: &Store, kind: &str, sid: &SnapshotId) -> PathBuf {
 /// cache (`cache/fs/`), materialised once and shared by every copy.
 fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
     let Some(manifest) = &p.manifest else {
-        return Err(WorkflowError::Prewarm("snapshot has no filesystem".into()));
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: "it carries no filesystem".into(),
+        });
     };
     let Some(root_index) = manifest.trees.iter().position(|t| t.role == "rootfs") else {
-        return Err(WorkflowError::Prewarm(
-            "snapshot filesystem has no rootfs tree".into(),
-        ));
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: "its filesystem has no rootfs tree (fs-manifest.json)".into(),
+        });
     };
     cached(&cache_dir(store, "fs", &p.sid), "rootfs", |tmp| {
         fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), tmp)
@@ -456,10 +460,10 @@ fn private_fs(
     ident: &Identity,
 ) -> Result<(PathBuf, PathBuf)> {
     let base = ensure_base(store, p)?;
-    let manifest = p
-        .manifest
-        .as_ref()
-        .ok_or_else(|| WorkflowError::Prewarm("no filesystem".into()))?;
+    let manifest = p.manifest.as_ref().ok_or_else(|| WorkflowError::Snapshot {
+        snapshot: p.sid.short(),
+        reason: "it carries no filesystem".into(),
+    })?;
     let owned = rt.root().join(".copies").join(id);
     if owned.exists() {
         return Err(WorkflowError::Io {
@@ -642,7 +646,10 @@ pub fn restore_from_store(
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(WorkflowError::Prewarm("restore thread panicked".into()))
+                    Err(WorkflowError::Snapshot {
+                        snapshot: p.sid.short(),
+                        reason: "a restore thread panicked".into(),
+                    })
                 })
             })
             .collect()

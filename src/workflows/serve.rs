@@ -371,7 +371,7 @@ impl Shared {
                         .copies_died
                         .fetch_add(u64::from(!alive), Ordering::Relaxed);
                     self.forget(&id, &format!("connect to port {} failed: {e}", self.o.port));
-                    if attempt >= 2 {
+                    if attempt >= 3 {
                         break None;
                     }
                 }

@@ -14,6 +14,7 @@ use crate::store::Store;
 use crate::workflows::snapshot::{
     checkpoint_to_store, restore_from_store, RestoreFrom, TaggedCheckpoint,
 };
+use crate::workflows::WorkflowError;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgMode {
@@ -298,7 +299,16 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
                 copies: a.copies,
                 name_prefix: a.name_prefix.clone(),
             },
-        )?;
+        );
+        // Some copies failed: the ones that came up are listed on stdout (as on
+        // success) and keep running; the error reports every copy.
+        if let Err(WorkflowError::CopiesFailed { restored, .. }) = &r {
+            let mut out = std::io::stdout().lock();
+            for id in restored {
+                writeln!(out, "{id}")?;
+            }
+        }
+        let r = r?;
         if r.restored.len() > 1 || a.name_prefix.is_some() {
             let mut out = std::io::stdout().lock();
             for id in &r.restored {

@@ -46,6 +46,15 @@ pub enum WorkflowError {
     },
     #[error("snapshot {snapshot}: its original bundle is gone; pass --bundle DIR with the container's config.json and rootfs")]
     NoBundle { snapshot: String },
+    #[error("{} of {total} copies of snapshot {snapshot} failed to restore and were cleaned up:\n  {}\n{}", failed.len(), failed.iter().map(|(id, e)| format!("{id}: {e}")).collect::<Vec<_>>().join("\n  "), if restored.is_empty() { "no copy was restored".to_string() } else { format!("restored and left running: {} (remove them with `stasis delete --force ID`)", restored.join(", ")) })]
+    CopiesFailed {
+        snapshot: String,
+        total: usize,
+        /// Ids of the copies that were restored and keep running.
+        restored: Vec<String>,
+        /// (id, why) of every copy that failed.
+        failed: Vec<(String, String)>,
+    },
 }
 
 impl From<StoreError> for WorkflowError {

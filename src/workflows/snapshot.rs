@@ -464,23 +464,20 @@ fn private_fs(
         snapshot: p.sid.short(),
         reason: "it carries no filesystem".into(),
     })?;
-    let owned = rt.root().join(".copies").join(id);
-    if owned.exists() {
-        return Err(WorkflowError::Io {
-            op: "create private filesystem",
-            path: owned,
-            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-        });
-    }
+    let copies = rt.root().join(".copies");
+    fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
+    let owned = copies.join(id);
+    // Not create_dir_all: the directory is ours only if we created it.
+    fs::create_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
         owned.join("upper"),
         owned.join("work"),
         owned.join("merged"),
     );
-    for d in [&upper, &work, &merged] {
-        fs::create_dir_all(d).map_err(io_err("create", d))?;
-    }
     let result = (|| -> Result<PathBuf> {
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
         // The identity file, visible at /.stasis/identity.json.
         let idir = upper.join(".stasis");
         fs::create_dir_all(&idir).map_err(io_err("create", &idir))?;
@@ -570,6 +567,15 @@ pub fn restore_prepared(
     let mut opts = opts.clone();
     opts.image_path = p.image.clone();
     opts.detach = true;
+    // A taken id fails before anything is built for it (and before the private
+    // directory of an existing copy with that id could be touched).
+    if rt.load(&opts.id).is_ok() {
+        return Err(crate::runtime::RuntimeError::Exists {
+            id: opts.id.clone(),
+            root: rt.root().to_path_buf(),
+        }
+        .into());
+    }
     if p.manifest.is_some() {
         let cfg = match bundle {
             Some(b) => fs::read(b.join("config.json")).map_err(io_err("read config.json of", b))?,
@@ -657,24 +663,33 @@ pub fn restore_from_store(
     let restore_ms = t1.elapsed().as_millis();
     let mut stats = CriuStats::default();
     let mut restored = Vec::new();
-    let mut first_err = None;
+    let mut failed = Vec::new();
     for (id, res) in ids.iter().zip(results) {
         match res {
             Ok(s) => {
                 stats = s;
                 restored.push(id.clone());
             }
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
+            Err(e) => failed.push((id.clone(), e)),
         }
     }
-    if let Some(e) = first_err {
-        // All or nothing: remove the copies that did come up.
-        for id in &restored {
-            let _ = rt.delete(id, true);
+    // Each failed copy cleaned up after itself (restore_prepared); the copies
+    // that came up keep running and the error names both sides.
+    if !failed.is_empty() {
+        if n == 1 {
+            if let Some((_, e)) = failed.pop() {
+                return Err(e);
+            }
         }
-        return Err(e);
+        return Err(WorkflowError::CopiesFailed {
+            snapshot: p.sid.short(),
+            total: n,
+            restored,
+            failed: failed
+                .into_iter()
+                .map(|(id, e)| (id, e.to_string()))
+                .collect(),
+        });
     }
     let exit_code = if r.restore.detach || restored.len() != 1 {
         0

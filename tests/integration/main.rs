@@ -12,6 +12,7 @@
 mod common;
 
 mod clients;
+mod copies;
 mod cr;
 mod errors;
 mod lifecycle;

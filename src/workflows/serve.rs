@@ -25,6 +25,9 @@ use crate::runtime::checkpoint::{CheckpointOptions, RestoreOptions};
 use crate::runtime::{netns, Runtime, Status};
 use crate::store::{SnapshotId, Store};
 
+/// How long a new connection waits for copies being persisted.
+const PERSIST_WAIT: Duration = Duration::from_secs(120);
+
 pub struct ServeOptions {
     pub from: String,
     pub listen: SocketAddr,
@@ -81,6 +84,9 @@ struct Shared {
     next_copy: AtomicU64,
     shutdown: AtomicBool,
     in_flight: AtomicU64,
+    /// Idle copies being checkpointed back (`--persist`): new connections wait
+    /// for them, or they would get a copy of the state before the persist.
+    persisting: AtomicU64,
 }
 
 impl Shared {
@@ -283,12 +289,25 @@ impl Shared {
     /// Picks the copy for a new connection: the live used copy with the fewest
     /// connections, else a ready pool copy, else a new restore.
     fn acquire(&self) -> std::result::Result<(String, i32), String> {
-        let current = self.prepared.lock().map(|p| p.sid).ok();
-        // Copies of the current snapshot (after a --persist, older ones hold stale
-        // state), or started cold.
-        let current_ok = |c: &Copy| c.snapshot.is_none() || c.snapshot == current;
         {
             let mut copies = self.copies.lock().map_err(|_| "poisoned".to_string())?;
+            // With --persist, a copy that is being checkpointed back holds the
+            // latest state: wait until later copies can restore from it.
+            let deadline = Instant::now() + PERSIST_WAIT;
+            while self.persisting.load(Ordering::SeqCst) > 0
+                && Instant::now() < deadline
+                && !self.shutdown.load(Ordering::Relaxed)
+            {
+                copies = self
+                    .changed
+                    .wait_timeout(copies, Duration::from_millis(100))
+                    .map_err(|_| "poisoned".to_string())?
+                    .0;
+            }
+            // Copies of the current snapshot (after a --persist, older ones hold
+            // stale state), or started cold.
+            let current = self.prepared.lock().map(|p| p.sid).ok();
+            let current_ok = |c: &Copy| c.snapshot.is_none() || c.snapshot == current;
             let used = copies
                 .iter()
                 .enumerate()
@@ -445,17 +464,27 @@ impl Shared {
         while !self.shutdown.load(Ordering::Relaxed) {
             let mut idle_ids = Vec::new();
             let mut dead = Vec::new();
+            let mut stale = Vec::new();
+            let current = self.prepared.lock().map(|p| p.sid).ok();
+            // Ready copies restored from a snapshot that a --persist superseded
+            // while they were being restored hold old state: replace them.
+            let is_stale = |x: &Copy| !x.used && x.snapshot.is_some() && x.snapshot != current;
             let (ready, total) = match self.copies.lock() {
                 Ok(c) => {
                     for x in c.iter() {
                         if !crate::runtime::state::process_alive(x.pid, 0) {
                             dead.push(x.id.clone());
+                        } else if is_stale(x) {
+                            stale.push(x.id.clone());
                         } else if x.used && x.active == 0 && x.last_active.elapsed() >= self.o.idle
                         {
                             idle_ids.push(x.id.clone());
                         }
                     }
-                    (c.iter().filter(|x| !x.used).count(), c.len())
+                    (
+                        c.iter().filter(|x| !x.used && !is_stale(x)).count(),
+                        c.len(),
+                    )
                 }
                 Err(_) => return,
             };
@@ -463,11 +492,31 @@ impl Shared {
                 self.counters.copies_died.fetch_add(1, Ordering::Relaxed);
                 self.forget(&id, "its process died");
             }
+            for id in stale {
+                self.forget(&id, "restored from a superseded snapshot");
+            }
             for id in idle_ids {
-                if let Ok(mut c) = self.copies.lock() {
-                    c.retain(|x| x.id != id);
+                // Still idle? A connection may have taken it since the scan. The
+                // copy leaves the list and (with --persist) counts as persisting
+                // under one lock, so no connection sees neither.
+                let still_idle = match self.copies.lock() {
+                    Ok(mut c) => {
+                        let idle = c.iter().any(|x| {
+                            x.id == id && x.active == 0 && x.last_active.elapsed() >= self.o.idle
+                        });
+                        if idle {
+                            c.retain(|x| x.id != id);
+                            if self.o.persist.is_some() {
+                                self.persisting.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        idle
+                    }
+                    Err(_) => false,
+                };
+                if still_idle {
+                    self.retire(&id);
                 }
-                self.retire(&id);
             }
             if ready < self.o.pool && total < self.o.max && !self.shutdown.load(Ordering::Relaxed) {
                 match self.spawn_copy() {
@@ -510,12 +559,15 @@ impl Shared {
             );
             match r {
                 Ok(res) => {
+                    // Later copies restore from the new snapshot before anyone is
+                    // told it exists (and before waiting connections go on).
+                    let reload = self.switch_image(tag);
                     self.counters.persisted.fetch_add(1, Ordering::Relaxed);
                     self.log(
                         "persisted",
                         json!({"copy": id, "tag": tag, "snapshot": res.report.id.short()}),
                     );
-                    if let Err(e) = self.switch_image(tag) {
+                    if let Err(e) = reload {
                         self.log("persist-reload-failed", json!({"error": e}));
                     }
                 }
@@ -525,6 +577,12 @@ impl Shared {
                 ),
             }
             let _ = self.rt.delete(id, true);
+            {
+                // Under the lock, so a connection cannot miss the wake-up.
+                let _g = self.copies.lock();
+                self.persisting.fetch_sub(1, Ordering::SeqCst);
+            }
+            self.changed.notify_all();
         } else {
             let _ = self.rt.delete(id, true);
             self.counters.discarded.fetch_add(1, Ordering::Relaxed);
@@ -622,6 +680,7 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
         next_copy: AtomicU64::new(0),
         shutdown: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
+        persisting: AtomicU64::new(0),
         o,
     });
     shared.log(

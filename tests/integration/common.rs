@@ -60,6 +60,12 @@ pub enum Req {
     runc,
     /// cgroup v1 memory and pids hierarchies at /sys/fs/cgroup/{memory,pids}.
     cgroup_v1,
+    /// Debian's redis-server and redis-tools (images/redis/build, the host's
+    /// redis-server computes reference digests).
+    redis,
+    /// Debian's postgresql-15 and its client (images/postgres/build, the host's psql
+    /// queries restored copies).
+    postgres,
 }
 
 fn missing(req: Req) -> Option<String> {
@@ -88,7 +94,29 @@ fn missing(req: Req) -> Option<String> {
                     .exists()
             })
             .map(|c| format!("needs the cgroup v1 {c} hierarchy at /sys/fs/cgroup/{c}")),
+        Req::redis => missing_files(
+            &["/usr/bin/redis-server", "/usr/bin/redis-cli"],
+            "apt-get install redis-server redis-tools",
+        ),
+        Req::postgres => missing_files(
+            &[
+                "/usr/lib/postgresql/15/bin/postgres",
+                "/usr/lib/postgresql/15/bin/initdb",
+                "/usr/lib/postgresql/15/bin/pgbench",
+                "/usr/bin/psql",
+                "/usr/bin/nsenter",
+            ],
+            "apt-get install postgresql-15 postgresql-client-15",
+        ),
     }
+}
+
+/// The first of `files` that does not exist, with how to get it.
+fn missing_files(files: &[&str], install: &str) -> Option<String> {
+    files
+        .iter()
+        .find(|f| !Path::new(f).exists())
+        .map(|f| format!("needs {f} ({install})"))
 }
 
 /// Checks `reqs` for `test`. Missing ones print `SKIP <test>: <reason>` and return

@@ -14,6 +14,7 @@ mod common;
 mod clients;
 mod copies;
 mod cr;
+mod databases;
 mod errors;
 mod lifecycle;
 mod runc_compat;

@@ -8,7 +8,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 
 use super::oci::{parse_duration, Format};
-use crate::store::{DiffReport, FileChange, Level, Store};
+use crate::store::{DiffReport, FileChange, Level, SnapshotId, Store};
+use crate::workflows::fstree;
 
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
@@ -139,11 +140,16 @@ pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
         }
         SnapshotCmd::Inspect { format, snapshot } => {
             let id = store.resolve(snapshot)?;
-            let cfg = store.config(&id)?;
+            let mut cfg = store.config(&id)?;
+            let fs = fs_summary(store, &id, &cfg)?;
             if *format == Format::Json {
+                if let Some(obj) = cfg.as_object_mut() {
+                    obj.insert("filesystem".into(), fs);
+                }
                 writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
             } else {
                 writeln!(out, "snapshot {id}")?;
+                print_fs_summary(&mut out, &fs)?;
                 print_tree(&mut out, &cfg, 0)?;
             }
         }
@@ -172,10 +178,16 @@ pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
         SnapshotCmd::Diff { format, a, b } => {
             let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);
             let d = store.diff(&ia, &ib)?;
+            let fs = fs_diff(store, &ia, &ib)?;
             if *format == Format::Json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&d)?)?;
+                let mut v = serde_json::to_value(&d)?;
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("filesystem".into(), serde_json::to_value(&fs)?);
+                }
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
                 print_diff(&mut out, &d)?;
+                print_fs_diff(&mut out, &fs)?;
             }
         }
         SnapshotCmd::Gc { dry_run } => {
@@ -288,6 +300,130 @@ fn print_diff(out: &mut impl Write, d: &DiffReport) -> Result<()> {
         out,
         "pages: {} -> {}; {} changed in place, {} added, {} removed, {} with new content",
         p.pages_a, p.pages_b, p.changed, p.added, p.removed, p.new_content
+    )?;
+    Ok(())
+}
+
+/// The filesystem part of a snapshot: files and bytes captured, pages of
+/// `fsdata-0.bin` and how many of them (and bytes, uncompressed) no older snapshot
+/// had, and what the capture read while frozen. Null when it carries no filesystem.
+fn fs_summary(
+    store: &Store,
+    id: &SnapshotId,
+    cfg: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let Some(m) = fstree::snapshot_manifest(store, id)? else {
+        return Ok(serde_json::Value::Null);
+    };
+    let (pages, new_pages) = store.new_pages(id, fstree::DATA_FILE)?;
+    let meta = &cfg["metadata"];
+    Ok(serde_json::json!({
+        "files": m.files(),
+        "bytes": m.bytes(),
+        "trees": m.trees.iter().map(|t| serde_json::json!({
+            "role": t.role, "dest": t.dest, "source": t.source,
+            "entries": t.entries.len(),
+            "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
+            "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
+        })).collect::<Vec<_>>(),
+        "data_pages": pages,
+        "new_pages": new_pages,
+        "new_bytes": new_pages * 4096,
+        "capture": meta["filesystem"]["capture"],
+        "frozen_ms": meta["timings_ms"]["fs_capture"],
+        "assemble_ms": meta["timings_ms"]["fs_assemble"],
+    }))
+}
+
+fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> {
+    if fs.is_null() {
+        writeln!(
+            out,
+            "  filesystem: none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
+        )?;
+        return Ok(());
+    }
+    let n = |k: &str| fs[k].as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "  filesystem: {} files, {}; {} new to the store ({} of {} pages)",
+        n("files"),
+        human(n("bytes")),
+        human(n("new_bytes")),
+        n("new_pages"),
+        n("data_pages")
+    )?;
+    for t in fs["trees"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "    {} {}: {} files, {} ({})",
+            t["role"].as_str().unwrap_or("?"),
+            t["dest"].as_str().unwrap_or("?"),
+            t["files"].as_u64().unwrap_or(0),
+            human(t["bytes"].as_u64().unwrap_or(0)),
+            t["source"].as_str().unwrap_or("?"),
+        )?;
+    }
+    let c = &fs["capture"];
+    if c.is_object() {
+        let k = |f: &str| c[f].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "    capture: {} ms frozen, read {} files ({}) while frozen, {} unchanged files ({}) copied after ({} from the previous snapshot)",
+            fs["frozen_ms"].as_u64().unwrap_or(0),
+            k("files_read_frozen"),
+            human(k("bytes_read_frozen")),
+            k("files_unchanged"),
+            human(k("bytes_unchanged")),
+            k("files_from_previous"),
+        )?;
+    }
+    Ok(())
+}
+
+/// File-level changes between the filesystems of two snapshots (empty when
+/// neither carries one; everything added or removed when only one does).
+fn fs_diff(store: &Store, a: &SnapshotId, b: &SnapshotId) -> Result<Vec<fstree::FileDelta>> {
+    let ma = fstree::snapshot_manifest(store, a)?.unwrap_or_default();
+    let mb = fstree::snapshot_manifest(store, b)?.unwrap_or_default();
+    Ok(fstree::diff_manifests(&ma, &mb))
+}
+
+fn print_fs_diff(out: &mut impl Write, fs: &[fstree::FileDelta]) -> Result<()> {
+    let (mut added, mut changed, mut removed) = (0, 0, 0);
+    let mut tree = None;
+    for f in fs {
+        if tree != Some(&f.tree) {
+            writeln!(out, "filesystem {}:", f.tree)?;
+            tree = Some(&f.tree);
+        }
+        let path = format!("/{}", f.path);
+        match (f.change, f.size_a, f.size_b) {
+            ("added", _, b) => {
+                added += 1;
+                writeln!(out, "  + {path}  {}", b.map(human).unwrap_or_default())?
+            }
+            ("removed", a, _) => {
+                removed += 1;
+                writeln!(out, "  - {path}  {}", a.map(human).unwrap_or_default())?
+            }
+            (_, a, b) => {
+                changed += 1;
+                let sizes = match (a, b) {
+                    (Some(a), Some(b)) => format!("{} -> {}", human(a), human(b)),
+                    _ => String::new(),
+                };
+                writeln!(
+                    out,
+                    "  M {path}  {sizes}  ({})",
+                    f.what.unwrap_or("content")
+                )?
+            }
+        }
+    }
+    writeln!(
+        out,
+        "filesystem: {added} added, {changed} changed, {removed} removed"
     )?;
     Ok(())
 }

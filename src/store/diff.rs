@@ -131,3 +131,34 @@ fn all_pages(store: &Store, c: &SnapshotConfig) -> Result<HashSet<PageDigest>> {
     }
     Ok(set)
 }
+
+/// (pages, new pages) of file `name` of snapshot `id`: new pages appear in no
+/// page table of any snapshot created before it (by `created`, then id), so this is
+/// what the file added to the store, uncompressed. A file kept in the files blob
+/// counts as (0, 0).
+pub(crate) fn new_pages(store: &Store, id: &SnapshotId, name: &str) -> Result<(u64, u64)> {
+    let (cfg, _) = store.snapshot_config(id)?;
+    let Some(rec) = cfg
+        .files
+        .iter()
+        .find(|r| r.name == name && r.kind == KIND_PAGES)
+    else {
+        return Ok((0, 0));
+    };
+    let mine = page_table(store, rec)?;
+    let this = store.entry(id)?;
+    let mut older: HashSet<PageDigest> = HashSet::new();
+    for e in super::catalog::entries(&store.read_index()?) {
+        if e.id == *id || (e.created.as_str(), e.id) >= (this.created.as_str(), this.id) {
+            continue;
+        }
+        let (c, _) = store.snapshot_config(&e.id)?;
+        older.extend(all_pages(store, &c)?);
+    }
+    let zero = super::materialize::zero_page_digest();
+    let fresh: HashSet<&PageDigest> = mine
+        .iter()
+        .filter(|d| **d != zero && !older.contains(d))
+        .collect();
+    Ok((mine.len() as u64, fresh.len() as u64))
+}

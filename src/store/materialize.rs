@@ -540,3 +540,89 @@ fn write_small_files(
     }
     Ok(())
 }
+
+/// The record of file `name` of a snapshot, or an error naming both.
+fn file_record<'c>(id: &SnapshotId, cfg: &'c SnapshotConfig, name: &str) -> Result<&'c FileRecord> {
+    cfg.files
+        .iter()
+        .find(|r| r.name == name)
+        .ok_or_else(|| StoreError::Invalid(format!("snapshot {id} has no file {name:?}")))
+}
+
+/// The bytes of one small file (kind `file`, kept in the files blob) of a
+/// snapshot, checked against its size and sha256, without touching any pack.
+pub(crate) fn read_small_file(store: &Store, id: &SnapshotId, name: &str) -> Result<Vec<u8>> {
+    let (cfg, manifest) = store.snapshot_config(id)?;
+    let rec = file_record(id, &cfg, name)?;
+    if rec.kind != KIND_FILE {
+        return Err(StoreError::Invalid(format!(
+            "file {name:?} of snapshot {id} is stored page by page, not in the files blob"
+        )));
+    }
+    let layer = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type == layout::MT_FILES)
+        .ok_or_else(|| StoreError::Format {
+            what: "manifest",
+            path: store.paths.root.clone(),
+            reason: format!("snapshot {id} has no files blob"),
+        })?;
+    let d = layer.blob().ok_or_else(|| StoreError::Format {
+        what: "manifest",
+        path: store.paths.root.clone(),
+        reason: format!("snapshot {id}: malformed files blob digest"),
+    })?;
+    let path = store.blobs().path(&d);
+    let bytes = store
+        .blobs()
+        .read_verified(&d, Some(layer.size), "files blob")?;
+    let mut ar = ArchiveReader::new(&bytes[..], &path)?;
+    let corrupt = |what: String| StoreError::Corrupt {
+        snapshot: id.to_string(),
+        file: name.to_string(),
+        offset: 0,
+        blob: d.to_string(),
+        what,
+    };
+    while let Some((n, size)) = ar.next_entry()? {
+        let mut content = Vec::new();
+        ar.content(size)
+            .read_to_end(&mut content)
+            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+        if n != name {
+            continue;
+        }
+        if content.len() as u64 != rec.size || hex::encode(Sha256::digest(&content)) != rec.sha256 {
+            return Err(corrupt("file digest mismatch".into()));
+        }
+        return Ok(content);
+    }
+    Err(corrupt("the files blob does not hold it".into()))
+}
+
+/// Writes one file of a snapshot (pages or small) into the directory `dest`
+/// (created if missing) as `dest/name`, verified like `materialize` does. Returns
+/// its path.
+pub(crate) fn materialize_one(
+    store: &Store,
+    id: &SnapshotId,
+    name: &str,
+    dest: &Path,
+) -> Result<PathBuf> {
+    let (cfg, manifest) = store.snapshot_config(id)?;
+    let rec = file_record(id, &cfg, name)?;
+    fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+    let out = dest.join(name);
+    if rec.kind == KIND_PAGES {
+        let packs = PackSet::open(store, &manifest)?;
+        let bar = indicatif::ProgressBar::hidden();
+        write_pages_file(store, id, rec, &packs, dest, &bar)?;
+    } else {
+        let bytes = read_small_file(store, id, name)?;
+        let partial = partial_path(dest, name);
+        fs::write(&partial, &bytes).map_err(io_err("write", &partial))?;
+        fs::rename(&partial, &out).map_err(io_err("rename", &partial))?;
+    }
+    Ok(out)
+}

@@ -237,6 +237,40 @@ impl Store {
         materialize::materialize(self, id, dest, progress)
     }
 
+    /// The bytes of one small file of a snapshot (one kept in the files blob, e.g.
+    /// `fs-manifest.json`), checked against its sha256; reads no pack.
+    pub fn read_file(
+        &self,
+        id: &SnapshotId,
+        name: &str,
+    ) -> std::result::Result<Vec<u8>, StoreError> {
+        let _lock = self.locks.shared()?;
+        materialize::read_small_file(self, id, name)
+    }
+
+    /// Writes one file of a snapshot (a pages file too) as `dest/name`, verified
+    /// page by page and whole like `materialize`; `dest` is created if missing.
+    pub fn materialize_file(
+        &self,
+        id: &SnapshotId,
+        name: &str,
+        dest: &Path,
+    ) -> std::result::Result<PathBuf, StoreError> {
+        let _lock = self.locks.shared()?;
+        materialize::materialize_one(self, id, name, dest)
+    }
+
+    /// Pages of file `name` of snapshot `id` and how many of them appear in no
+    /// page table of the snapshots created before it (what it added, uncompressed).
+    pub fn new_pages(
+        &self,
+        id: &SnapshotId,
+        name: &str,
+    ) -> std::result::Result<(u64, u64), StoreError> {
+        let _lock = self.locks.shared()?;
+        diff::new_pages(self, id, name)
+    }
+
     /// Points `new_tag` at a snapshot (moving it if it exists elsewhere).
     pub fn tag(&self, name_or_id: &str, new_tag: &str) -> std::result::Result<(), StoreError> {
         let tag = catalog::normalize_tag(new_tag)?;

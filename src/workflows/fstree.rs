@@ -22,6 +22,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{Result, WorkflowError};
 
+mod diff;
+mod statcache;
+
+pub use diff::{diff_manifests, FileDelta};
+use statcache::RACY_MARGIN;
+pub use statcache::{CacheTree, CachedFile, Mapped, StatCache, StatKey, STAT_CACHE_VERSION};
+
 pub const DATA_FILE: &str = "fsdata-0.bin";
 pub const MANIFEST_FILE: &str = "fs-manifest.json";
 const ALIGN: u64 = 4096;
@@ -62,6 +69,10 @@ pub struct Entry {
     /// Extended attributes, values base64.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub xattrs: Vec<(String, String)>,
+    /// sha256 (hex) of the contents (files; absent in manifests written before
+    /// the stat cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -156,18 +167,100 @@ fn xattrs(path: &Path) -> Vec<(String, String)> {
     out
 }
 
-/// Walks `sources` and writes `fsdata-0.bin` and `fs-manifest.json` into `out`.
-pub fn capture(sources: &[Source], out: &Path) -> Result<Manifest> {
+/// What a capture read, and from where.
+#[derive(Serialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    pub files: u64,
+    pub bytes: u64,
+    /// Read while the container was frozen: new or changed files, files the stat
+    /// cache could not vouch for.
+    pub files_read_frozen: u64,
+    pub bytes_read_frozen: u64,
+    /// Unchanged per the stat cache: only statted while frozen, copied after.
+    pub files_unchanged: u64,
+    pub bytes_unchanged: u64,
+    /// Of those, copied from the previous snapshot because the live file changed
+    /// after the thaw (the rest came from the live file, re-checked).
+    pub files_from_previous: u64,
+    pub bytes_from_previous: u64,
+    /// Files mapped shared-writable by the container (always read while frozen).
+    pub files_mapped: u64,
+}
+
+struct Pending {
+    full: PathBuf,
+    key: StatKey,
+    offset: u64,
+    prev_offset: u64,
+    sha256: String,
+    /// (tree, entry) in the manifest.
+    at: (usize, usize),
+}
+
+/// A capture in two steps: `capture_frozen` while the container is frozen, then
+/// `finish` after it runs again (or is gone).
+pub struct Capture {
+    pub manifest: Manifest,
+    pub stats: CaptureStats,
+    pending: Vec<Pending>,
+    /// Per tree: files that may enter the next stat cache (offset in this capture).
+    cacheable: Vec<Vec<(String, StatKey, usize)>>,
+    data_path: PathBuf,
+    out: PathBuf,
+}
+
+/// Options of `capture_frozen`.
+pub struct CaptureOptions<'a> {
+    /// The container's stat cache from its last capture, whose snapshot the
+    /// caller checked is still in the store.
+    pub cache: Option<&'a StatCache>,
+    pub mapped: Mapped,
+    /// Files whose ctime is less than this before the capture stay out of the
+    /// next stat cache (`RACY_MARGIN`; tests shorten it).
+    pub racy_margin: std::time::Duration,
+}
+
+impl Default for CaptureOptions<'_> {
+    fn default() -> Self {
+        CaptureOptions {
+            cache: None,
+            mapped: Mapped::default(),
+            racy_margin: RACY_MARGIN,
+        }
+    }
+}
+
+/// Walks `sources` while the container is frozen: stats every entry, reads into
+/// `out/fsdata-0.bin` (at its final, page-aligned offset) every regular file that
+/// is new, changed, mapped shared-writable or unknown to the stat cache, and only
+/// records the others, whose bytes `Capture::finish` copies after the thaw.
+pub fn capture_frozen(sources: &[Source], out: &Path, o: &CaptureOptions) -> Result<Capture> {
+    use std::os::unix::fs::FileExt;
+    let started = std::time::SystemTime::now();
+    let racy_after = started
+        .checked_sub(o.racy_margin)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| (d.as_secs() as i64, d.subsec_nanos() as i64))
+        .unwrap_or((0, 0));
     let data_path = out.join(DATA_FILE);
-    let mut data = File::create(&data_path).map_err(io("create", &data_path))?;
+    let data = File::create(&data_path).map_err(io("create", &data_path))?;
     let mut off = 0u64;
-    let mut manifest = Manifest {
-        version: 1,
-        trees: Vec::new(),
+    let mut cap = Capture {
+        manifest: Manifest {
+            version: 1,
+            trees: Vec::new(),
+        },
+        stats: CaptureStats::default(),
+        pending: Vec::new(),
+        cacheable: Vec::new(),
+        data_path: data_path.clone(),
+        out: out.to_path_buf(),
     };
     let mut buf = vec![0u8; 1 << 20];
     for src in sources {
+        let ti = cap.manifest.trees.len();
         let mut entries = Vec::new();
+        let mut cacheable = Vec::new();
         let mut links: HashMap<(u64, u64), String> = HashMap::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
@@ -188,6 +281,7 @@ pub fn capture(sources: &[Source], out: &Path) -> Result<Manifest> {
                 target: None,
                 rdev: 0,
                 xattrs: xattrs(&full),
+                sha256: None,
             };
             if ft.is_dir() {
                 let mut children: Vec<PathBuf> = fs::read_dir(&full)
@@ -219,24 +313,51 @@ pub fn capture(sources: &[Source], out: &Path) -> Result<Manifest> {
                 }
                 e.kind = Kind::File;
                 e.offset = Some(off);
-                let mut f = File::open(&full).map_err(io("open", &full))?;
-                let mut n = 0u64;
-                loop {
-                    let r = f.read(&mut buf).map_err(io("read", &full))?;
-                    if r == 0 {
-                        break;
+                let key = StatKey::of(&meta);
+                let inner = Path::new(&src.dest).join(&rel);
+                let mapped = o.mapped.contains(&meta, &full, &inner);
+                cap.stats.files_mapped += mapped as u64;
+                let hit = o
+                    .cache
+                    .and_then(|c| c.lookup(&src.path, &path))
+                    .filter(|c| !mapped && c.key == key);
+                let n = if let Some(c) = hit {
+                    cap.pending.push(Pending {
+                        full: full.clone(),
+                        key,
+                        offset: off,
+                        prev_offset: c.offset,
+                        sha256: c.sha256.clone(),
+                        at: (ti, entries.len()),
+                    });
+                    cap.stats.files_unchanged += 1;
+                    cap.stats.bytes_unchanged += key.size;
+                    key.size
+                } else {
+                    let mut f = File::open(&full).map_err(io("open", &full))?;
+                    let mut n = 0u64;
+                    loop {
+                        let r = f.read(&mut buf).map_err(io("read", &full))?;
+                        if r == 0 {
+                            break;
+                        }
+                        data.write_all_at(&buf[..r], off + n)
+                            .map_err(io("write", &data_path))?;
+                        n += r as u64;
                     }
-                    data.write_all(&buf[..r]).map_err(io("write", &data_path))?;
-                    n += r as u64;
+                    cap.stats.files_read_frozen += 1;
+                    cap.stats.bytes_read_frozen += n;
+                    n
+                };
+                // Cacheable: not mapped, stable while read, and old enough that a
+                // later change cannot keep the same ctime.
+                if !mapped && n == key.size && (key.ctime, key.ctime_nsec) < racy_after {
+                    cacheable.push((path.clone(), key, entries.len()));
                 }
                 e.size = n;
-                off += n;
-                let pad = (ALIGN - off % ALIGN) % ALIGN;
-                if pad > 0 {
-                    data.write_all(&vec![0u8; pad as usize])
-                        .map_err(io("write", &data_path))?;
-                    off += pad;
-                }
+                off += n.div_ceil(ALIGN) * ALIGN;
+                cap.stats.files += 1;
+                cap.stats.bytes += n;
             } else {
                 e.kind = if ft.is_char_device() {
                     Kind::Char
@@ -251,22 +372,182 @@ pub fn capture(sources: &[Source], out: &Path) -> Result<Manifest> {
             }
             entries.push(e);
         }
-        manifest.trees.push(Tree {
+        cap.manifest.trees.push(Tree {
             role: src.role.to_string(),
             dest: src.dest.clone(),
             source: src.path.clone(),
             entries,
         });
+        cap.cacheable.push(cacheable);
     }
-    data.sync_all().map_err(io("fsync", &data_path))?;
-    let mpath = out.join(MANIFEST_FILE);
-    let json = serde_json::to_vec(&manifest).map_err(|e| WorkflowError::Io {
-        op: "encode",
-        path: mpath.clone(),
-        source: std::io::Error::other(e),
+    // Unchanged files stay holes until `finish` fills them.
+    data.set_len(off).map_err(io("truncate", &data_path))?;
+    Ok(cap)
+}
+
+impl Capture {
+    /// After the thaw: copies every unchanged file into `fsdata-0.bin`, hashes what
+    /// was read while frozen, and writes `fs-manifest.json`.
+    ///
+    /// An unchanged file is copied from the live file when its key, checked
+    /// before and after the copy on the open descriptor, still equals the key
+    /// seen while frozen (so its bytes are the checkpoint-time bytes). Otherwise
+    /// (the container wrote to it after the thaw) its checkpoint-time bytes come
+    /// from the previous snapshot's `fsdata-0.bin`, which `previous` materialises
+    /// verified from the store (called at most once, only when needed).
+    pub fn finish(&mut self, previous: &mut dyn FnMut() -> Result<PathBuf>) -> Result<()> {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::FileExt;
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.data_path)
+            .map_err(io("open", &self.data_path))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut prev: Option<File> = None;
+        for p in &self.pending {
+            if !copy_live(p, &data, &self.data_path, &mut buf)? {
+                if prev.is_none() {
+                    let path = previous()?;
+                    prev = Some(File::open(&path).map_err(io("open", &path))?);
+                }
+                let src = prev.as_ref().ok_or_else(|| WorkflowError::Io {
+                    op: "open previous snapshot data for",
+                    path: p.full.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                })?;
+                copy_range(src, p.prev_offset, &data, p.offset, p.key.size, &mut buf)
+                    .map_err(io("copy from the previous snapshot", &p.full))?;
+                self.stats.files_from_previous += 1;
+                self.stats.bytes_from_previous += p.key.size;
+            }
+            self.manifest.trees[p.at.0].entries[p.at.1].sha256 = Some(p.sha256.clone());
+        }
+        // Files read while frozen: hash them now, from the copy.
+        for t in &mut self.manifest.trees {
+            for e in &mut t.entries {
+                if e.kind != Kind::File || e.sha256.is_some() {
+                    continue;
+                }
+                let mut h = Sha256::new();
+                let (mut at, end) = (e.offset.unwrap_or(0), e.offset.unwrap_or(0) + e.size);
+                while at < end {
+                    let n = ((end - at) as usize).min(buf.len());
+                    data.read_exact_at(&mut buf[..n], at)
+                        .map_err(io("read", &self.data_path))?;
+                    h.update(&buf[..n]);
+                    at += n as u64;
+                }
+                e.sha256 = Some(hex::encode(h.finalize()));
+            }
+        }
+        data.sync_all().map_err(io("fsync", &self.data_path))?;
+        let mpath = self.out.join(MANIFEST_FILE);
+        let json = serde_json::to_vec(&self.manifest).map_err(|e| WorkflowError::Io {
+            op: "encode",
+            path: mpath.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        fs::write(&mpath, json).map_err(io("write", &mpath))?;
+        Ok(())
+    }
+
+    /// The stat cache for the next capture, once this one is stored as `snapshot`.
+    /// Call after `finish`.
+    pub fn stat_cache(&self, snapshot: &str) -> StatCache {
+        StatCache {
+            version: STAT_CACHE_VERSION,
+            snapshot: snapshot.to_string(),
+            trees: self
+                .manifest
+                .trees
+                .iter()
+                .zip(&self.cacheable)
+                .map(|(t, files)| CacheTree {
+                    source: t.source.clone(),
+                    files: files
+                        .iter()
+                        .filter_map(|(path, key, i)| {
+                            let e = &t.entries[*i];
+                            Some((
+                                path.clone(),
+                                CachedFile {
+                                    key: *key,
+                                    offset: e.offset?,
+                                    sha256: e.sha256.clone()?,
+                                },
+                            ))
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Copies an unchanged file from the live tree if it still has the key seen while
+/// frozen, before and after the copy. Ok(false): use the previous snapshot.
+fn copy_live(p: &Pending, data: &File, data_path: &Path, buf: &mut [u8]) -> Result<bool> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    // O_NOFOLLOW | O_NONBLOCK: a symlink or FIFO swapped in after the thaw is
+    // refused or not waited on; the key check refuses any other inode.
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&p.full)
+    else {
+        return Ok(false);
+    };
+    let same = |f: &File| f.metadata().is_ok_and(|m| StatKey::of(&m) == p.key);
+    if !same(&f) {
+        return Ok(false);
+    }
+    let mut at = 0u64;
+    while at < p.key.size {
+        let n = ((p.key.size - at) as usize).min(buf.len());
+        match f.read_at(&mut buf[..n], at) {
+            Ok(0) | Err(_) => return Ok(false),
+            Ok(r) => {
+                data.write_all_at(&buf[..r], p.offset + at)
+                    .map_err(io("write", data_path))?;
+                at += r as u64;
+            }
+        }
+    }
+    Ok(same(&f))
+}
+
+fn copy_range(
+    src: &File,
+    from: u64,
+    dst: &File,
+    to: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0u64;
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], from + done)?;
+        dst.write_all_at(&buf[..n], to + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Walks `sources` and writes `fsdata-0.bin` and `fs-manifest.json` into `out`,
+/// reading every file (no stat cache).
+pub fn capture(sources: &[Source], out: &Path) -> Result<Manifest> {
+    let mut c = capture_frozen(sources, out, &CaptureOptions::default())?;
+    c.finish(&mut || {
+        Err(WorkflowError::Io {
+            op: "capture",
+            path: out.to_path_buf(),
+            source: std::io::Error::other("no previous snapshot to copy unchanged files from"),
+        })
     })?;
-    fs::write(&mpath, json).map_err(io("write", &mpath))?;
-    Ok(manifest)
+    Ok(c.manifest)
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
@@ -275,22 +556,48 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
         return Ok(None);
     }
     let bytes = fs::read(&p).map_err(io("read", &p))?;
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| WorkflowError::Io {
+    parse_manifest(&bytes, &p).map(Some)
+}
+
+/// Parses `fs-manifest.json` bytes; `label` names where they came from.
+pub fn parse_manifest(bytes: &[u8], label: &Path) -> Result<Manifest> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| WorkflowError::Io {
         op: "parse",
-        path: p.clone(),
+        path: label.to_path_buf(),
         source: std::io::Error::other(e),
     })?;
     if m.version != 1 {
         return Err(WorkflowError::Io {
             op: "read",
-            path: p,
+            path: label.to_path_buf(),
             source: std::io::Error::other(format!(
                 "unknown filesystem manifest version {}",
                 m.version
             )),
         });
     }
-    Ok(Some(m))
+    Ok(m)
+}
+
+/// The filesystem manifest of a stored snapshot, read from its files blob (no
+/// page is materialised); None when the snapshot carries no filesystem.
+pub fn snapshot_manifest(
+    store: &crate::store::Store,
+    id: &crate::store::SnapshotId,
+) -> Result<Option<Manifest>> {
+    let cfg = store.config(id)?;
+    let has = cfg
+        .get("files")
+        .and_then(|f| f.as_array())
+        .is_some_and(|f| {
+            f.iter()
+                .any(|r| r.get("name").and_then(|n| n.as_str()) == Some(MANIFEST_FILE))
+        });
+    if !has {
+        return Ok(None);
+    }
+    let bytes = store.read_file(id, MANIFEST_FILE)?;
+    parse_manifest(&bytes, &Path::new(&id.short()).join(MANIFEST_FILE)).map(Some)
 }
 
 fn cpath(p: &Path) -> Result<std::ffi::CString> {
@@ -503,6 +810,266 @@ mod tests {
             .unwrap()
             .file_type()
             .is_fifo());
+    }
+
+    fn rootfs(src: &Path) -> Vec<Source> {
+        vec![Source {
+            role: "rootfs",
+            dest: "/".into(),
+            path: src.to_path_buf(),
+            exclude: vec![],
+        }]
+    }
+
+    fn quick() -> CaptureOptions<'static> {
+        CaptureOptions {
+            racy_margin: std::time::Duration::ZERO,
+            ..Default::default()
+        }
+    }
+
+    /// Captures `src` into a fresh `out` with `cache`; `previous` is the data file
+    /// unchanged files fall back to.
+    fn cap(src: &Path, out: &Path, cache: Option<&StatCache>, previous: Option<&Path>) -> Capture {
+        fs::create_dir_all(out).unwrap();
+        let o = CaptureOptions { cache, ..quick() };
+        let mut c = capture_frozen(&rootfs(src), out, &o).unwrap();
+        c.finish(&mut || Ok(previous.expect("no fallback expected").to_path_buf()))
+            .unwrap();
+        c
+    }
+
+    fn content(c: &Capture, out: &Path, path: &str) -> Vec<u8> {
+        let e = c.manifest.trees[0]
+            .entries
+            .iter()
+            .find(|e| e.path == path)
+            .unwrap();
+        let data = fs::read(out.join(DATA_FILE)).unwrap();
+        let at = e.offset.unwrap() as usize;
+        data[at..at + e.size as usize].to_vec()
+    }
+
+    /// Past the kernel's coarse ctime clock tick, so a rewrite gets a new ctime.
+    fn tick() {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+
+    #[test]
+    fn stat_cache_reads_only_changed_and_added_files() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("same"), vec![1u8; 10000]).unwrap();
+        fs::write(src.join("d/changed"), b"old").unwrap();
+        fs::write(src.join("gone"), b"bye").unwrap();
+        let (o1, o2) = (t.path().join("o1"), t.path().join("o2"));
+        let c1 = cap(&src, &o1, None, None);
+        assert_eq!(c1.stats.files_read_frozen, 3);
+        assert_eq!(c1.stats.files_unchanged, 0);
+        let cache = c1.stat_cache("snap1");
+        assert_eq!(cache.trees[0].files.len(), 3);
+        tick();
+        fs::write(src.join("d/changed"), b"newer").unwrap();
+        fs::remove_file(src.join("gone")).unwrap();
+        fs::write(src.join("added"), b"hi").unwrap();
+        let c2 = cap(&src, &o2, Some(&cache), None);
+        assert_eq!(c2.stats.files_unchanged, 1);
+        assert_eq!(c2.stats.bytes_unchanged, 10000);
+        assert_eq!(c2.stats.files_read_frozen, 2);
+        assert_eq!(c2.stats.bytes_read_frozen, 5 + 2);
+        assert_eq!(c2.stats.files_from_previous, 0);
+        assert_eq!(content(&c2, &o2, "same"), vec![1u8; 10000]);
+        assert_eq!(content(&c2, &o2, "d/changed"), b"newer");
+        assert!(!c2.manifest.trees[0]
+            .entries
+            .iter()
+            .any(|e| e.path == "gone"));
+        // The unchanged file keeps its digest; the manifest on disk agrees.
+        let m = read_manifest(&o2).unwrap().unwrap();
+        let digest = |m: &Manifest, p: &str| {
+            m.trees[0]
+                .entries
+                .iter()
+                .find(|e| e.path == p)
+                .unwrap()
+                .sha256
+                .clone()
+        };
+        assert_eq!(digest(&m, "same"), digest(&c1.manifest, "same"));
+        assert!(digest(&m, "same").is_some());
+        // And the next cache has the moved offsets of this capture.
+        let next = c2.stat_cache("snap2");
+        assert_eq!(next.snapshot, "snap2");
+        assert_eq!(
+            next.trees[0].files["same"].offset,
+            c2.manifest.trees[0]
+                .entries
+                .iter()
+                .find(|e| e.path == "same")
+                .unwrap()
+                .offset
+                .unwrap()
+        );
+        let dst = t.path().join("dst");
+        materialize(&m, 0, &o2.join(DATA_FILE), &dst).unwrap();
+        assert_eq!(fs::read(dst.join("same")).unwrap(), vec![1u8; 10000]);
+        assert_eq!(fs::read(dst.join("added")).unwrap(), b"hi");
+    }
+
+    #[test]
+    fn same_size_and_mtime_but_new_ctime_is_read_again() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), b"aaaa").unwrap();
+        let mtime = fs::metadata(src.join("f")).unwrap().modified().unwrap();
+        let (o1, o2) = (t.path().join("o1"), t.path().join("o2"));
+        let c1 = cap(&src, &o1, None, None);
+        let cache = c1.stat_cache("s");
+        tick();
+        fs::write(src.join("f"), b"bbbb").unwrap();
+        let f = File::options().write(true).open(src.join("f")).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        let m = fs::metadata(src.join("f")).unwrap();
+        let old = cache.trees[0].files["f"].key;
+        assert_eq!(
+            (m.size(), m.mtime(), m.mtime_nsec()),
+            (old.size, old.mtime, old.mtime_nsec)
+        );
+        assert_ne!((m.ctime(), m.ctime_nsec()), (old.ctime, old.ctime_nsec));
+        let c2 = cap(&src, &o2, Some(&cache), None);
+        assert_eq!(c2.stats.files_unchanged, 0);
+        assert_eq!(c2.stats.files_read_frozen, 1);
+        assert_eq!(content(&c2, &o2, "f"), b"bbbb");
+    }
+
+    #[test]
+    fn a_file_changed_after_the_thaw_comes_from_the_previous_snapshot() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("db"), vec![3u8; 9000]).unwrap();
+        fs::write(src.join("other"), b"x").unwrap();
+        let (o1, o2) = (t.path().join("o1"), t.path().join("o2"));
+        let c1 = cap(&src, &o1, None, None);
+        let cache = c1.stat_cache("s");
+        fs::create_dir_all(&o2).unwrap();
+        let mut c2 = capture_frozen(
+            &rootfs(&src),
+            &o2,
+            &CaptureOptions {
+                cache: Some(&cache),
+                ..quick()
+            },
+        )
+        .unwrap();
+        assert_eq!(c2.stats.files_unchanged, 2);
+        // Thawed: the container rewrites the file before the copy.
+        tick();
+        fs::write(src.join("db"), vec![4u8; 9000]).unwrap();
+        let prev = o1.join(DATA_FILE);
+        let mut asked = 0;
+        c2.finish(&mut || {
+            asked += 1;
+            Ok(prev.clone())
+        })
+        .unwrap();
+        assert_eq!(asked, 1);
+        assert_eq!(c2.stats.files_from_previous, 1);
+        assert_eq!(c2.stats.bytes_from_previous, 9000);
+        assert_eq!(content(&c2, &o2, "db"), vec![3u8; 9000]);
+        assert_eq!(content(&c2, &o2, "other"), b"x");
+    }
+
+    #[test]
+    fn recent_and_mapped_files_stay_out_of_the_cache() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("fresh"), b"1").unwrap();
+        fs::write(src.join("mapped"), b"2").unwrap();
+        let out = t.path().join("o");
+        fs::create_dir_all(&out).unwrap();
+        let meta = fs::metadata(src.join("mapped")).unwrap();
+        let mut mapped = Mapped::default();
+        let (maj, min) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        mapped.add_maps(&format!(
+            "7f0000000000-7f0000001000 rw-s 00000000 {maj:x}:{min:x} {} /x/mapped\n\
+             7f0000001000-7f0000002000 rw-p 00000000 00:00 0 \n",
+            meta.ino()
+        ));
+        // The default margin: a file written just now is racy.
+        let mut c = capture_frozen(
+            &rootfs(&src),
+            &out,
+            &CaptureOptions {
+                mapped,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.finish(&mut || unreachable!()).unwrap();
+        assert_eq!(c.stats.files_mapped, 1);
+        assert!(c.stat_cache("s").trees[0].files.is_empty());
+        let mut mapped = Mapped::default();
+        mapped.add_maps("7f0000000000-7f0000001000 rw-s 00000000 00:05 9 /x/y z\n");
+        assert!(mapped.paths.contains(Path::new("/x/y z")));
+        mapped.add_maps("7f0000000000-7f0000001000 r--s 00000000 00:05 10 /ro\n");
+        assert!(!mapped.paths.contains(Path::new("/ro")));
+    }
+
+    #[test]
+    fn stat_cache_survives_a_save_and_refuses_other_versions() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), b"abc").unwrap();
+        let c = cap(&src, &t.path().join("o"), None, None);
+        let p = t.path().join("cache/c.json");
+        c.stat_cache("s").save(&p).unwrap();
+        let back = StatCache::load(&p).unwrap();
+        assert_eq!(
+            back.trees[0].files["f"],
+            c.stat_cache("s").trees[0].files["f"]
+        );
+        fs::write(&p, br#"{"version":9,"snapshot":"s","trees":[]}"#).unwrap();
+        assert!(StatCache::load(&p).is_none());
+        fs::write(&p, b"garbage").unwrap();
+        assert!(StatCache::load(&p).is_none());
+    }
+
+    #[test]
+    fn diff_lists_added_changed_and_removed_files_per_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("same"), b"s").unwrap();
+        fs::write(src.join("d/f"), b"old").unwrap();
+        fs::write(src.join("gone"), b"g").unwrap();
+        let c1 = cap(&src, &t.path().join("o1"), None, None);
+        tick();
+        fs::write(src.join("d/f"), b"new!").unwrap();
+        fs::remove_file(src.join("gone")).unwrap();
+        fs::write(src.join("d/added"), b"aa").unwrap();
+        let c2 = cap(&src, &t.path().join("o2"), None, None);
+        let d = diff_manifests(&c1.manifest, &c2.manifest);
+        let got: Vec<(&str, &str, Option<u64>, Option<u64>)> = d
+            .iter()
+            .map(|x| (x.path.as_str(), x.change, x.size_a, x.size_b))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("d/added", "added", None, Some(2)),
+                ("d/f", "changed", Some(3), Some(4)),
+                ("gone", "removed", Some(1), None),
+            ]
+        );
+        assert!(d.iter().all(|x| x.tree == "/"));
+        assert_eq!(d[1].what, Some("content"));
+        assert!(diff_manifests(&c2.manifest, &c2.manifest).is_empty());
     }
 
     #[test]

@@ -180,24 +180,35 @@ pub fn checkpoint_to_store(
     let mut opts = t.checkpoint.clone();
     opts.image_path = img.clone();
     opts.work_path = Some(work);
-    let t0 = Instant::now();
     // The filesystem is captured right after the dump, while the container is
-    // still frozen (or already stopped), so files and memory agree.
+    // still frozen (or already stopped), so files and memory agree. The stat cache
+    // keeps that window short: files whose key matches the last capture are only
+    // statted while frozen and copied after the thaw (`fstree::Capture::finish`).
     let sources = fs_sources(t, &st.bundle, &st.rootfs, &config_json);
-    let mut fs_info = serde_json::Value::Null;
+    let cache_path = stat_cache_path(store, id);
+    let cache = if sources.is_empty() {
+        None
+    } else {
+        usable_stat_cache(store, &cache_path)
+    };
+    let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
-    let stats = rt.checkpoint_with(&opts, &mut |_| {
+    let t0 = Instant::now();
+    let stats = rt.checkpoint_with(&opts, &mut |cs| {
         if sources.is_empty() {
             return Ok(());
         }
         let c0 = Instant::now();
-        let m = fstree::capture(&sources, &img).map_err(|e| crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}")))?;
+        let copts = fstree::CaptureOptions {
+            cache: cache.as_ref().map(|(c, _)| c),
+            mapped: fstree::Mapped::of_pids(&container_pids(cs.pid)),
+            ..Default::default()
+        };
+        let c = fstree::capture_frozen(&sources, &img, &copts).map_err(|e| {
+            crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
+        })?;
+        capture = Some(c);
         capture_ms = c0.elapsed().as_millis();
-        fs_info = json!({
-            "files": m.files(),
-            "bytes": m.bytes(),
-            "trees": m.trees.iter().map(|t| json!({"role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len()})).collect::<Vec<_>>(),
-        });
         Ok(())
     });
     // The staging directory goes away: keep the CRIU log the error names.
@@ -206,6 +217,38 @@ pub fn checkpoint_to_store(
         e
     })?;
     let dump_ms = t0.elapsed().as_millis();
+    // Thawed (or stopped): copy the unchanged files, hash, write the manifest.
+    let a0 = Instant::now();
+    let mut fs_info = serde_json::Value::Null;
+    if let Some(c) = capture.as_mut() {
+        let prev_dir = staging.path().join("previous");
+        c.finish(&mut || {
+            let (_, sid) = cache.as_ref().ok_or_else(|| WorkflowError::Io {
+                op: "capture the filesystem",
+                path: img.clone(),
+                source: std::io::Error::other("no previous snapshot for unchanged files"),
+            })?;
+            previous_fs_data(store, sid, &prev_dir)
+        })
+        .map_err(|e| WorkflowError::Io {
+            op: "copying unchanged files after the dump failed; the CRIU image is kept at",
+            path: staging.keep().join("image"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let m = &c.manifest;
+        fs_info = json!({
+            "files": m.files(),
+            "bytes": m.bytes(),
+            "trees": m.trees.iter().map(|t| json!({
+                "role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len(),
+                "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
+                "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
+            })).collect::<Vec<_>>(),
+            "capture": c.stats,
+            "stat_cache": cache.as_ref().map(|(_, sid)| json!({"base": sid.to_string()})),
+        });
+    }
+    let assemble_ms = a0.elapsed().as_millis();
     let criu_version = rt.criu_version().unwrap_or_default();
     let mut host_record = host::record();
     host_record["criu_version"] = json!(criu_version);
@@ -228,7 +271,9 @@ pub fn checkpoint_to_store(
         "bundle": st.bundle,
         "rootfs": st.rootfs,
         "filesystem": fs_info,
-        "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms},
+        // fs_capture: the part of the frozen window spent on the filesystem;
+        // fs_assemble: copying unchanged files and hashing, after the thaw.
+        "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
     });
     let t1 = Instant::now();
     let report = store
@@ -252,12 +297,108 @@ pub fn checkpoint_to_store(
                 image: kept.join("image"),
             }
         })?;
+    // The next checkpoint of this container starts from this snapshot. A failed
+    // write only costs the next capture its speed.
+    if let Some(c) = &capture {
+        let _ = c.stat_cache(&report.id.full()).save(&cache_path);
+    }
     Ok(CheckpointResult {
         report,
         stats,
         dump_ms,
         ingest_ms: t1.elapsed().as_millis(),
     })
+}
+
+/// Where the stat cache of container `id` lives: the store's `cache/fscache/`.
+/// Not under `--root`: its entries point into this store's snapshots (another
+/// `--store` must not use them), it must outlive `delete` (prewarm and serve
+/// checkpoint, delete and re-create containers under the same id), and `cache/` is
+/// the store's "derived, always safe to delete" directory.
+fn stat_cache_path(store: &Store, id: &str) -> PathBuf {
+    let safe = !id.is_empty()
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let name = if safe {
+        id.to_string()
+    } else {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(id.as_bytes()))
+    };
+    store
+        .root()
+        .join("cache")
+        .join("fscache")
+        .join(format!("{name}.json"))
+}
+
+/// The stat cache of a container if the snapshot its entries point into is still
+/// in the store (a removed one could not supply unchanged files after the thaw).
+fn usable_stat_cache(store: &Store, path: &Path) -> Option<(fstree::StatCache, SnapshotId)> {
+    let c = fstree::StatCache::load(path)?;
+    let sid = SnapshotId::parse(&c.snapshot)?;
+    store.resolve(&sid.full()).ok().filter(|r| *r == sid)?;
+    Some((c, sid))
+}
+
+/// The verified `fsdata-0.bin` of snapshot `sid`: the copy under `cache/img/` when
+/// a restore already materialised it, else only that file materialised into `dir`.
+fn previous_fs_data(store: &Store, sid: &SnapshotId, dir: &Path) -> Result<PathBuf> {
+    let cdir = cache_dir(store, "img", sid);
+    let cached = cdir.join("image").join(fstree::DATA_FILE);
+    if cdir.join(".complete-image").exists() && cached.is_file() {
+        return Ok(cached);
+    }
+    Ok(store.materialize_file(sid, fstree::DATA_FILE, dir)?)
+}
+
+/// Every process of the container: the cgroup of its init (v2, or v1's `pids`,
+/// `memory` or `freezer` hierarchy) and its descendants' cgroups. Empty when
+/// unreadable; then no file counts as mapped.
+fn container_pids(pid: i32) -> Vec<i32> {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut p = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (p.next(), p.next(), p.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() {
+            // The root cgroup would be every process of the host.
+            continue;
+        }
+        if ctrls.is_empty() {
+            dirs.push(Path::new("/sys/fs/cgroup").join(rel));
+        } else if let Some(c) = ["pids", "memory", "freezer"]
+            .iter()
+            .find(|c| ctrls.split(',').any(|x| x == **c))
+        {
+            dirs.push(Path::new("/sys/fs/cgroup").join(c).join(rel));
+        }
+    }
+    let mut pids = vec![pid];
+    for d in dirs {
+        let mut stack = vec![d];
+        while let Some(d) = stack.pop() {
+            if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
+                pids.extend(t.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+            if let Ok(rd) = fs::read_dir(&d) {
+                stack.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+        }
+        if pids.len() > 1 {
+            break;
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 pub struct RestoreFrom {

@@ -12,7 +12,7 @@ use crate::runtime::checkpoint::{
 use crate::runtime::Runtime;
 use crate::store::Store;
 use crate::workflows::snapshot::{
-    checkpoint_to_store, restore_from_store, RestoreFrom, TaggedCheckpoint,
+    checkpoint_to_store, restore_from_store, CopyOptions, RestoreFrom, TaggedCheckpoint,
 };
 use crate::workflows::WorkflowError;
 
@@ -156,6 +156,16 @@ pub struct RestoreArgs {
     /// With --copies: ids are PREFIX-0 .. PREFIX-(N-1) (default: the given id)
     #[arg(long)]
     pub name_prefix: Option<String>,
+    /// With --from: give each copy a private full copy of the snapshot's rootfs
+    /// (reflinked where the filesystem can) instead of an overlay, for hosts or
+    /// filesystems where overlayfs cannot be used
+    #[arg(long, requires = "from")]
+    pub copy_rootfs: bool,
+    /// With --from: restore into this existing network namespace (e.g.
+    /// /run/netns/NAME) instead of a new one; copies share it, so they cannot
+    /// listen on the same port
+    #[arg(long, value_name = "PATH", requires = "from")]
+    pub netns: Option<PathBuf>,
     /// Restore even when the host differs from the snapshot's record
     #[arg(long)]
     pub force: bool,
@@ -283,6 +293,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
         flags: (&a.shared).into(),
         owned_dir: None,
         null_stdio: false,
+        join_netns: None,
     };
     if let Some(from) = &a.from {
         let store = Store::open(store)?;
@@ -298,6 +309,10 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
                 progress: super::snapshot::progress_wanted(),
                 copies: a.copies,
                 name_prefix: a.name_prefix.clone(),
+                copy: CopyOptions {
+                    copy_rootfs: a.copy_rootfs,
+                    netns: a.netns.clone(),
+                },
             },
         );
         // Some copies failed: the ones that came up are listed on stdout (as on

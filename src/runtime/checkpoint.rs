@@ -103,6 +103,9 @@ pub struct RestoreOptions {
     /// dump time (stdin at EOF, output drained by a detached `stasis __drain`),
     /// instead of our own stdio: for a server restoring copies for others.
     pub null_stdio: bool,
+    /// Restore into this existing network namespace (CRIU's `--join-ns net:PATH`)
+    /// instead of the one recorded in the image.
+    pub join_netns: Option<PathBuf>,
 }
 
 /// CRIU's statistics of one dump or restore (`stats-dump` / `stats-restore`).
@@ -766,6 +769,12 @@ impl Runtime {
         opts.lazy_pages = Some(o.flags.lazy_pages);
         opts.lsm_profile = o.lsm_profile.clone();
         opts.lsm_mount_context = o.lsm_mount_context.clone();
+        if let Some(p) = &o.join_netns {
+            let mut j = rpc::Join_namespace::new();
+            j.ns = Some("net".into());
+            j.ns_file = Some(p.display().to_string());
+            opts.join_ns.push(j);
+        }
         let empty = empty_ns_flags(&o.flags.empty_ns)?;
         if empty != 0 {
             opts.empty_ns = Some(empty);

@@ -1,6 +1,7 @@
 //! Workflows that combine the runtime, CRIU and the snapshot store: checkpoint
 //! into the store, restore from it (with the host compatibility check).
 
+pub mod copytree;
 pub mod fstree;
 pub mod host;
 pub mod prewarm;
@@ -46,6 +47,12 @@ pub enum WorkflowError {
     },
     #[error("snapshot {snapshot}: its original bundle is gone; pass --bundle DIR with the container's config.json and rootfs")]
     NoBundle { snapshot: String },
+    #[error("mount overlay at {path} (lower layer {lower}): {source}: this kernel or filesystem cannot give the copy an overlay; restore with --copy-rootfs (a private full copy of the snapshot's rootfs) instead")]
+    OverlayUnsupported {
+        path: PathBuf,
+        lower: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{} of {total} copies of snapshot {snapshot} failed to restore and were cleaned up:\n  {}\n{}", failed.len(), failed.iter().map(|(id, e)| format!("{id}: {e}")).collect::<Vec<_>>().join("\n  "), if restored.is_empty() { "no copy was restored".to_string() } else { format!("restored and left running: {} (remove them with `stasis delete --force ID`)", restored.join(", ")) })]
     CopiesFailed {
         snapshot: String,

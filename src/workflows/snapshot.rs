@@ -413,6 +413,19 @@ pub struct RestoreFrom {
     /// `{name_prefix}-{i}` (or `{restore.id}-{i}`).
     pub copies: usize,
     pub name_prefix: Option<String>,
+    /// How each copy's filesystem and network are set up.
+    pub copy: CopyOptions,
+}
+
+/// How a restored copy gets its root filesystem and network namespace.
+#[derive(Clone, Debug, Default)]
+pub struct CopyOptions {
+    /// A private full copy of the cached base (reflinked where the filesystem
+    /// can) instead of an overlay on it, for hosts where overlayfs cannot be used.
+    pub copy_rootfs: bool,
+    /// An existing network namespace (a path such as /run/netns/NAME) to restore
+    /// the copy into instead of a new one; several copies share it.
+    pub netns: Option<PathBuf>,
 }
 
 pub struct RestoreFromResult {
@@ -599,6 +612,7 @@ fn private_fs(
     id: &str,
     config_json: &[u8],
     ident: &Identity,
+    copy: &CopyOptions,
 ) -> Result<(PathBuf, PathBuf)> {
     let base = ensure_base(store, p)?;
     let manifest = p.manifest.as_ref().ok_or_else(|| WorkflowError::Snapshot {
@@ -616,42 +630,42 @@ fn private_fs(
         owned.join("merged"),
     );
     let result = (|| -> Result<PathBuf> {
-        for d in [&upper, &work, &merged] {
-            fs::create_dir_all(d).map_err(io_err("create", d))?;
-        }
+        // The root: an overlay on the base, or (--copy-rootfs) a full copy of it.
+        let root = if copy.copy_rootfs {
+            let root = owned.join("rootfs");
+            super::copytree::copy_tree(&base, &root)?;
+            root
+        } else {
+            for d in [&upper, &work, &merged] {
+                fs::create_dir_all(d).map_err(io_err("create", d))?;
+            }
+            merged.clone()
+        };
         // The identity file, visible at /.stasis/identity.json.
-        let idir = upper.join(".stasis");
+        let idir = if copy.copy_rootfs {
+            root.join(".stasis")
+        } else {
+            upper.join(".stasis")
+        };
         fs::create_dir_all(&idir).map_err(io_err("create", &idir))?;
         let ijson = json!({
             "generation": ident.generation, "copy_index": ident.index,
             "snapshot": ident.snapshot, "container_id": id,
         });
         fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io_err("write", &idir))?;
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            base.display(),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|e| WorkflowError::Io {
-            op: "mount overlay at",
-            path: merged.clone(),
-            source: e.into(),
-        })?;
+        if !copy.copy_rootfs {
+            mount_overlay(&base, &upper, &work, &merged)?;
+        }
         let mut cfg: serde_json::Value =
             serde_json::from_slice(config_json).map_err(|e| WorkflowError::Io {
                 op: "parse the snapshot's config.json for",
                 path: owned.clone(),
                 source: std::io::Error::other(e),
             })?;
-        cfg["root"]["path"] = json!(merged);
+        cfg["root"]["path"] = json!(root);
+        if let Some(ns) = &copy.netns {
+            set_netns_path(&mut cfg, ns);
+        }
         // Volumes: each copy gets its own, materialised from the snapshot.
         let data = p.image.join(fstree::DATA_FILE);
         for (i, t) in manifest.trees.iter().enumerate() {
@@ -696,7 +710,56 @@ fn private_fs(
     }
 }
 
-/// Restores one copy from a prepared snapshot. Returns CRIU's stats.
+/// Mounts the overlay of a copy; a kernel or filesystem that cannot do it
+/// (no overlayfs, an upper or lower directory on a filesystem overlayfs refuses)
+/// is told apart from other failures, with the `--copy-rootfs` way out.
+fn mount_overlay(base: &Path, upper: &Path, work: &Path, merged: &Path) -> Result<()> {
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        base.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| {
+        use nix::errno::Errno;
+        if matches!(e, Errno::EINVAL | Errno::ENODEV | Errno::EOPNOTSUPP) {
+            WorkflowError::OverlayUnsupported {
+                path: merged.to_path_buf(),
+                lower: base.to_path_buf(),
+                source: e.into(),
+            }
+        } else {
+            WorkflowError::Io {
+                op: "mount overlay at",
+                path: merged.to_path_buf(),
+                source: e.into(),
+            }
+        }
+    })
+}
+
+/// Points the spec's network namespace at `ns` (adding the entry if the spec
+/// had none).
+fn set_netns_path(cfg: &mut serde_json::Value, ns: &Path) {
+    let linux = &mut cfg["linux"];
+    if !linux["namespaces"].is_array() {
+        linux["namespaces"] = json!([]);
+    }
+    if let Some(list) = linux["namespaces"].as_array_mut() {
+        list.retain(|n| n.get("type").and_then(|t| t.as_str()) != Some("network"));
+        list.push(json!({"type": "network", "path": ns}));
+    }
+}
+
+/// Restores one copy from a prepared snapshot onto an overlay in a new network
+/// namespace. Returns CRIU's stats.
 pub fn restore_prepared(
     rt: &Runtime,
     store: &Store,
@@ -704,6 +767,20 @@ pub fn restore_prepared(
     opts: &RestoreOptions,
     bundle: Option<&Path>,
     ident: &Identity,
+) -> Result<CriuStats> {
+    restore_prepared_with(rt, store, p, opts, bundle, ident, &CopyOptions::default())
+}
+
+/// `restore_prepared` with the copy's filesystem and network set up as `copy`
+/// says.
+pub fn restore_prepared_with(
+    rt: &Runtime,
+    store: &Store,
+    p: &Prepared,
+    opts: &RestoreOptions,
+    bundle: Option<&Path>,
+    ident: &Identity,
+    copy: &CopyOptions,
 ) -> Result<CriuStats> {
     let mut opts = opts.clone();
     opts.image_path = p.image.clone();
@@ -722,8 +799,9 @@ pub fn restore_prepared(
             Some(b) => fs::read(b.join("config.json")).map_err(io_err("read config.json of", b))?,
             None => p.config_json.clone(),
         };
-        let (bdir, owned) = private_fs(rt, store, p, &opts.id, &cfg, ident)?;
+        let (bdir, owned) = private_fs(rt, store, p, &opts.id, &cfg, ident, copy)?;
         opts.bundle = bdir;
+        opts.join_netns = copy.netns.clone();
         opts.owned_dir = Some(owned.clone());
         match rt.restore(&opts) {
             Ok((_, stats)) => Ok(stats),
@@ -758,6 +836,22 @@ pub fn restore_from_store(
     r: &RestoreFrom,
 ) -> Result<RestoreFromResult> {
     let p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    if p.manifest.is_none() {
+        for (set, flag) in [
+            (r.copy.copy_rootfs, "--copy-rootfs"),
+            (r.copy.netns.is_some(), "--netns"),
+        ] {
+            if set {
+                return Err(WorkflowError::Snapshot {
+                    snapshot: p.sid.short(),
+                    reason: format!("{flag} needs a snapshot that carries its filesystem (this one was taken with --ignore-rootfs); restore it onto the bundle's rootfs, with the network namespace set in the bundle's config.json"),
+                });
+            }
+        }
+    }
+    if let Some(ns) = &r.copy.netns {
+        fs::metadata(ns).map_err(io_err("open network namespace", ns))?;
+    }
     let generation = new_generation();
     let n = r.copies.max(1);
     let ids: Vec<String> = if n == 1 && r.name_prefix.is_none() {
@@ -785,7 +879,7 @@ pub fn restore_from_store(
                         index: i,
                         snapshot: p.sid.short(),
                     };
-                    restore_prepared(rt, store, p, &o, r.bundle.as_deref(), &ident)
+                    restore_prepared_with(rt, store, p, &o, r.bundle.as_deref(), &ident, &r.copy)
                 })
             })
             .collect();

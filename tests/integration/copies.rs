@@ -11,9 +11,18 @@
 //! the test fails.
 
 use std::fs;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
-use crate::common::{unique_id, Container};
-use crate::store_flows::{assert_fails, mounts_under, names_in, Proc, Sx, CMD, COUNTER};
+use crate::common::{cgroups_named, edit_config, unique_id, wait_until, Container};
+use crate::store_flows::{
+    assert_fails, assert_one_line, http_get, mounts_under, names_in, run_cmd, Proc, Sx, CMD,
+    COUNTER,
+};
 
 /// `Sx::setup` with the test's name; returns from the test when it skips.
 macro_rules! setup {
@@ -30,6 +39,24 @@ macro_rules! setup {
             None => return,
         }
     }};
+}
+
+/// `stasis exec ID sh -c CMD` on this test's root, stdout trimmed.
+#[track_caller]
+fn sh_in(sx: &Sx, id: &str, cmd: &str) -> String {
+    sx.ok(&["exec", id, "sh", "-c", cmd])
+        .stdout
+        .trim()
+        .to_string()
+}
+
+/// Lazily unmounts a mount point when dropped (also when the test fails).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 /// Ids of the restored copies' private directories under `--root/.copies`.
@@ -104,5 +131,319 @@ fn a_copy_that_fails_is_reported_and_cleaned_up_while_the_others_keep_running() 
     assert!(
         !mounts.iter().any(|m| m.contains(&format!("/{}/", ids[1]))),
         "{mounts:?}"
+    );
+}
+
+#[test]
+fn a_copy_that_fails_inside_criu_restore_leaves_no_state_overlay_or_cgroup() {
+    let sx = setup!();
+    // A prestart hook (run at CRIU's setup-namespaces step, after the copy's
+    // overlay, bundle and cgroup exist) that refuses exactly one copy id.
+    let prefix = unique_id("cp-hook");
+    let ids: Vec<String> = (0..3).map(|i| format!("{prefix}-{i}")).collect();
+    let hook = sx.path("refuse.sh");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nif grep -q '\"{}\"'; then echo refused >&2; exit 3; fi\nexit 0\n",
+            ids[1]
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    edit_config(&b, |c| {
+        c["hooks"] = serde_json::json!({"prestart": [{"path": hook, "args": ["refuse.sh"]}]});
+    });
+    let id = unique_id("cp-orig");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "hk", &id]);
+    let _guards: Vec<Container> = ids.iter().map(|i| sx.guard(i)).collect();
+    let out = Proc::spawn(
+        sx.command(
+            Some(&sx.store),
+            &[
+                "restore",
+                "-d",
+                "--from",
+                "hk",
+                "--copies",
+                "3",
+                "--name-prefix",
+                &prefix,
+            ],
+        ),
+        true,
+    )
+    .wait(CMD);
+    assert_fails(
+        &out,
+        &[
+            "1 of 3 copies",
+            &format!("{}: ", ids[1]),
+            "prestart",
+            &format!("restored and left running: {}, {}", ids[0], ids[2]),
+        ],
+    );
+    let listed: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(listed, vec![ids[0].as_str(), ids[2].as_str()], "{out:#?}");
+    sx.assert_carries_on(&ids[0], &before);
+    sx.assert_carries_on(&ids[2], &before);
+    // The failed copy left nothing: no state, no private dir, no overlay, no cgroup.
+    assert!(sx.state(&ids[1]).is_none());
+    assert!(!sx.env.root.join(&ids[1]).exists());
+    assert_eq!(copies_of(&sx), vec![ids[0].clone(), ids[2].clone()]);
+    let mounts = mounts_under(&sx.env.root);
+    assert!(!mounts.iter().any(|m| m.contains(&ids[1])), "{mounts:?}");
+    assert!(
+        cgroups_named(&ids[1]).is_empty(),
+        "{:?}",
+        cgroups_named(&ids[1])
+    );
+    assert!(!cgroups_named(&ids[0]).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Overlay not usable: --copy-rootfs
+
+/// Mounts an overlay at `at` (layers under `layers`): a directory on it cannot be
+/// the upper layer of another overlay.
+fn mount_overlay_at(at: &Path, layers: &Path) -> Unmount {
+    let (l, u, w) = (layers.join("l"), layers.join("u"), layers.join("w"));
+    for d in [&l, &u, &w, &at.to_path_buf()] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        l.display(),
+        u.display(),
+        w.display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(at)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount an overlay at {}", at.display());
+    Unmount(at.to_path_buf())
+}
+
+#[test]
+fn copy_rootfs_restores_onto_a_private_full_copy_where_overlay_cannot_be_used() {
+    let sx = setup!();
+    // The state root (where each copy's upper layer would go) is itself an
+    // overlayfs, which overlayfs refuses as an upper layer. Mounted before any
+    // container exists and unmounted after every guard below ran.
+    let _root = mount_overlay_at(&sx.env.root, &sx.path("root-layers"));
+    let b = sx.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            &format!("mkdir -p /data; echo checkpointed > /data/f; {COUNTER}"),
+        ],
+    );
+    edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
+    let id = unique_id("cp-orig");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "cr", &id]);
+
+    // An overlay: a clear error that names the way out, nothing left behind.
+    let id2 = unique_id("cp-copy");
+    let g2 = sx.guard(&id2);
+    let out = sx.restore_from_in(&sx.store, "cr", &id2, &[]);
+    assert_one_line(&out, &["mount overlay at", &id2, "--copy-rootfs"]);
+    assert!(!sx.env.root.join(&id2).exists(), "state of {id2} left");
+    assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
+    assert!(mounts_under(&sx.env.root).is_empty());
+    assert!(cgroups_named(&id2).is_empty());
+
+    // --copy-rootfs: the copy runs on its own full copy of the snapshot's rootfs.
+    sx.restore_from_in(&sx.store, "cr", &id2, &["--copy-rootfs"])
+        .ok();
+    sx.assert_carries_on(&id2, &before);
+    let private = sx.env.root.join(".copies").join(&id2);
+    let st = sx.state(&id2).unwrap();
+    assert_eq!(
+        Path::new(st["bundle"].as_str().unwrap()),
+        private.join("bundle")
+    );
+    assert!(
+        mounts_under(&sx.env.root).is_empty(),
+        "no overlay for a copy"
+    );
+    assert_eq!(
+        fs::read_to_string(private.join("rootfs/data/f")).unwrap(),
+        "checkpointed\n"
+    );
+    // Its writes are its own: not in the original, not in the cached base, not in
+    // a second copy.
+    assert_eq!(sh_in(&sx, &id2, "echo mine > /data/f; cat /data/f"), "mine");
+    assert_eq!(
+        fs::read_to_string(b.join("rootfs/data/f")).unwrap(),
+        "checkpointed\n"
+    );
+    let bases: Vec<PathBuf> = fs::read_dir(sx.store.join("cache/fs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("rootfs/data/f"))
+        .collect();
+    assert_eq!(bases.len(), 1, "{bases:?}");
+    assert_eq!(fs::read_to_string(&bases[0]).unwrap(), "checkpointed\n");
+    let id3 = unique_id("cp-copy3");
+    let g3 = sx.restore_from("cr", &id3, &["--copy-rootfs"]);
+    assert_eq!(sh_in(&sx, &id3, "cat /data/f"), "checkpointed");
+    // delete removes each copy's private rootfs and bundle.
+    sx.ok(&["delete", "--force", &id2]);
+    sx.ok(&["delete", "--force", &id3]);
+    assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
+    drop((g2, g3));
+}
+
+// ---------------------------------------------------------------------------
+// --netns PATH
+
+/// A network namespace made with `ip netns add`, removed with `ip netns del`.
+struct Netns(String);
+
+impl Netns {
+    fn add(name: &str) -> Netns {
+        let out = run_cmd(
+            {
+                let mut c = Command::new("ip");
+                c.args(["netns", "add", name]);
+                c
+            },
+            CMD,
+        );
+        assert_eq!(out.code, Some(0), "ip netns add {name}: {out:#?}");
+        let ns = Netns(name.to_string());
+        let out = run_cmd(
+            {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", name, "ip", "link", "set", "lo", "up"]);
+                c
+            },
+            CMD,
+        );
+        assert_eq!(out.code, Some(0), "lo up in {name}: {out:#?}");
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// HTTP GET of 127.0.0.1:`port` from inside the network namespace at `ns`.
+fn http_get_in(ns: &Path, port: u16) -> Result<(u16, String), String> {
+    let ns = ns.to_path_buf();
+    std::thread::spawn(move || {
+        let f = fs::File::open(&ns).map_err(|e| format!("open {}: {e}", ns.display()))?;
+        // SAFETY: setns on a descriptor we own; it moves only this thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "setns {}: {}",
+                ns.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        http_get(SocketAddr::from(([127, 0, 0, 1], port)))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("connect thread panicked".into()))
+}
+
+/// A busybox httpd on port 8080 serving /tmp/www; /tmp/ready once it listens.
+const HTTPD: &str = "mkdir -p /tmp/www; echo hello-from-httpd > /tmp/www/index.html; \
+     httpd -f -p 8080 -h /tmp/www & sleep 1; touch /tmp/ready; wait";
+
+#[test]
+fn netns_restores_copies_into_the_given_network_namespace() {
+    let sx = setup!();
+    let ns = Netns::add(&unique_id("stasis-ns"));
+    let b = sx.bundle("b", &["sh", "-c", HTTPD]);
+    let id = unique_id("cp-web");
+    let _g = sx.run_d(&b, &id);
+    wait_until("httpd ready", Duration::from_secs(15), || {
+        sx.run(&["exec", &id, "test", "-f", "/tmp/ready"]).code == Some(0)
+    });
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "web", &id]);
+
+    // One copy: it lives in the given namespace and answers there.
+    let id2 = unique_id("cp-in-ns");
+    let g2 = sx.restore_from("web", &id2, &["--netns", ns.path().to_str().unwrap()]);
+    let pid = sx.pid(&id2);
+    assert_eq!(
+        fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino(),
+        fs::metadata(ns.path()).unwrap().ino(),
+        "the copy is not in {}",
+        ns.path().display()
+    );
+    let (code, body) = http_get_in(&ns.path(), 8080).expect("GET in the netns");
+    assert_eq!((code, body.as_str()), (200, "hello-from-httpd\n"));
+    let st = sx.state(&id2).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &fs::read(Path::new(st["bundle"].as_str().unwrap()).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        cfg["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["type"] == "network" && n["path"] == ns.path().to_str().unwrap()),
+        "{cfg:#}"
+    );
+    sx.ok(&["delete", "--force", &id2]);
+    drop(g2);
+
+    // Two copies share the namespace: both are restored into it (CRIU binds the
+    // restored listening sockets in repair mode, so both hold port 8080, and
+    // connections reach one of them).
+    let prefix = unique_id("cp-two");
+    let ids: Vec<String> = (0..2).map(|i| format!("{prefix}-{i}")).collect();
+    let _guards: Vec<Container> = ids.iter().map(|i| sx.guard(i)).collect();
+    sx.run_starting(
+        &sx.store,
+        &[
+            "restore",
+            "-d",
+            "--from",
+            "web",
+            "--copies",
+            "2",
+            "--name-prefix",
+            &prefix,
+            "--netns",
+            ns.path().to_str().unwrap(),
+        ],
+    )
+    .ok();
+    let ns_ino = fs::metadata(ns.path()).unwrap().ino();
+    for c in &ids {
+        let pid = sx.pid(c);
+        assert_eq!(
+            fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino(),
+            ns_ino,
+            "{c} is not in {}",
+            ns.path().display()
+        );
+    }
+    let (code, body) = http_get_in(&ns.path(), 8080).expect("GET in the netns");
+    assert_eq!((code, body.as_str()), (200, "hello-from-httpd\n"));
+    // The original is still in its own namespace.
+    let opid = sx.pid(&id);
+    assert_ne!(
+        fs::metadata(format!("/proc/{opid}/ns/net")).unwrap().ino(),
+        ns_ino
     );
 }

@@ -1,0 +1,346 @@
+//! A private full copy of a directory tree, for `restore --copy-rootfs` where an
+//! overlay cannot be used: every file is reflinked (FICLONE, shares blocks until
+//! written, as `cp --reflink=auto` does) where the filesystem can, else copied
+//! extent by extent so holes stay holes. Modes, owners, times, xattrs, symlinks,
+//! hard links, device nodes, fifos and empty directories are kept.
+//!
+//! Reads only `src`; writes only under `dst`, which must not exist yet.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{Result, WorkflowError};
+
+/// What a copy did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    pub files: u64,
+    /// Files whose blocks are shared with the source (FICLONE).
+    pub reflinked: u64,
+    /// Bytes of data copied (not reflinked, holes not counted).
+    pub bytes_copied: u64,
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
+    let path = path.to_path_buf();
+    move |source| WorkflowError::Io { op, path, source }
+}
+
+fn cpath(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| WorkflowError::Io {
+        op: "encode path",
+        path: p.to_path_buf(),
+        source: std::io::Error::other("path contains a NUL byte"),
+    })
+}
+
+/// Copies the tree at `src` to `dst` (created; its parent must exist).
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats> {
+    let mut stats = CopyStats::default();
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut dirs: Vec<(PathBuf, fs::Metadata, PathBuf)> = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    let mut buf = vec![0u8; 1 << 20];
+    while let Some(rel) = stack.pop() {
+        let from = src.join(&rel);
+        let to = dst.join(&rel);
+        let meta = fs::symlink_metadata(&from).map_err(io("stat", &from))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            fs::create_dir(&to).map_err(io("create directory", &to))?;
+            for d in fs::read_dir(&from).map_err(io("read directory", &from))? {
+                let d = d.map_err(io("read directory", &from))?;
+                stack.push(rel.join(d.file_name()));
+            }
+            // Applied deepest first once the tree is built, so read-only
+            // directories and their mtimes stick.
+            dirs.push((to, meta, from));
+            continue;
+        }
+        if ft.is_file() {
+            if meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = links.get(&key) {
+                    fs::hard_link(first, &to).map_err(io("create hard link", &to))?;
+                    continue;
+                }
+                links.insert(key, to.clone());
+            }
+            stats.files += 1;
+            if copy_file(&from, &to, meta.len(), &mut buf, &mut stats)? {
+                stats.reflinked += 1;
+            }
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&from).map_err(io("read link", &from))?;
+            std::os::unix::fs::symlink(&target, &to).map_err(io("create symlink", &to))?;
+        } else {
+            let kind = if ft.is_char_device() {
+                nix::sys::stat::SFlag::S_IFCHR
+            } else if ft.is_block_device() {
+                nix::sys::stat::SFlag::S_IFBLK
+            } else if ft.is_fifo() {
+                nix::sys::stat::SFlag::S_IFIFO
+            } else if ft.is_socket() {
+                nix::sys::stat::SFlag::S_IFSOCK
+            } else {
+                continue;
+            };
+            nix::sys::stat::mknod(
+                &to,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777),
+                meta.rdev() as libc::dev_t,
+            )
+            .map_err(|e| WorkflowError::Io {
+                op: "mknod",
+                path: to.clone(),
+                source: e.into(),
+            })?;
+        }
+        copy_meta(&from, &to, &meta)?;
+    }
+    for (to, meta, from) in dirs.iter().rev() {
+        copy_meta(from, to, meta)?;
+    }
+    Ok(stats)
+}
+
+/// Reflinks `from` to `to`, else copies its data extents (holes stay holes).
+/// Returns whether the blocks are shared.
+fn copy_file(
+    from: &Path,
+    to: &Path,
+    len: u64,
+    buf: &mut [u8],
+    stats: &mut CopyStats,
+) -> Result<bool> {
+    let mut src = File::open(from).map_err(io("open", from))?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(io("create", to))?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both
+    // descriptors are open for the duration of the call and no memory is passed.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if r == 0 {
+        return Ok(true);
+    }
+    // Not a reflink-capable filesystem (EOPNOTSUPP, EXDEV across filesystems,
+    // EINVAL, ENOTTY): a plain copy of the data extents.
+    let mut pos = 0u64;
+    while pos < len {
+        let (start, end) = match data_extent(&src, pos) {
+            Some(x) => x,
+            None => break,
+        };
+        let end = end.min(len);
+        src.seek(SeekFrom::Start(start)).map_err(io("seek", from))?;
+        dst.seek(SeekFrom::Start(start)).map_err(io("seek", to))?;
+        let mut left = end.saturating_sub(start);
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            src.read_exact(&mut buf[..n]).map_err(io("read", from))?;
+            dst.write_all(&buf[..n]).map_err(io("write", to))?;
+            left -= n as u64;
+            stats.bytes_copied += n as u64;
+        }
+        pos = end;
+    }
+    dst.set_len(len).map_err(io("truncate", to))?;
+    Ok(false)
+}
+
+/// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE), or the rest
+/// of the file where the filesystem cannot tell; None past the last data.
+fn data_extent(f: &File, pos: u64) -> Option<(u64, u64)> {
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data after pos; anything else: no hole support, copy it all.
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            None
+        } else {
+            Some((pos, u64::MAX))
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    Some((start as u64, if end < 0 { u64::MAX } else { end as u64 }))
+}
+
+/// Owner, mode (after the owner: chown clears set-id bits), xattrs and times.
+fn copy_meta(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
+    let c = cpath(to)?;
+    // SAFETY: lchown takes a valid NUL-terminated path we own.
+    if unsafe { libc::lchown(c.as_ptr(), meta.uid(), meta.gid()) } != 0 {
+        return Err(WorkflowError::Io {
+            op: "chown",
+            path: to.to_path_buf(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if !meta.file_type().is_symlink() {
+        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(io("chmod", to))?;
+    }
+    copy_xattrs(from, to)?;
+    let ts = [
+        libc::timespec {
+            tv_sec: meta.atime() as libc::time_t,
+            tv_nsec: meta.atime_nsec() as libc::c_long,
+        },
+        libc::timespec {
+            tv_sec: meta.mtime() as libc::time_t,
+            tv_nsec: meta.mtime_nsec() as libc::c_long,
+        },
+    ];
+    // SAFETY: ts is a valid two-element array; the path is NUL-terminated.
+    unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        );
+    }
+    Ok(())
+}
+
+fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
+    let cf = cpath(from)?;
+    let ct = cpath(to)?;
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: llistxattr writes at most names.len() bytes into names.
+    let n = unsafe { libc::llistxattr(cf.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return Ok(());
+    }
+    let mut val = vec![0u8; 64 << 10];
+    for name in names[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        let Ok(cname) = CString::new(name) else {
+            continue;
+        };
+        // SAFETY: lgetxattr writes at most val.len() bytes into val.
+        let m = unsafe {
+            libc::lgetxattr(
+                cf.as_ptr(),
+                cname.as_ptr(),
+                val.as_mut_ptr().cast(),
+                val.len(),
+            )
+        };
+        if m < 0 {
+            continue;
+        }
+        // SAFETY: valid path, name and value buffers for the duration of the call.
+        let r = unsafe {
+            libc::lsetxattr(
+                ct.as_ptr(),
+                cname.as_ptr(),
+                val.as_ptr().cast(),
+                m as usize,
+                0,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // A filesystem without that namespace (e.g. trusted.* of an overlay
+            // base on a filesystem that refuses it) loses only that attribute.
+            if e.raw_os_error() == Some(libc::ENOTSUP) {
+                continue;
+            }
+            return Err(WorkflowError::Io {
+                op: "set xattr on",
+                path: to.to_path_buf(),
+                source: std::io::Error::other(format!("{}: {e}", String::from_utf8_lossy(name))),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_keeps_links_holes_modes_and_xattrs() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("a/empty")).unwrap();
+        fs::write(src.join("a/small"), b"hello").unwrap();
+        fs::hard_link(src.join("a/small"), src.join("link")).unwrap();
+        std::os::unix::fs::symlink("a/small", src.join("sym")).unwrap();
+        let mut f = File::create(src.join("sparse")).unwrap();
+        f.seek(SeekFrom::Start(32 << 20)).unwrap();
+        f.write_all(b"tail").unwrap();
+        drop(f);
+        fs::set_permissions(src.join("a/small"), fs::Permissions::from_mode(0o4751)).unwrap();
+        let c = cpath(&src.join("a/small")).unwrap();
+        // SAFETY: valid NUL-terminated path, name and value.
+        let xr =
+            unsafe { libc::lsetxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        nix::unistd::mkfifo(
+            &src.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        fs::set_permissions(src.join("a"), fs::Permissions::from_mode(0o555)).unwrap();
+        let dst = t.path().join("dst");
+        let st = copy_tree(&src, &dst).unwrap();
+        assert_eq!(st.files, 2);
+        assert_eq!(fs::read(dst.join("a/small")).unwrap(), b"hello");
+        let (a, b) = (
+            fs::metadata(dst.join("a/small")).unwrap(),
+            fs::metadata(dst.join("link")).unwrap(),
+        );
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(a.mode() & 0o7777, 0o4751);
+        assert_eq!(fs::metadata(dst.join("a")).unwrap().mode() & 0o7777, 0o555);
+        assert!(dst.join("a/empty").is_dir());
+        assert_eq!(
+            fs::read_link(dst.join("sym")).unwrap(),
+            Path::new("a/small")
+        );
+        let sp = fs::metadata(dst.join("sparse")).unwrap();
+        assert_eq!(sp.len(), (32 << 20) + 4);
+        assert!(
+            sp.blocks() * 512 < 1 << 20,
+            "holes were filled: {}",
+            sp.blocks()
+        );
+        assert!(fs::symlink_metadata(dst.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        if xr == 0 {
+            let cd = cpath(&dst.join("a/small")).unwrap();
+            let mut v = [0u8; 8];
+            // SAFETY: v is a valid buffer of v.len() bytes.
+            let n = unsafe {
+                libc::lgetxattr(
+                    cd.as_ptr(),
+                    c"user.k".as_ptr(),
+                    v.as_mut_ptr().cast(),
+                    v.len(),
+                )
+            };
+            assert_eq!(n, 1);
+            assert_eq!(v[0], b'v');
+        }
+        fs::set_permissions(src.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(dst.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}

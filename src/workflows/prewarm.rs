@@ -241,9 +241,6 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
         std::thread::sleep(Duration::from_millis(50));
     }
     let cold_to_ready = t0.elapsed();
-    if matches!(o.ready, Probe::Tcp(_) | Probe::Http(_)) {
-        settle_connections(pid);
-    }
     let t1 = Instant::now();
     if let Some(cmd) = &o.warmup {
         let st = stasis_cmd(o)
@@ -266,6 +263,10 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
         }
     }
     let warmup = t1.elapsed();
+    // Not only tcp/http probes connect: `exec:redis-cli ping`, `exec:pg_isready -h
+    // 127.0.0.1` and warm-up commands do too, and the server may not have closed
+    // its end yet.
+    settle_connections(pid);
     let t2 = Instant::now();
     let checkpoint = checkpoint_to_store(
         rt,

@@ -1467,3 +1467,83 @@ fn copies_get_the_checkpoint_time_filesystem_and_do_not_see_each_other() {
     );
     assert!(names_in(&sx.env.root.join(".copies")).is_empty());
 }
+
+#[test]
+fn second_capture_reads_only_the_changed_file_and_diff_lists_it() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1; done"]);
+    crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
+    fs::create_dir_all(b.join("rootfs/data")).unwrap();
+    fs::write(b.join("rootfs/data/f"), "v1\n").unwrap();
+    let big: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
+    fs::write(b.join("rootfs/data/big"), &big).unwrap();
+    let id = unique_id("sf-stat");
+    let _g = sx.run_d(&b, &id);
+    // Files changed within the last second stay out of the stat cache (their
+    // ctime could repeat): let every file of the fresh bundle age past that.
+    std::thread::sleep(Duration::from_millis(1500));
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "st:1", &id]);
+    sh_in(&sx, &id, "echo v2 > /data/f");
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "st:2", &id]);
+
+    let inspect = |tag: &str| {
+        sx.ok(&["snapshot", "inspect", "--format", "json", tag])
+            .json()
+    };
+    let (i1, i2) = (inspect("st:1"), inspect("st:2"));
+    let cap = |v: &Value, k: &str| {
+        v["metadata"]["filesystem"]["capture"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no capture.{k}: {:#}", v["metadata"]["filesystem"]))
+    };
+    // The first capture read every file; the second only the changed one.
+    assert_eq!(cap(&i1, "files_unchanged"), 0);
+    assert_eq!(cap(&i1, "files_read_frozen"), cap(&i1, "files"));
+    assert_eq!(cap(&i2, "files_read_frozen"), 1, "{:#}", i2["metadata"]);
+    assert_eq!(cap(&i2, "bytes_read_frozen"), 3);
+    assert_eq!(cap(&i2, "files_unchanged"), cap(&i2, "files") - 1);
+    assert!(cap(&i2, "bytes_unchanged") >= big.len() as u64);
+    assert!(i2["metadata"]["timings_ms"]["fs_capture"].is_u64());
+    // inspect's filesystem summary.
+    let fs2 = &i2["filesystem"];
+    assert_eq!(fs2["files"], i2["metadata"]["filesystem"]["files"]);
+    assert!(fs2["new_bytes"].as_u64().unwrap() < 64 * 1024, "{fs2:#}");
+    assert!(
+        inspect("st:1")["filesystem"]["new_bytes"].as_u64().unwrap() >= big.len() as u64,
+        "{:#}",
+        i1["filesystem"]
+    );
+    let text = sx.ok(&["snapshot", "inspect", "st:2"]).stdout;
+    assert!(text.contains("filesystem: "), "{text}");
+
+    // diff lists exactly the changed file.
+    let d = sx
+        .ok(&["snapshot", "diff", "--format", "json", "st:1", "st:2"])
+        .json();
+    let changes = d["filesystem"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{changes:#?}");
+    assert_eq!(changes[0]["path"], "data/f");
+    assert_eq!(changes[0]["tree"], "/");
+    assert_eq!(changes[0]["change"], "changed");
+    assert_eq!(changes[0]["size_a"], 3);
+    let text = sx.ok(&["snapshot", "diff", "st:1", "st:2"]).stdout;
+    assert!(text.contains("M /data/f"), "{text}");
+    assert!(text.contains("1 changed"), "{text}");
+
+    // Each snapshot restores its own content; the unchanged big file is intact.
+    for (tag, want) in [("st:2", "v2"), ("st:1", "v1")] {
+        let rid = unique_id("sf-stat-r");
+        let _r = sx.restore_from(tag, &rid, &[]);
+        assert_eq!(sh_in(&sx, &rid, "cat /data/f"), want, "{tag}");
+        assert_eq!(
+            sh_in(&sx, &rid, "wc -c < /data/big"),
+            big.len().to_string(),
+            "{tag}"
+        );
+        assert_eq!(
+            sh_in(&sx, &rid, "tail -n 1 /data/big"),
+            "line 00019999",
+            "{tag}"
+        );
+    }
+}

@@ -208,3 +208,42 @@ fn materialize_needs_an_empty_destination() {
         .expect("empty dir ok");
     assert_eq!(dir_contents(&dest), dir_contents(&img));
 }
+
+#[test]
+fn one_file_of_a_snapshot_reads_back_verified_and_new_pages_count_what_it_added() {
+    let f = Fixture::new();
+    let img = f.image("a", 7, 64);
+    let fsdata = pages(8, 16);
+    fs::write(img.join("fsdata-0.bin"), &fsdata).unwrap();
+    let a = f.ingest(&img, &["a"]).id;
+    mutate(&img, 3, 99);
+    let b = f.ingest(&img, &["b"]).id;
+
+    let core = fs::read(img.join("core-1.img")).unwrap();
+    assert_eq!(f.store.read_file(&b, "core-1.img").unwrap(), core);
+    let e = f
+        .store
+        .read_file(&b, "pages-1.img")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("page by page"), "{e}");
+    let e = f.store.read_file(&b, "nope.img").unwrap_err().to_string();
+    assert!(e.contains("has no file \"nope.img\""), "{e}");
+
+    let out = f.path("one");
+    let p = f.store.materialize_file(&a, "fsdata-0.bin", &out).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), fsdata);
+    let p = f.store.materialize_file(&b, "pages-1.img", &out).unwrap();
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        fs::read(img.join("pages-1.img")).unwrap()
+    );
+    let p = f.store.materialize_file(&b, "core-1.img", &out).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), core);
+
+    let (total, new) = f.store.new_pages(&b, "pages-1.img").unwrap();
+    assert_eq!(total, 64);
+    assert!((1..=3).contains(&new), "{new}");
+    assert_eq!(f.store.new_pages(&b, "fsdata-0.bin").unwrap().1, 0);
+    assert_eq!(f.store.new_pages(&b, "core-1.img").unwrap(), (0, 0));
+}

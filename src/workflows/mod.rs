@@ -4,6 +4,7 @@
 pub mod copytree;
 pub mod fstree;
 pub mod host;
+pub mod openfiles;
 pub mod prewarm;
 pub mod serve;
 pub mod snapshot;
@@ -47,6 +48,14 @@ pub enum WorkflowError {
     },
     #[error("snapshot {snapshot}: its original bundle is gone; pass --bundle DIR with the container's config.json and rootfs")]
     NoBundle { snapshot: String },
+    #[error("snapshot {snapshot}: file {file} of {} changed since the checkpoint ({detail}); restore the rootfs or checkpoint again", rootfs.display())]
+    OpenFileChanged {
+        snapshot: String,
+        /// Path inside the container.
+        file: String,
+        rootfs: PathBuf,
+        detail: String,
+    },
     #[error("mount overlay at {path} (lower layer {lower}): {source}: this kernel or filesystem cannot give the copy an overlay; restore with --copy-rootfs (a private full copy of the snapshot's rootfs) instead")]
     OverlayUnsupported {
         path: PathBuf,

@@ -193,6 +193,13 @@ pub fn checkpoint_to_store(
     };
     let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
+    // Without the rootfs in the snapshot, the files the processes hold open are
+    // recorded (after the dump) so a restore onto a changed rootfs is refused.
+    let open_files = if t.ignore_rootfs {
+        super::openfiles::list(&st.rootfs, &container_pids(st.pid))
+    } else {
+        Vec::new()
+    };
     let t0 = Instant::now();
     let stats = rt.checkpoint_with(&opts, &mut |cs| {
         if sources.is_empty() {
@@ -271,6 +278,7 @@ pub fn checkpoint_to_store(
         "bundle": st.bundle,
         "rootfs": st.rootfs,
         "filesystem": fs_info,
+        "open_files": super::openfiles::digests(&st.rootfs, &open_files),
         // fs_capture: the part of the frozen window spent on the filesystem;
         // fs_assemble: copying unchanged files and hashing, after the thaw.
         "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
@@ -824,6 +832,7 @@ pub fn restore_prepared_with(
                     snapshot: p.sid.short(),
                 })?,
         };
+        super::openfiles::check(&p.sid.short(), &p.meta, &opts.bundle)?;
         Ok(rt.restore(&opts)?.1)
     }
 }

@@ -447,3 +447,61 @@ fn netns_restores_copies_into_the_given_network_namespace() {
         ns_ino
     );
 }
+
+// ---------------------------------------------------------------------------
+// A snapshot without filesystem state onto a bundle
+
+#[test]
+fn ignore_rootfs_snapshot_is_refused_onto_a_rootfs_whose_open_file_changed() {
+    let sx = setup!();
+    let b = sx.bundle(
+        "b",
+        &["sh", "-c", &format!("exec 3< /data/held; {COUNTER}")],
+    );
+    fs::create_dir_all(b.join("rootfs/data")).unwrap();
+    fs::write(b.join("rootfs/data/held"), "as at the checkpoint\n").unwrap();
+    let id = unique_id("cp-held");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--ignore-rootfs", "--tag", "held", &id]);
+    let cfg = sx
+        .ok(&["snapshot", "inspect", "--format", "json", "held"])
+        .json();
+    let open = cfg["metadata"]["open_files"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        open.iter()
+            .any(|f| f["path"] == "data/held" && f["size"] == 21 && f["sha256"].as_str().is_some()),
+        "data/held not recorded: {open:#?}"
+    );
+
+    // Changed since: refused before CRIU runs, naming the file; nothing left.
+    fs::write(b.join("rootfs/data/held"), "changed after the checkpoint\n").unwrap();
+    let id2 = unique_id("cp-held2");
+    let g2 = sx.guard(&id2);
+    let bundle = ["--bundle", b.to_str().unwrap()];
+    let out = sx.restore_from_in(&sx.store, "held", &id2, &bundle);
+    assert_one_line(
+        &out,
+        &[
+            "file /data/held",
+            "changed since the checkpoint (size 21 -> 29)",
+            "restore the rootfs or checkpoint again",
+        ],
+    );
+    assert!(sx.state(&id2).is_none());
+    assert!(!sx.env.root.join(&id2).exists());
+    assert!(cgroups_named(&id2).is_empty());
+    // Same size, other content: named too.
+    fs::write(b.join("rootfs/data/held"), "AS AT THE CHECKPOINT\n").unwrap();
+    let out = sx.restore_from_in(&sx.store, "held", &id2, &bundle);
+    assert_one_line(&out, &["file /data/held", "same size, sha256"]);
+
+    // Put back as it was: the restore goes through and the workload carries on.
+    fs::write(b.join("rootfs/data/held"), "as at the checkpoint\n").unwrap();
+    sx.restore_from_in(&sx.store, "held", &id2, &bundle).ok();
+    sx.assert_carries_on(&id2, &before);
+    drop(g2);
+}

@@ -56,6 +56,12 @@ pub enum WorkflowError {
         rootfs: PathBuf,
         detail: String,
     },
+    #[error("snapshot {snapshot}: the source {} of the volume mounted at {dest} is gone; recreate it, restore with --bundle DIR whose config.json mounts another source there, or checkpoint without --ignore-volumes so the snapshot carries the volume", path.display())]
+    VolumeMissing {
+        snapshot: String,
+        path: PathBuf,
+        dest: String,
+    },
     #[error("mount overlay at {path} (lower layer {lower}): {source}: this kernel or filesystem cannot give the copy an overlay; restore with --copy-rootfs (a private full copy of the snapshot's rootfs) instead")]
     OverlayUnsupported {
         path: PathBuf,

@@ -690,6 +690,10 @@ fn private_fs(
                 }
             }
         }
+        // The other bind mounts keep their host sources (relative ones were
+        // relative to the original bundle); each must still be there.
+        let orig_bundle = p.meta.get("bundle").and_then(|b| b.as_str()).map(Path::new);
+        check_volume_sources(&p.sid.short(), &mut cfg, orig_bundle)?;
         if let Some(env) = cfg
             .get_mut("process")
             .and_then(|p| p.get_mut("env"))
@@ -751,6 +755,49 @@ fn mount_overlay(base: &Path, upper: &Path, work: &Path, merged: &Path) -> Resul
             }
         }
     })
+}
+
+/// Refuses a spec whose bind mount (volume) source is gone, naming the source
+/// and the destination; relative sources are made absolute against `bundle`.
+fn check_volume_sources(
+    snapshot: &str,
+    cfg: &mut serde_json::Value,
+    bundle: Option<&Path>,
+) -> Result<()> {
+    let Some(mounts) = cfg.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(());
+    };
+    for m in mounts.iter_mut() {
+        let bind = m.get("type").and_then(|t| t.as_str()) == Some("bind")
+            || m.get("options")
+                .and_then(|o| o.as_array())
+                .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+        let (true, Some(src), Some(dest)) = (
+            bind,
+            m.get("source").and_then(|v| v.as_str()).map(PathBuf::from),
+            m.get("destination")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+        ) else {
+            continue;
+        };
+        let src = match bundle {
+            Some(b) if src.is_relative() => {
+                let abs = b.join(&src);
+                m["source"] = json!(abs);
+                abs
+            }
+            _ => src,
+        };
+        if fs::symlink_metadata(&src).is_err() {
+            return Err(WorkflowError::VolumeMissing {
+                snapshot: snapshot.to_string(),
+                path: src,
+                dest,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Points the spec's network namespace at `ns` (adding the entry if the spec
@@ -833,6 +880,12 @@ pub fn restore_prepared_with(
                 })?,
         };
         super::openfiles::check(&p.sid.short(), &p.meta, &opts.bundle)?;
+        let cfg_path = opts.bundle.join("config.json");
+        let mut cfg: serde_json::Value = fs::read(&cfg_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        check_volume_sources(&p.sid.short(), &mut cfg, Some(&opts.bundle))?;
         Ok(rt.restore(&opts)?.1)
     }
 }

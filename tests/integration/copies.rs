@@ -505,3 +505,54 @@ fn ignore_rootfs_snapshot_is_refused_onto_a_rootfs_whose_open_file_changed() {
     sx.assert_carries_on(&id2, &before);
     drop(g2);
 }
+
+// ---------------------------------------------------------------------------
+// Volumes
+
+#[test]
+fn volume_comes_back_as_at_the_checkpoint_and_a_missing_source_is_named() {
+    let sx = setup!();
+    let vol = sx.path("vol");
+    fs::create_dir_all(&vol).unwrap();
+    fs::write(vol.join("state"), "before\n").unwrap();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    crate::common::add_bind(&b, &vol, "/vol");
+    let id = unique_id("cp-vol");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "vol", &id]);
+    // The original writes to its volume after the checkpoint.
+    sh_in(&sx, &id, "echo after > /vol/state");
+
+    // The copy has the checkpoint-time content in a volume of its own.
+    let id2 = unique_id("cp-vol2");
+    let g2 = sx.restore_from("vol", &id2, &[]);
+    sx.assert_carries_on(&id2, &before);
+    assert_eq!(sh_in(&sx, &id2, "cat /vol/state"), "before");
+    sh_in(&sx, &id2, "echo copy > /vol/state; echo new > /vol/new");
+    assert_eq!(fs::read_to_string(vol.join("state")).unwrap(), "after\n");
+    assert!(!vol.join("new").exists());
+    assert_eq!(sh_in(&sx, &id, "cat /vol/state"), "after");
+    drop(g2);
+
+    // Without the volume in the snapshot, its source must exist at restore.
+    sx.ok(&["checkpoint", "--ignore-volumes", "--tag", "novol", &id]);
+    fs::remove_dir_all(&vol).unwrap();
+    let id3 = unique_id("cp-vol3");
+    let _g3 = sx.guard(&id3);
+    let out = sx.restore_from_in(&sx.store, "novol", &id3, &[]);
+    assert_one_line(
+        &out,
+        &[
+            &format!(
+                "the source {} of the volume mounted at /vol is gone",
+                vol.display()
+            ),
+            "--ignore-volumes",
+        ],
+    );
+    assert!(sx.state(&id3).is_none());
+    assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
+    assert!(mounts_under(&sx.env.root).is_empty());
+    assert!(cgroups_named(&id3).is_empty());
+}

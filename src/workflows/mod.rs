@@ -62,6 +62,14 @@ pub enum WorkflowError {
         path: PathBuf,
         dest: String,
     },
+    #[error("materialise the root filesystem of snapshot {snapshot} into {}: {source} ({needed} bytes of file data, {free} bytes free there); the partial copy was removed: free space on that filesystem or use a store (--store) with more room", path.display())]
+    NoSpace {
+        snapshot: String,
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+        source: std::io::Error,
+    },
     #[error("mount overlay at {path} (lower layer {lower}): {source}: this kernel or filesystem cannot give the copy an overlay; restore with --copy-rootfs (a private full copy of the snapshot's rootfs) instead")]
     OverlayUnsupported {
         path: PathBuf,

@@ -600,9 +600,37 @@ fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
             reason: "its filesystem has no rootfs tree (fs-manifest.json)".into(),
         });
     };
-    cached(&cache_dir(store, "fs", &p.sid), "rootfs", |tmp| {
-        fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), tmp)
+    let dir = cache_dir(store, "fs", &p.sid);
+    cached(&dir, "rootfs", |tmp| {
+        fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), tmp).map_err(
+            |e| match e {
+                // A full disk is told as such (`cached` removes the partial base).
+                WorkflowError::Io { source, .. }
+                    if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+                {
+                    WorkflowError::NoSpace {
+                        snapshot: p.sid.short(),
+                        path: dir.join("rootfs"),
+                        needed: manifest.trees[root_index]
+                            .entries
+                            .iter()
+                            .map(|e| e.size)
+                            .sum(),
+                        free: free_bytes(&dir),
+                        source,
+                    }
+                }
+                e => e,
+            },
+        )
     })
+}
+
+/// Bytes available to us on the filesystem of `p` (0 when unknown).
+fn free_bytes(p: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(p)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+        .unwrap_or(0)
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {

@@ -556,3 +556,103 @@ fn volume_comes_back_as_at_the_checkpoint_and_a_missing_source_is_named() {
     assert!(mounts_under(&sx.env.root).is_empty());
     assert!(cgroups_named(&id3).is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// A full disk while the base is materialised
+
+/// Sum of the sizes of the regular files under `dir`.
+fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn a_full_disk_while_materialising_the_base_is_named_and_leaves_no_partial_base() {
+    let sx = setup!();
+    // 12 MiB of random data in the rootfs: the blobs and the verified image fit
+    // in the small store below, the materialised base does not.
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let mut data = vec![0u8; 12 << 20];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data))
+        .unwrap();
+    fs::write(b.join("rootfs/big"), &data).unwrap();
+    let id = unique_id("cp-full");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 2", |n| n >= 2);
+    sx.ok(&["checkpoint", "--tag", "big", &id]);
+    let tar = sx.path("big.tar");
+    sx.ok(&["snapshot", "export", "big", "-o", tar.to_str().unwrap()]);
+    let cfg = sx
+        .ok(&["snapshot", "inspect", "--format", "json", "big"])
+        .json();
+    let image: u64 = cfg["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["size"].as_u64())
+        .sum();
+    let blobs = du(&sx.store.join("blobs"));
+    let base = data.len() as u64;
+    let size = blobs + image + base / 2;
+
+    let small = sx.path("small-store");
+    fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mount a {size}-byte tmpfs at {}",
+        small.display()
+    );
+    let _m = Unmount(small.clone());
+    sx.run_in(&small, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    let id2 = unique_id("cp-full2");
+    let _g2 = sx.guard(&id2);
+    let out = sx.restore_from_in(&small, "big", &id2, &[]);
+    let fs_cache = small.join("cache/fs");
+    assert_fails(
+        &out,
+        &[
+            "No space left on device",
+            "materialise the root filesystem of snapshot",
+            &fs_cache.display().to_string(),
+            "the partial copy was removed",
+        ],
+    );
+    // The image was materialised (it fit); nothing of the base is left.
+    let img_done: Vec<PathBuf> = fs::read_dir(small.join("cache/img"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join(".complete-image"))
+        .collect();
+    assert!(
+        img_done.len() == 1 && img_done[0].exists(),
+        "the verified image was not materialised: {img_done:?}"
+    );
+    let left: Vec<String> = fs::read_dir(&fs_cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|e| names_in(&e.path()))
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", fs_cache.display());
+    assert!(sx.state(&id2).is_none());
+    assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
+    assert!(mounts_under(&sx.env.root).is_empty());
+}

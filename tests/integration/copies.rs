@@ -10,6 +10,7 @@
 //! containers, and mounts and network namespaces are removed in `Drop`, also when
 //! the test fails.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -655,4 +656,230 @@ fn a_full_disk_while_materialising_the_base_is_named_and_leaves_no_partial_base(
     assert!(sx.state(&id2).is_none());
     assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
     assert!(mounts_under(&sx.env.root).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Tree-walk round trip
+
+/// What a tree walk compares of one entry.
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    /// Files only (directory sizes depend on the filesystem).
+    size: u64,
+    nlink: u64,
+    target: Option<PathBuf>,
+    rdev: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+    /// Files only: fewer than 1 MiB of blocks allocated.
+    small_alloc: bool,
+}
+
+fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 4096];
+    // SAFETY: llistxattr writes at most names.len() bytes into names.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    let mut out = Vec::new();
+    for name in names[..n.max(0) as usize].split(|b| *b == 0) {
+        if !name.starts_with(b"user.") {
+            continue;
+        }
+        let cn = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 4096];
+        // SAFETY: lgetxattr writes at most v.len() bytes into v.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(
+            m >= 0,
+            "lgetxattr {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        v.truncate(m as usize);
+        out.push((String::from_utf8_lossy(name).into_owned(), v));
+    }
+    out.sort();
+    out
+}
+
+/// Every entry under `root` by relative path, and the hard-link groups (paths
+/// sharing an inode, each group sorted).
+fn walk(root: &Path) -> (BTreeMap<String, Node>, Vec<Vec<String>>) {
+    use std::os::unix::fs::FileTypeExt;
+    let mut nodes = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let p = root.join(&rel);
+        let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            for e in fs::read_dir(&p).unwrap().flatten() {
+                stack.push(rel.join(e.file_name()));
+            }
+            "dir"
+        } else if ft.is_file() {
+            "file"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else if ft.is_char_device() {
+            "char"
+        } else if ft.is_block_device() {
+            "block"
+        } else if ft.is_fifo() {
+            "fifo"
+        } else {
+            "socket"
+        };
+        let name = rel.to_string_lossy().into_owned();
+        if kind == "file" && m.nlink() > 1 {
+            inodes
+                .entry((m.dev(), m.ino()))
+                .or_default()
+                .push(name.clone());
+        }
+        nodes.insert(
+            name,
+            Node {
+                kind,
+                mode: if kind == "symlink" {
+                    0
+                } else {
+                    m.mode() & 0o7777
+                },
+                uid: m.uid(),
+                gid: m.gid(),
+                size: if kind == "file" { m.len() } else { 0 },
+                nlink: if kind == "dir" { 0 } else { m.nlink() },
+                target: (kind == "symlink").then(|| fs::read_link(&p).unwrap()),
+                rdev: m.rdev(),
+                xattrs: if kind == "symlink" {
+                    Vec::new()
+                } else {
+                    user_xattrs(&p)
+                },
+                small_alloc: kind == "file" && m.blocks() * 512 < 1 << 20,
+            },
+        );
+    }
+    let mut groups: Vec<Vec<String>> = inodes
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    (nodes, groups)
+}
+
+fn set_user_xattr(p: &Path, name: &str, value: &[u8]) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated path and name, and a value of value.len() bytes.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+#[test]
+fn links_sparse_files_xattrs_devices_and_modes_round_trip() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let fx = b.join("rootfs/fixture");
+    fs::create_dir_all(fx.join("sub")).unwrap();
+    fs::create_dir_all(fx.join("empty")).unwrap();
+    fs::create_dir_all(fx.join("sticky")).unwrap();
+    fs::write(fx.join("plain"), "hello\n").unwrap();
+    fs::hard_link(fx.join("plain"), fx.join("link-to-plain")).unwrap();
+    fs::hard_link(fx.join("plain"), fx.join("sub/link2")).unwrap();
+    fs::write(fx.join("suid"), "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::symlink("plain", fx.join("sym")).unwrap();
+    std::os::unix::fs::symlink("/nowhere/at/all", fx.join("dangling")).unwrap();
+    let sparse = fs::File::create(fx.join("sparse")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&sparse, b"x", 32 << 20).unwrap();
+    drop(sparse);
+    nix::sys::stat::mknod(
+        &fx.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    nix::unistd::mkfifo(
+        &fx.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o620),
+    )
+    .unwrap();
+    set_user_xattr(&fx.join("plain"), "user.stasis", b"value\0with nul");
+    set_user_xattr(&fx.join("sub"), "user.dir", b"d");
+    for (p, mode) in [
+        ("plain", 0o640),
+        ("suid", 0o4755),
+        ("empty", 0o700),
+        ("sticky", 0o1777),
+        ("sub", 0o2751),
+    ] {
+        let p = fx.join(p);
+        nix::unistd::chown(&p, Some(1234.into()), Some(5678.into())).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    nix::unistd::fchownat(
+        None,
+        &fx.join("sym"),
+        Some(42.into()),
+        Some(43.into()),
+        nix::unistd::FchownatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let (want, want_groups) = walk(&fx);
+    assert_eq!(want_groups.len(), 1, "{want_groups:?}");
+    assert!(
+        want["sparse"].small_alloc,
+        "the fixture's sparse file is not sparse"
+    );
+
+    let id = unique_id("cp-tree");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 2", |n| n >= 2);
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "tree", &id]);
+    for (name, extra) in [
+        ("cp-tree-ovl", &[][..]),
+        ("cp-tree-copy", &["--copy-rootfs"][..]),
+    ] {
+        let id2 = unique_id(name);
+        let _g2 = sx.restore_from("tree", &id2, extra);
+        // From the host, through the restored process's root.
+        let pid = sx.pid(&id2);
+        let (got, got_groups) = walk(&Path::new(&format!("/proc/{pid}/root")).join("fixture"));
+        assert_eq!(got_groups, want_groups, "hard-link groups ({name})");
+        let keys: Vec<&String> = got.keys().collect();
+        assert_eq!(keys, want.keys().collect::<Vec<_>>(), "entries ({name})");
+        for (k, w) in &want {
+            assert_eq!(&got[k], w, "{k} ({name})");
+        }
+        assert_eq!(
+            fs::read(format!("/proc/{pid}/root/fixture/sub/link2")).unwrap(),
+            b"hello\n"
+        );
+    }
 }

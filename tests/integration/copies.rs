@@ -848,7 +848,7 @@ fn links_sparse_files_xattrs_devices_and_modes_round_trip() {
         &fx.join("sym"),
         Some(42.into()),
         Some(43.into()),
-        nix::unistd::FchownatFlags::NoFollowSymlink,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .unwrap();
     let (want, want_groups) = walk(&fx);

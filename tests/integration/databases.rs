@@ -64,8 +64,26 @@ macro_rules! db_setup {
 const REDIS_RDB_KEYS: i64 = 2 * 1_048_576 / (512 + 20);
 /// Keys the prewarm's warm-up adds in memory only (never saved to dump.rdb): a
 /// copy that was started cold instead of restored would not have them.
-const REDIS_WARMUP: &str = "redis-cli debug populate 1000 mem 64";
+const REDIS_POPULATE: [&str; 5] = ["debug", "populate", "1000", "mem", "64"];
 const REDIS_WARMUP_KEYS: i64 = 1000;
+/// `/warmup.sh`: Redis accepts connections while it loads dump.rdb (and answers
+/// `-LOADING`), so the warm-up waits for PONG, then adds the keys and checks the
+/// answer (redis-cli can exit 0 on an error reply).
+fn redis_warmup_sh() -> String {
+    format!(
+        "\
+i=0
+until [ \"$(redis-cli ping 2>&1)\" = PONG ]; do
+  i=$((i + 1)); [ $i -lt 600 ] || {{ echo 'redis never answered PONG' >&2; exit 1; }}
+  sleep 0.05
+done
+out=$(redis-cli {} 2>&1)
+[ \"$out\" = OK ] || {{ echo \"DEBUG POPULATE: $out\" >&2; exit 1; }}
+",
+        REDIS_POPULATE.join(" ")
+    )
+}
+const REDIS_WARMUP: &str = "sh /warmup.sh";
 
 /// The warm-up of the PostgreSQL prewarms (`psql -f /warmup.sql` inside): changes
 /// balances and creates a table, so the data at the checkpoint differs from what
@@ -76,7 +94,18 @@ create table t (k int primary key, v text not null);
 insert into t select g, 'v' || g from generate_series(1, 1000) g;
 checkpoint;
 ";
-const PG_WARMUP: &str = "psql -X -v ON_ERROR_STOP=1 -q -f /warmup.sql";
+/// `/warmup.sh`: PostgreSQL accepts TCP connections and creates its socket file
+/// while it is still starting up ("the database system is starting up"), so after
+/// a `tcp:` or `file:` probe the warm-up first waits until it accepts queries.
+const PG_WARMUP_SH: &str = "\
+i=0
+until pg_isready -q -h /run/postgresql; do
+  i=$((i + 1)); [ $i -lt 600 ] || { echo 'postgres never accepted queries' >&2; exit 1; }
+  sleep 0.1
+done
+exec psql -X -v ON_ERROR_STOP=1 -q -f /warmup.sql
+";
+const PG_WARMUP: &str = "sh /warmup.sh";
 
 /// What the PostgreSQL data holds after the warm-up: pgbench scale 1 (100,000
 /// accounts), balances `aid % 97` for the first 5000, table t with k = 1..1000.
@@ -144,6 +173,8 @@ fn redis_image() -> &'static RedisImage {
     static IMG: OnceLock<Result<RedisImage, String>> = OnceLock::new();
     let r = IMG.get_or_init(|| {
         let bundle = build_image("redis", &["--dataset-mib", "2"])?;
+        fs::write(bundle.join("rootfs/warmup.sh"), redis_warmup_sh())
+            .map_err(|e| format!("write warmup.sh: {e}"))?;
         let (dbsize, digest) = redis_reference(&bundle)?;
         Ok(RedisImage {
             bundle,
@@ -160,6 +191,8 @@ fn postgres_image() -> &'static Path {
         let b = build_image("postgres", &["--scale", "1"])?;
         fs::write(b.join("rootfs/warmup.sql"), PG_WARMUP_SQL)
             .map_err(|e| format!("write warmup.sql: {e}"))?;
+        fs::write(b.join("rootfs/warmup.sh"), PG_WARMUP_SH)
+            .map_err(|e| format!("write warmup.sh: {e}"))?;
         Ok(b)
     });
     r.as_ref()
@@ -219,10 +252,9 @@ fn redis_reference(bundle: &Path) -> Result<(i64, String), String> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let warm: Vec<&str> = REDIS_WARMUP.split_whitespace().skip(1).collect();
-        let ok = cli(&warm)?;
+        let ok = cli(&REDIS_POPULATE)?;
         if ok != "OK" {
-            return Err(format!("{REDIS_WARMUP}: {ok}"));
+            return Err(format!("{REDIS_POPULATE:?}: {ok}"));
         }
         let n: i64 = cli(&["dbsize"])?
             .parse()

@@ -670,6 +670,8 @@ fn serve_replaces_a_killed_copy_and_stops_on_sigterm() {
         !s.events("restored").is_empty()
     });
     srv.get_ok(BODY);
+    // The log is read from a pipe by another thread: wait for the line.
+    srv.wait_log("the connection event", WAIT, |s| !used_copies(s).is_empty());
     let used = used_copies(&srv);
     assert_eq!(used.len(), 1, "{used:?}");
     let victim = used.into_iter().next().unwrap();
@@ -770,6 +772,10 @@ fn serve_persist_checkpoints_the_idle_copy_into_the_store() {
         s.log().contains("serve: restored ")
     });
     srv.get_ok(BODY);
+    // The log is read from a pipe by another thread: wait for the line.
+    srv.wait_log("the connection line", WAIT, |s| {
+        s.log().contains("serve: connection ")
+    });
     let copy = {
         let log = srv.log();
         let line = log

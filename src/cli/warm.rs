@@ -86,6 +86,7 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
         writeln!(out, "checkpoint_ms: {}", r.checkpoint_time.as_millis())?;
         writeln!(out, "dump_ms: {}", r.checkpoint.dump_ms)?;
         writeln!(out, "ingest_ms: {}", r.checkpoint.ingest_ms)?;
+        writeln!(out, "cache_ms: {}", r.cache_ms)?;
         if let Some(f) = r.checkpoint.stats.get("frozen_time") {
             writeln!(out, "frozen_time_us: {f}")?;
         }

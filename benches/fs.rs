@@ -230,7 +230,9 @@ fn mutate(path: &Path, pct: f64, region: u64, seed: u64) -> Result<u64, String> 
     let size = f.metadata().map_err(|e| format!("stat: {e}"))?.len();
     let slots = size / region;
     let want = (((size as f64) * pct / 100.0 / region as f64).ceil() as u64).clamp(1, slots);
-    let mut rng = Rng(seed | 1);
+    // `seed | 1` would give runs i and i+1 the same stream (and the same bytes
+    // written over the shared bundle's data file): keep every seed distinct.
+    let mut rng = Rng((seed << 1) | 1);
     let mut picked = BTreeSet::new();
     while (picked.len() as u64) < want {
         picked.insert(rng.next() % slots);

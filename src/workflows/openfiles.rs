@@ -167,17 +167,43 @@ pub fn check(snapshot: &str, meta: &Value, bundle: &Path) -> Result<()> {
         if now_digest != digest {
             return Err(changed(format!(
                 "same size, sha256 {} -> {}",
-                &digest[..12.min(digest.len())],
-                &now_digest[..12]
+                short_digest(digest),
+                short_digest(&now_digest)
             )));
         }
     }
     Ok(())
 }
 
+/// The first 12 characters of a digest for a message; a recorded digest is
+/// metadata that may hold anything, so no byte index may split a character.
+fn short_digest(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_or_non_ascii_recorded_digest_does_not_panic() {
+        assert_eq!(short_digest("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short_digest("abc"), "abc");
+        // 11 ASCII bytes then a 2-byte character: byte 12 is inside it.
+        assert_eq!(short_digest("0123456789aé"), "0123456789aé");
+        let t = tempfile::tempdir().unwrap();
+        let rootfs = t.path().join("rootfs");
+        fs::create_dir_all(&rootfs).unwrap();
+        fs::write(rootfs.join("f"), b"hello\n").unwrap();
+        fs::write(
+            t.path().join("config.json"),
+            br#"{"root": {"path": "rootfs"}}"#,
+        )
+        .unwrap();
+        let meta = json!({"open_files": [{"path": "f", "size": 6, "sha256": "0123456789aébc"}]});
+        let e = check("s1", &meta, t.path()).unwrap_err().to_string();
+        assert!(e.contains("(same size, sha256 0123456789aébc -> "), "{e}");
+    }
 
     #[test]
     fn a_changed_or_missing_file_is_named() {

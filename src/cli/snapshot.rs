@@ -315,7 +315,21 @@ fn fs_summary(
     let Some(m) = fstree::snapshot_manifest(store, id)? else {
         return Ok(serde_json::Value::Null);
     };
-    let (pages, new_pages) = store.new_pages(id, fstree::DATA_FILE)?;
+    // New pages are counted against every older snapshot's page tables: one
+    // unreadable blob of another snapshot leaves this count unknown, not the
+    // whole inspect failed.
+    let (pages, new_pages, new_bytes) = match store.new_pages(id, fstree::DATA_FILE) {
+        Ok((pages, new)) => (
+            serde_json::json!(pages),
+            serde_json::json!(new),
+            serde_json::json!(new * 4096),
+        ),
+        Err(e) => {
+            eprintln!("stasis: warning: cannot count the new pages of {id}'s filesystem data: {e}");
+            let null = serde_json::Value::Null;
+            (null.clone(), null.clone(), null)
+        }
+    };
     let meta = &cfg["metadata"];
     Ok(serde_json::json!({
         "files": m.files(),
@@ -328,7 +342,7 @@ fn fs_summary(
         })).collect::<Vec<_>>(),
         "data_pages": pages,
         "new_pages": new_pages,
-        "new_bytes": new_pages * 4096,
+        "new_bytes": new_bytes,
         "capture": meta["filesystem"]["capture"],
         "frozen_ms": meta["timings_ms"]["fs_capture"],
         "assemble_ms": meta["timings_ms"]["fs_assemble"],
@@ -344,14 +358,21 @@ fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> 
         return Ok(());
     }
     let n = |k: &str| fs[k].as_u64().unwrap_or(0);
+    let new = if fs["new_pages"].is_null() {
+        "new to the store unknown".to_string()
+    } else {
+        format!(
+            "{} new to the store ({} of {} pages)",
+            human(n("new_bytes")),
+            n("new_pages"),
+            n("data_pages")
+        )
+    };
     writeln!(
         out,
-        "  filesystem: {} files, {}; {} new to the store ({} of {} pages)",
+        "  filesystem: {} files, {}; {new}",
         n("files"),
         human(n("bytes")),
-        human(n("new_bytes")),
-        n("new_pages"),
-        n("data_pages")
     )?;
     for t in fs["trees"].as_array().into_iter().flatten() {
         writeln!(

@@ -76,6 +76,11 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     let rep = &r.checkpoint.report;
     writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
+    if let Some(e) = &r.cache_error {
+        eprintln!(
+            "stasis: warning: the snapshot is stored, but its restore caches were not built (the first restore builds them): {e}"
+        );
+    }
     if a.print_stats {
         writeln!(
             out,
@@ -86,7 +91,10 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
         writeln!(out, "checkpoint_ms: {}", r.checkpoint_time.as_millis())?;
         writeln!(out, "dump_ms: {}", r.checkpoint.dump_ms)?;
         writeln!(out, "ingest_ms: {}", r.checkpoint.ingest_ms)?;
-        writeln!(out, "cache_ms: {}", r.cache_ms)?;
+        match &r.cache_error {
+            None => writeln!(out, "cache_ms: {}", r.cache_ms)?,
+            Some(e) => writeln!(out, "cache: failed ({e})")?,
+        }
         if let Some(f) = r.checkpoint.stats.get("frozen_time") {
             writeln!(out, "frozen_time_us: {f}")?;
         }

@@ -112,6 +112,9 @@ pub struct PrewarmResult {
     /// Building the restore caches (verified image, rootfs base) after the
     /// checkpoint, so the first restore is as fast as any later one.
     pub cache_ms: u128,
+    /// Why building those caches failed (e.g. a full disk): the snapshot is
+    /// kept, and the first restore builds them.
+    pub cache_error: Option<String>,
 }
 
 /// Output lines of the container, kept for `log:` probes and error messages.
@@ -292,17 +295,26 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     if o.keep_running {
         cleanup.armed = false;
     }
-    let cache_ms = warm_cache(
+    // The snapshot is in the store: a cache that cannot be built now (a full
+    // disk) only costs the first restore its speed, so it is a warning.
+    let (cache_ms, cache_error) = match warm_cache(
         rt,
         store,
         &format!("sha256:{}", checkpoint.report.id.full()),
-    )?;
+    ) {
+        Ok(ms) => (ms, None),
+        Err(e) => {
+            tracing::warn!("prewarm: the restore caches were not built: {e}");
+            (0, Some(e.to_string()))
+        }
+    };
     Ok(PrewarmResult {
         cold_to_ready,
         warmup,
         checkpoint,
         checkpoint_time,
         cache_ms,
+        cache_error,
     })
 }
 

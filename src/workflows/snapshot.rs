@@ -617,10 +617,13 @@ fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
     cached(&dir, "rootfs", |tmp| {
         fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), tmp).map_err(
             |e| match e {
-                // A full disk is told as such (`cached` removes the partial base).
+                // A full disk is told as such, with the space free once the
+                // partial base is gone (`cached` would remove it only after this,
+                // and measured with it the free space is about 0).
                 WorkflowError::Io { source, .. }
                     if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
                 {
+                    let _ = fs::remove_dir_all(tmp);
                     WorkflowError::NoSpace {
                         snapshot: p.sid.short(),
                         path: dir.join("rootfs"),

@@ -251,6 +251,7 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
             ignore_rootfs: a.ignore_rootfs,
             ignore_volumes: a.ignore_volumes,
             exclude: a.exclude.clone(),
+            save_stat_cache: true,
         },
     )?;
     let rep = &r.report;

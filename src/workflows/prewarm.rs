@@ -289,6 +289,7 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
             ignore_rootfs: false,
             ignore_volumes: false,
             exclude: Vec::new(),
+            save_stat_cache: true,
         },
     )?;
     let checkpoint_time = t2.elapsed();

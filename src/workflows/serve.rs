@@ -555,6 +555,8 @@ impl Shared {
                     ignore_rootfs: false,
                     ignore_volumes: false,
                     exclude: Vec::new(),
+                    // One id per copy: never checkpointed again.
+                    save_stat_cache: false,
                 },
             );
             match r {

@@ -77,6 +77,10 @@ pub struct TaggedCheckpoint {
     pub ignore_volumes: bool,
     /// Container paths not to capture.
     pub exclude: Vec<PathBuf>,
+    /// Save the stat cache (`cache/fscache/ID.json`) for the next checkpoint of
+    /// this container id. False for ids never checkpointed again (serve's copies:
+    /// one id per copy), whose caches would only pile up.
+    pub save_stat_cache: bool,
 }
 
 /// The trees to capture: the rootfs and every writable bind mount of a directory.
@@ -307,7 +311,7 @@ pub fn checkpoint_to_store(
         })?;
     // The next checkpoint of this container starts from this snapshot. A failed
     // write only costs the next capture its speed.
-    if let Some(c) = &capture {
+    if let (true, Some(c)) = (t.save_stat_cache, &capture) {
         let _ = c.stat_cache(&report.id.full()).save(&cache_path);
     }
     Ok(CheckpointResult {
@@ -1049,8 +1053,10 @@ pub fn restore_from_store(
     })
 }
 
-/// Removes cached root filesystems (`cache/fs/`) of snapshots that are no longer
-/// in the store, unless an overlay still uses them. Returns (dirs, bytes).
+/// Removes cached root filesystems (`cache/fs/`) and images (`cache/img/`) of
+/// snapshots that are no longer in the store, unless an overlay still uses them,
+/// and the stat caches (`cache/fscache/`) whose snapshot is gone. Returns (dirs,
+/// bytes); the stat cache files count in the bytes only.
 pub fn gc_fs_cache(store: &Store, dry_run: bool) -> Result<(u64, u64)> {
     let (mut n, mut bytes) = (0, 0);
     for kind in ["fs", "img"] {
@@ -1058,7 +1064,47 @@ pub fn gc_fs_cache(store: &Store, dry_run: bool) -> Result<(u64, u64)> {
         n += a;
         bytes += b;
     }
+    bytes += gc_stat_caches(store, dry_run)?;
     Ok((n, bytes))
+}
+
+/// Removes the stat caches that can serve no capture any more: unreadable (or of
+/// another version), or pointing into a snapshot no longer in the store. They are
+/// named by container id, and ids that are never checkpointed again (a prewarm's
+/// default name, a removed container's) would otherwise keep theirs forever.
+/// Returns the bytes freed.
+fn gc_stat_caches(store: &Store, dry_run: bool) -> Result<u64> {
+    let dir = store.root().join("cache").join("fscache");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let live: Vec<SnapshotId> = store.list()?.into_iter().map(|s| s.id).collect();
+    let mut bytes = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        // Only finished caches: `save` writes a temp name and renames it.
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let sid = fstree::StatCache::load(&path).and_then(|c| SnapshotId::parse(&c.snapshot));
+        // A snapshot ingested after the listing above is looked up again.
+        let keep = sid.is_some_and(|sid| {
+            live.contains(&sid) || store.resolve(&sid.full()).is_ok_and(|r| r == sid)
+        });
+        if keep {
+            continue;
+        }
+        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+        if !dry_run {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("remove stale stat cache", &path)(e)),
+            }
+        }
+        bytes += size;
+    }
+    Ok(bytes)
 }
 
 fn gc_cache_kind(store: &Store, kind: &str, dry_run: bool) -> Result<(u64, u64)> {
@@ -1103,4 +1149,74 @@ fn walk_size(p: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_image(dir: &Path, seed: u8) -> PathBuf {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("inventory.img"), [seed; 64]).unwrap();
+        fs::write(dir.join("core-1.img"), [seed ^ 0x55; 300]).unwrap();
+        dir.to_path_buf()
+    }
+
+    fn ingest(store: &Store, image: &Path) -> SnapshotId {
+        store
+            .ingest(
+                SnapshotInput {
+                    image_dir: image,
+                    config_json: b"{}",
+                    container_id: "c1",
+                    metadata: json!({}),
+                    tags: Vec::new(),
+                },
+                &IngestOptions::default(),
+            )
+            .unwrap()
+            .id
+    }
+
+    fn stat_cache_of(sid: &str) -> fstree::StatCache {
+        fstree::StatCache {
+            version: fstree::STAT_CACHE_VERSION,
+            snapshot: sid.to_string(),
+            trees: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn gc_removes_stat_caches_whose_snapshot_is_gone() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("store")).unwrap();
+        let live = ingest(&store, &small_image(&t.path().join("a"), 1));
+        let gone = ingest(&store, &small_image(&t.path().join("b"), 2));
+        store.remove(&format!("sha256:{}", gone.full())).unwrap();
+        let (keep, stale, bad) = (
+            stat_cache_path(&store, "kept"),
+            stat_cache_path(&store, "serve-7000-1-3"),
+            stat_cache_path(&store, "garbage"),
+        );
+        stat_cache_of(&live.full()).save(&keep).unwrap();
+        stat_cache_of(&gone.full()).save(&stale).unwrap();
+        fs::write(&bad, b"not json").unwrap();
+        let dir = keep.parent().unwrap().to_path_buf();
+        let names = || {
+            let mut v: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let (_, dry) = gc_fs_cache(&store, true).unwrap();
+        assert!(dry > 0);
+        assert_eq!(names(), ["garbage.json", "kept.json", "serve-7000-1-3.json"]);
+        let (_, freed) = gc_fs_cache(&store, false).unwrap();
+        assert_eq!(freed, dry);
+        assert_eq!(names(), ["kept.json"]);
+        assert!(usable_stat_cache(&store, &keep).is_some());
+    }
 }

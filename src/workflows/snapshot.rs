@@ -659,22 +659,46 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Workf
 }
 
 /// Gives container `id` a private filesystem: an overlay on the cached base, its
-/// own copy of every volume, and a bundle whose config points at them.
-/// Returns (bundle dir, owned dir).
+/// own copy of every volume, and a bundle whose config (`bundle`'s config.json,
+/// else the snapshot's own) points at them. Returns (bundle dir, owned dir).
 fn private_fs(
     rt: &Runtime,
     store: &Store,
     p: &Prepared,
     id: &str,
-    config_json: &[u8],
+    bundle: Option<&Path>,
     ident: &Identity,
     copy: &CopyOptions,
 ) -> Result<(PathBuf, PathBuf)> {
-    let base = ensure_base(store, p)?;
     let manifest = p.manifest.as_ref().ok_or_else(|| WorkflowError::Snapshot {
         snapshot: p.sid.short(),
         reason: "it carries no filesystem".into(),
     })?;
+    let config_json = match bundle {
+        Some(b) => fs::read(b.join("config.json")).map_err(io_err("read config.json of", b))?,
+        None => p.config_json.clone(),
+    };
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&config_json).map_err(|e| WorkflowError::Io {
+            op: "parse the config.json for",
+            path: bundle.map_or_else(|| PathBuf::from(id), Path::to_path_buf),
+            source: std::io::Error::other(e),
+        })?;
+    // The bind mounts the snapshot does not carry keep their host sources, which
+    // must still be there: checked before anything is built.
+    let carried: Vec<&str> = manifest
+        .trees
+        .iter()
+        .filter(|t| t.role == "volume")
+        .map(|t| t.dest.as_str())
+        .collect();
+    check_volume_sources(
+        &p.sid.short(),
+        &mut cfg,
+        source_bundle(bundle, &p.meta),
+        &carried,
+    )?;
+    let base = ensure_base(store, p)?;
     let copies = rt.root().join(".copies");
     fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
     let owned = copies.join(id);
@@ -712,12 +736,6 @@ fn private_fs(
         if !copy.copy_rootfs {
             mount_overlay(&base, &upper, &work, &merged)?;
         }
-        let mut cfg: serde_json::Value =
-            serde_json::from_slice(config_json).map_err(|e| WorkflowError::Io {
-                op: "parse the snapshot's config.json for",
-                path: owned.clone(),
-                source: std::io::Error::other(e),
-            })?;
         cfg["root"]["path"] = json!(root);
         if let Some(ns) = &copy.netns {
             set_netns_path(&mut cfg, ns);
@@ -738,10 +756,6 @@ fn private_fs(
                 }
             }
         }
-        // The other bind mounts keep their host sources (relative ones were
-        // relative to the original bundle); each must still be there.
-        let orig_bundle = p.meta.get("bundle").and_then(|b| b.as_str()).map(Path::new);
-        check_volume_sources(&p.sid.short(), &mut cfg, orig_bundle)?;
         if let Some(env) = cfg
             .get_mut("process")
             .and_then(|p| p.get_mut("env"))
@@ -805,12 +819,22 @@ fn mount_overlay(base: &Path, upper: &Path, work: &Path, merged: &Path) -> Resul
     })
 }
 
+/// The directory a copy's relative bind sources are relative to: the bundle
+/// given to the restore (whose config.json the copy runs with), else the one
+/// recorded at the checkpoint.
+fn source_bundle<'a>(given: Option<&'a Path>, meta: &'a serde_json::Value) -> Option<&'a Path> {
+    given.or_else(|| meta.get("bundle").and_then(|b| b.as_str()).map(Path::new))
+}
+
 /// Refuses a spec whose bind mount (volume) source is gone, naming the source
 /// and the destination; relative sources are made absolute against `bundle`.
+/// Mounts at a destination in `carried` (volumes the snapshot brings along,
+/// whose source is replaced) are left alone.
 fn check_volume_sources(
     snapshot: &str,
     cfg: &mut serde_json::Value,
     bundle: Option<&Path>,
+    carried: &[&str],
 ) -> Result<()> {
     let Some(mounts) = cfg.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
         return Ok(());
@@ -829,6 +853,9 @@ fn check_volume_sources(
         ) else {
             continue;
         };
+        if carried.contains(&dest.as_str()) {
+            continue;
+        }
         let src = match bundle {
             Some(b) if src.is_relative() => {
                 let abs = b.join(&src);
@@ -898,11 +925,7 @@ pub fn restore_prepared_with(
         .into());
     }
     if p.manifest.is_some() {
-        let cfg = match bundle {
-            Some(b) => fs::read(b.join("config.json")).map_err(io_err("read config.json of", b))?,
-            None => p.config_json.clone(),
-        };
-        let (bdir, owned) = private_fs(rt, store, p, &opts.id, &cfg, ident, copy)?;
+        let (bdir, owned) = private_fs(rt, store, p, &opts.id, bundle, ident, copy)?;
         opts.bundle = bdir;
         opts.join_netns = copy.netns.clone();
         opts.owned_dir = Some(owned.clone());
@@ -933,7 +956,7 @@ pub fn restore_prepared_with(
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        check_volume_sources(&p.sid.short(), &mut cfg, Some(&opts.bundle))?;
+        check_volume_sources(&p.sid.short(), &mut cfg, Some(&opts.bundle), &[])?;
         Ok(rt.restore(&opts)?.1)
     }
 }
@@ -1183,6 +1206,39 @@ mod tests {
             version: fstree::STAT_CACHE_VERSION,
             snapshot: sid.to_string(),
             trees: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn relative_bind_sources_resolve_against_the_given_bundle() {
+        let t = tempfile::tempdir().unwrap();
+        let (orig, given) = (t.path().join("orig"), t.path().join("given"));
+        fs::create_dir_all(given.join("shared")).unwrap();
+        fs::create_dir_all(&orig).unwrap();
+        let meta = json!({"bundle": orig});
+        let spec = json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": "carried-vol", "options": ["rbind"]},
+            {"destination": "/shared", "type": "bind", "source": "shared", "options": ["rbind"]},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+        ]});
+        assert_eq!(source_bundle(Some(&given), &meta), Some(given.as_path()));
+        assert_eq!(source_bundle(None, &meta), Some(orig.as_path()));
+        // With --bundle: its own relative source, found; the carried volume's
+        // source (replaced by the copy's own) is not looked for.
+        let mut cfg = spec.clone();
+        check_volume_sources("s1", &mut cfg, source_bundle(Some(&given), &meta), &["/data"])
+            .unwrap();
+        assert_eq!(cfg["mounts"][1]["source"], json!(given.join("shared")));
+        assert_eq!(cfg["mounts"][0]["source"], json!("carried-vol"));
+        // Without it: relative to the original bundle, where it is missing.
+        let mut cfg = spec.clone();
+        let e = check_volume_sources("s1", &mut cfg, source_bundle(None, &meta), &["/data"])
+            .unwrap_err();
+        match e {
+            WorkflowError::VolumeMissing { path, dest, .. } => {
+                assert_eq!((path, dest.as_str()), (orig.join("shared"), "/shared"));
+            }
+            e => panic!("{e}"),
         }
     }
 

@@ -699,7 +699,15 @@ fn private_fs(
         &carried,
     )?;
     let base = ensure_base(store, p)?;
-    let copies = rt.root().join(".copies");
+    // A copy with a full rootfs copy lives on the store's filesystem, next to the
+    // base (`cache/copies/ID`): FICLONE reflinks only within one filesystem, and
+    // `--root` is usually a tmpfs (/run/stasis), where the copy would take RAM.
+    // The state records the directory, so `delete` removes it either way.
+    let copies = if copy.copy_rootfs {
+        store.root().join("cache").join("copies")
+    } else {
+        rt.root().join(".copies")
+    };
     fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
     let owned = copies.join(id);
     // Not create_dir_all: the directory is ours only if we created it.

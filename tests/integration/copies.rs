@@ -265,7 +265,10 @@ fn copy_rootfs_restores_onto_a_private_full_copy_where_overlay_cannot_be_used() 
     sx.restore_from_in(&sx.store, "cr", &id2, &["--copy-rootfs"])
         .ok();
     sx.assert_carries_on(&id2, &before);
-    let private = sx.env.root.join(".copies").join(&id2);
+    // On the store's filesystem (where the base is, so FICLONE can reflink), not
+    // under --root.
+    let private = sx.store.join("cache/copies").join(&id2);
+    assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
     let st = sx.state(&id2).unwrap();
     assert_eq!(
         Path::new(st["bundle"].as_str().unwrap()),
@@ -300,6 +303,8 @@ fn copy_rootfs_restores_onto_a_private_full_copy_where_overlay_cannot_be_used() 
     sx.ok(&["delete", "--force", &id2]);
     sx.ok(&["delete", "--force", &id3]);
     assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
+    let left = names_in(&sx.store.join("cache/copies"));
+    assert!(left.is_empty(), "{left:?}");
     drop((g2, g3));
 }
 

@@ -80,6 +80,12 @@ impl Default for IngestOptions {
     }
 }
 
+/// The store's shared lock, held until dropped (see `Store::pin`).
+#[derive(Debug)]
+pub struct Pin {
+    _lock: Flock,
+}
+
 /// What to put into the store.
 #[derive(Clone, Debug)]
 pub struct SnapshotInput<'a> {
@@ -162,6 +168,17 @@ impl Store {
     /// How long to wait for a lock held by another process before failing.
     pub fn set_lock_timeout(&mut self, timeout: Duration) {
         self.locks.timeout = timeout;
+    }
+
+    /// Keeps every snapshot (and blob) in the store until the guard is dropped:
+    /// holds the shared store lock, so `remove`, `gc` and `prune` (exclusive)
+    /// wait, while reads and ingests go on. Operations of this process under a
+    /// pin do not deadlock on it: each takes its own shared lock, which a held
+    /// shared lock never blocks.
+    pub fn pin(&self) -> std::result::Result<Pin, StoreError> {
+        Ok(Pin {
+            _lock: self.locks.shared()?,
+        })
     }
 
     /// Hashes, deduplicates, compresses and publishes a CRIU image directory.

@@ -190,10 +190,18 @@ pub fn checkpoint_to_store(
     // statted while frozen and copied after the thaw (`fstree::Capture::finish`).
     let sources = fs_sources(t, &st.bundle, &st.rootfs, &config_json);
     let cache_path = stat_cache_path(store, id);
-    let cache = if sources.is_empty() {
-        None
+    // The snapshot the stat cache points into supplies the unchanged files after
+    // the dump: a pin (the shared store lock), held from this check until the
+    // ingest is done, keeps `snapshot rm`, gc and prune from removing it in
+    // between. The ingest takes its own shared lock, which the pin never blocks.
+    let (cache, pin) = if sources.is_empty() {
+        (None, None)
     } else {
-        usable_stat_cache(store, &cache_path)
+        let pin = store.pin()?;
+        match usable_stat_cache(store, &cache_path) {
+            Some(c) => (Some(c), Some(pin)),
+            None => (None, None),
+        }
     };
     let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
@@ -309,6 +317,7 @@ pub fn checkpoint_to_store(
                 image: kept.join("image"),
             }
         })?;
+    drop(pin);
     // The next checkpoint of this container starts from this snapshot. A failed
     // write only costs the next capture its speed.
     if let (true, Some(c)) = (t.save_stat_cache, &capture) {

@@ -206,14 +206,25 @@ pub fn checkpoint_to_store(
     let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
     // Without the rootfs in the snapshot, the files the processes hold open are
-    // recorded (after the dump) so a restore onto a changed rootfs is refused.
-    let open_files = if t.ignore_rootfs {
+    // recorded so a restore onto a changed rootfs is refused: listed and hashed
+    // after the dump while the container is still frozen, so the digests are the
+    // checkpoint's contents. The list taken now stands in when the tasks are
+    // already gone by then (CRIU kills them without --leave-running).
+    let open_before = if t.ignore_rootfs {
         super::openfiles::list(&st.rootfs, &container_pids(st.pid))
     } else {
         Vec::new()
     };
+    let mut open_files = serde_json::Value::Array(Vec::new());
     let t0 = Instant::now();
     let stats = rt.checkpoint_with(&opts, &mut |cs| {
+        if t.ignore_rootfs {
+            let mut paths = super::openfiles::list(&cs.rootfs, &container_pids(cs.pid));
+            if paths.is_empty() {
+                paths.clone_from(&open_before);
+            }
+            open_files = super::openfiles::digests(&cs.rootfs, &paths);
+        }
         if sources.is_empty() {
             return Ok(());
         }
@@ -290,7 +301,7 @@ pub fn checkpoint_to_store(
         "bundle": st.bundle,
         "rootfs": st.rootfs,
         "filesystem": fs_info,
-        "open_files": super::openfiles::digests(&st.rootfs, &open_files),
+        "open_files": open_files,
         // fs_capture: the part of the frozen window spent on the filesystem;
         // fs_assemble: copying unchanged files and hashing, after the thaw.
         "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},

@@ -667,9 +667,36 @@ fn safe_join(root: &Path, rel: &str) -> Result<PathBuf> {
     Ok(root.join(p))
 }
 
+/// A manifest path in one canonical spelling (`a/./b//c` -> `a/b/c`).
+fn rel_key(rel: &str) -> String {
+    Path::new(rel)
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n.to_string_lossy()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn bad_entry(dest: &Path, rel: &str, why: &str) -> WorkflowError {
+    WorkflowError::Io {
+        op: "materialize",
+        path: dest.join(rel),
+        source: std::io::Error::other(format!(
+            "{why}; the snapshot's fs-manifest.json is damaged or crafted, refusing it"
+        )),
+    }
+}
+
 /// Rebuilds tree number `index` of `manifest` under `dest` from `data` (the
 /// verified `fsdata-0.bin`). Directories' metadata is applied last (deepest first)
 /// so mtimes and read-only modes stick.
+///
+/// Nothing is created through a symlink: every entry's parent must be a
+/// directory this manifest created earlier, and a hard link must point at a
+/// regular file it created earlier, so a manifest cannot reach outside `dest`
+/// (e.g. a symlink `a -> /etc` followed by an entry `a/x`).
 pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) -> Result<()> {
     let tree = manifest.trees.get(index).ok_or_else(|| WorkflowError::Io {
         op: "materialize",
@@ -679,9 +706,32 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
     let mut src = File::open(data).map_err(io("open", data))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut dirs = Vec::new();
+    let mut made_dirs: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut made_files: std::collections::HashSet<String> = std::collections::HashSet::new();
+    made_dirs.insert(String::new());
     fs::create_dir_all(dest).map_err(io("create", dest))?;
     for e in &tree.entries {
         let p = safe_join(dest, &e.path)?;
+        let key = rel_key(&e.path);
+        if !key.is_empty() {
+            let parent = key.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            if !made_dirs.contains(parent) {
+                return Err(bad_entry(
+                    dest,
+                    &e.path,
+                    "its parent is not a directory created from the manifest",
+                ));
+            }
+        }
+        match e.kind {
+            Kind::Dir => {
+                made_dirs.insert(key.clone());
+            }
+            Kind::File => {
+                made_files.insert(key.clone());
+            }
+            _ => {}
+        }
         match e.kind {
             Kind::Dir => {
                 if !e.path.is_empty() {
@@ -723,7 +773,15 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
                     .map_err(io("create symlink", &p))?;
             }
             Kind::Hardlink => {
-                let t = safe_join(dest, e.target.as_deref().unwrap_or(""))?;
+                let target = e.target.as_deref().unwrap_or("");
+                if !made_files.contains(&rel_key(target)) {
+                    return Err(bad_entry(
+                        dest,
+                        &e.path,
+                        "its hard-link target is not a regular file created from the manifest",
+                    ));
+                }
+                let t = safe_join(dest, target)?;
                 fs::hard_link(&t, &p).map_err(io("create hard link", &p))?;
                 continue;
             }
@@ -1077,5 +1135,64 @@ mod tests {
         assert!(safe_join(Path::new("/x"), "../etc").is_err());
         assert!(safe_join(Path::new("/x"), "/etc").is_err());
         assert!(safe_join(Path::new("/x"), "a/b").is_ok());
+    }
+
+    #[test]
+    fn materialize_never_goes_through_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), b"host").unwrap();
+        let data = t.path().join("data");
+        fs::write(&data, vec![0u8; 4096]).unwrap();
+        let entry = |path: &str, kind: Kind, target: Option<String>| Entry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            offset: None,
+            target,
+            rdev: 0,
+            xattrs: Vec::new(),
+            sha256: None,
+        };
+        let root = entry("", Kind::Dir, None);
+        let sym = entry("a", Kind::Symlink, Some(outside.display().to_string()));
+        let cases = [
+            // a file, a directory and a device through the symlink
+            vec![root.clone(), sym.clone(), entry("a/x", Kind::File, None)],
+            vec![root.clone(), sym.clone(), entry("a/d", Kind::Dir, None)],
+            // a hard link to a host file through the symlink
+            vec![
+                root.clone(),
+                sym.clone(),
+                entry("l", Kind::Hardlink, Some("a/secret".into())),
+            ],
+            // a child listed before its parent directory
+            vec![root.clone(), entry("b/x", Kind::File, None)],
+        ];
+        for (i, entries) in cases.into_iter().enumerate() {
+            let m = Manifest {
+                version: 1,
+                trees: vec![Tree {
+                    role: "rootfs".into(),
+                    dest: "/".into(),
+                    source: PathBuf::from("/"),
+                    entries,
+                }],
+            };
+            let dest = t.path().join(format!("dest{i}"));
+            let err = materialize(&m, 0, &data, &dest).unwrap_err().to_string();
+            assert!(err.contains("refusing it"), "case {i}: {err}");
+        }
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            1,
+            "nothing written outside"
+        );
     }
 }

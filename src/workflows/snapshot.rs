@@ -205,6 +205,21 @@ pub fn checkpoint_to_store(
     };
     let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
+    let prev_dir = staging.path().join("previous");
+    let previous = || -> Result<PathBuf> {
+        let (_, sid) = cache.as_ref().ok_or_else(|| WorkflowError::Io {
+            op: "capture the filesystem",
+            path: img.clone(),
+            source: std::io::Error::other("no previous snapshot for unchanged files"),
+        })?;
+        previous_fs_data(store, sid, &prev_dir)
+    };
+    // Without --leave-running the container is stopping (CRIU killed its tasks)
+    // and its private rootfs and volumes go with it: unchanged files are copied
+    // in the after-dump step, while they are still mounted.
+    let finish_early = !opts.leave_running;
+    let mut early_err: Option<String> = None;
+    let mut assemble_ms = 0;
     // Without the rootfs in the snapshot, the files the processes hold open are
     // recorded so a restore onto a changed rootfs is refused: listed and hashed
     // after the dump while the container is still frozen, so the digests are the
@@ -237,10 +252,25 @@ pub fn checkpoint_to_store(
         let c = fstree::capture_frozen(&sources, &img, &copts).map_err(|e| {
             crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
         })?;
-        capture = Some(c);
         capture_ms = c0.elapsed().as_millis();
+        let c = capture.insert(c);
+        if finish_early {
+            let a0 = Instant::now();
+            c.finish(&mut || previous()).map_err(|e| {
+                early_err = Some(e.to_string());
+                crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
+            })?;
+            assemble_ms = a0.elapsed().as_millis();
+        }
         Ok(())
     });
+    if let (Err(_), Some(e)) = (&stats, early_err) {
+        return Err(WorkflowError::Io {
+            op: "copying unchanged files after the dump failed; the CRIU image is kept at",
+            path: staging.keep().join("image"),
+            source: std::io::Error::other(e),
+        });
+    }
     // The staging directory goes away: keep the CRIU log the error names.
     let stats = stats.map_err(|mut e| {
         crate::runtime::checkpoint::keep_failed_log_as(&mut e, "checkpoint", id);
@@ -251,20 +281,15 @@ pub fn checkpoint_to_store(
     let a0 = Instant::now();
     let mut fs_info = serde_json::Value::Null;
     if let Some(c) = capture.as_mut() {
-        let prev_dir = staging.path().join("previous");
-        c.finish(&mut || {
-            let (_, sid) = cache.as_ref().ok_or_else(|| WorkflowError::Io {
-                op: "capture the filesystem",
-                path: img.clone(),
-                source: std::io::Error::other("no previous snapshot for unchanged files"),
-            })?;
-            previous_fs_data(store, sid, &prev_dir)
-        })
-        .map_err(|e| WorkflowError::Io {
-            op: "copying unchanged files after the dump failed; the CRIU image is kept at",
-            path: staging.keep().join("image"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        if !finish_early {
+            c.finish(&mut || previous())
+                .map_err(|e| WorkflowError::Io {
+                    op: "copying unchanged files after the dump failed; the CRIU image is kept at",
+                    path: staging.keep().join("image"),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            assemble_ms = a0.elapsed().as_millis();
+        }
         let m = &c.manifest;
         fs_info = json!({
             "files": m.files(),
@@ -278,7 +303,6 @@ pub fn checkpoint_to_store(
             "stat_cache": cache.as_ref().map(|(_, sid)| json!({"base": sid.to_string()})),
         });
     }
-    let assemble_ms = a0.elapsed().as_millis();
     let criu_version = rt.criu_version().unwrap_or_default();
     let mut host_record = host::record();
     host_record["criu_version"] = json!(criu_version);
@@ -1254,8 +1278,13 @@ mod tests {
         // With --bundle: its own relative source, found; the carried volume's
         // source (replaced by the copy's own) is not looked for.
         let mut cfg = spec.clone();
-        check_volume_sources("s1", &mut cfg, source_bundle(Some(&given), &meta), &["/data"])
-            .unwrap();
+        check_volume_sources(
+            "s1",
+            &mut cfg,
+            source_bundle(Some(&given), &meta),
+            &["/data"],
+        )
+        .unwrap();
         assert_eq!(cfg["mounts"][1]["source"], json!(given.join("shared")));
         assert_eq!(cfg["mounts"][0]["source"], json!("carried-vol"));
         // Without it: relative to the original bundle, where it is missing.
@@ -1297,7 +1326,10 @@ mod tests {
         };
         let (_, dry) = gc_fs_cache(&store, true).unwrap();
         assert!(dry > 0);
-        assert_eq!(names(), ["garbage.json", "kept.json", "serve-7000-1-3.json"]);
+        assert_eq!(
+            names(),
+            ["garbage.json", "kept.json", "serve-7000-1-3.json"]
+        );
         let (_, freed) = gc_fs_cache(&store, false).unwrap();
         assert_eq!(freed, dry);
         assert_eq!(names(), ["kept.json"]);

@@ -1397,9 +1397,17 @@ fn copies_get_the_checkpoint_time_filesystem_and_do_not_see_each_other() {
     sx.ok(&["checkpoint", "--leave-running", "--tag", "fs", &id]);
     // The original keeps growing its file after the checkpoint.
     std::thread::sleep(Duration::from_millis(500));
-    let grown: u64 = crate::common::read_trim(&b.join("rootfs/data/n"))
-        .parse()
-        .unwrap();
+    // `echo $n > /data/n` truncates before it writes: read until a number shows.
+    let mut grown = 0u64;
+    crate::common::wait_until("a number in /data/n", Duration::from_secs(5), || {
+        match crate::common::read_trim(&b.join("rootfs/data/n")).parse() {
+            Ok(n) => {
+                grown = n;
+                true
+            }
+            Err(_) => false,
+        }
+    });
 
     let prefix = unique_id("sf-copy");
     let out = sx
@@ -1546,4 +1554,42 @@ fn second_capture_reads_only_the_changed_file_and_diff_lists_it() {
             "{tag}"
         );
     }
+}
+
+/// A restored copy checkpointed again without --leave-running: its private
+/// rootfs goes away with it, so the unchanged files must be copied before that
+/// (from the live files, not from the previous snapshot), and the snapshot
+/// restores with the copy's latest content.
+#[test]
+fn a_restored_copy_checkpointed_without_leave_running_copies_unchanged_files_live() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1; done"]);
+    crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
+    fs::create_dir_all(b.join("rootfs/data")).unwrap();
+    fs::write(b.join("rootfs/data/f"), "v1\n").unwrap();
+    let big: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
+    fs::write(b.join("rootfs/data/big"), &big).unwrap();
+    let id = unique_id("sf-live");
+    let g = sx.run_d(&b, &id);
+    sx.ok(&["checkpoint", "--tag", "live:1", &id]);
+    drop(g);
+    let rid = unique_id("sf-live-r");
+    let _r = sx.restore_from("live:1", &rid, &[]);
+    // The copy's base was just materialised: let its files age past the stat
+    // cache's one-second rule, then give the copy a stat cache.
+    std::thread::sleep(Duration::from_millis(1500));
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "live:2", &rid]);
+    sh_in(&sx, &rid, "echo v3 > /data/f");
+    sx.ok(&["checkpoint", "--tag", "live:3", &rid]);
+    let i3 = sx
+        .ok(&["snapshot", "inspect", "--format", "json", "live:3"])
+        .json();
+    let cap = &i3["metadata"]["filesystem"]["capture"];
+    assert_eq!(cap["files_read_frozen"], 1, "{cap:#}");
+    assert!(cap["files_unchanged"].as_u64().unwrap() > 1, "{cap:#}");
+    assert_eq!(cap["files_from_previous"], 0, "{cap:#}");
+    let rid2 = unique_id("sf-live-r2");
+    let _r2 = sx.restore_from("live:3", &rid2, &[]);
+    assert_eq!(sh_in(&sx, &rid2, "cat /data/f"), "v3");
+    assert_eq!(sh_in(&sx, &rid2, "tail -n 1 /data/big"), "line 00019999");
 }

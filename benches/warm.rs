@@ -637,9 +637,12 @@ const ROWS: &[(&str, &str)] = &[
     ("cold_runc", "cold start to ready, runc run -d"),
     (
         "restore_first",
-        "restore --from to ready, first after prewarm",
+        "restore --from to ready, first on a machine (no cache: materialise + verify)",
     ),
-    ("restore_later", "restore --from to ready, later (cached)"),
+    (
+        "restore_later",
+        "restore --from to ready, after prewarm (cached)",
+    ),
     ("runc_restore", "runc restore (plain dir) to ready"),
     ("serve_empty", "serve TTFB, empty pool (--pool 0)"),
     ("serve_pool", "serve TTFB, warm pool (--pool 2), pool hit"),

@@ -180,12 +180,18 @@ fn a_pin_keeps_snapshots_from_rm_and_gc_but_not_reads_or_ingests() {
     // This process's own work under the pin goes on (no self-deadlock).
     let b = f.ingest(&f.image("b", 2, 8), &["b"]).id;
     assert!(f.store.config(&a).is_ok());
-    f.store.materialize_file(&a, "core-1.img", &f.path("one")).expect("read a file");
+    f.store
+        .materialize_file(&a, "core-1.img", &f.path("one"))
+        .expect("read a file");
     // Removal and gc wait for the pin, and time out while it is held.
-    f.store.set_lock_timeout(std::time::Duration::from_millis(50));
+    f.store
+        .set_lock_timeout(std::time::Duration::from_millis(50));
     let e = f.store.remove("a").expect_err("remove waits for the pin");
     assert!(matches!(e, StoreError::LockTimeout { .. }), "{e}");
-    assert!(matches!(f.store.gc(false), Err(StoreError::LockTimeout { .. })));
+    assert!(matches!(
+        f.store.gc(false),
+        Err(StoreError::LockTimeout { .. })
+    ));
     assert_eq!(f.store.resolve("a").expect("a still there"), a);
     drop(pin);
     f.store.remove("a").expect("remove after the pin");

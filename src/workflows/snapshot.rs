@@ -57,6 +57,14 @@ impl Staging {
         self.keep = true;
         self.path.clone()
     }
+
+    /// Keeps the directory for the CRIU image an error names (and CRIU's logs),
+    /// without the previous snapshot's file data materialised under `previous/`
+    /// for the capture. Returns the image's path.
+    pub fn keep_image(&mut self) -> PathBuf {
+        let _ = fs::remove_dir_all(self.path.join("previous"));
+        self.keep().join("image")
+    }
 }
 
 impl Drop for Staging {
@@ -265,9 +273,10 @@ pub fn checkpoint_to_store(
         Ok(())
     });
     if let (Err(_), Some(e)) = (&stats, early_err) {
+        // The container is stopped: its image is all that is left of it.
         return Err(WorkflowError::Io {
             op: "copying unchanged files after the dump failed; the CRIU image is kept at",
-            path: staging.keep().join("image"),
+            path: staging.keep_image(),
             source: std::io::Error::other(e),
         });
     }
@@ -282,12 +291,14 @@ pub fn checkpoint_to_store(
     let mut fs_info = serde_json::Value::Null;
     if let Some(c) = capture.as_mut() {
         if !finish_early {
-            c.finish(&mut || previous())
-                .map_err(|e| WorkflowError::Io {
-                    op: "copying unchanged files after the dump failed; the CRIU image is kept at",
-                    path: staging.keep().join("image"),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+            // With --leave-running (the only way here) the container runs on, so
+            // the image is not kept: the staging directory (RAM, on /dev/shm)
+            // goes with everything in it.
+            c.finish(&mut || previous()).map_err(|e| WorkflowError::Io {
+                op: "copying unchanged files after the dump failed (the container runs on; nothing was stored) for container",
+                path: PathBuf::from(id),
+                source: std::io::Error::other(e.to_string()),
+            })?;
             assemble_ms = a0.elapsed().as_millis();
         }
         let m = &c.manifest;
@@ -345,12 +356,9 @@ pub fn checkpoint_to_store(
                 progress: t.progress,
             },
         )
-        .map_err(|e| {
-            let kept = staging.keep();
-            WorkflowError::IngestFailed {
-                source: Box::new(e),
-                image: kept.join("image"),
-            }
+        .map_err(|e| WorkflowError::IngestFailed {
+            source: Box::new(e),
+            image: staging.keep_image(),
         })?;
     drop(pin);
     // The next checkpoint of this container starts from this snapshot. A failed
@@ -1259,6 +1267,28 @@ mod tests {
             snapshot: sid.to_string(),
             trees: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_kept_staging_directory_keeps_the_image_but_not_the_previous_data() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Staging::new(t.path(), 0).unwrap();
+        let dir = s.path().to_path_buf();
+        for d in ["image", "work", "previous"] {
+            fs::create_dir_all(dir.join(d)).unwrap();
+            fs::write(dir.join(d).join("f"), d).unwrap();
+        }
+        assert_eq!(s.keep_image(), dir.join("image"));
+        drop(s);
+        assert!(dir.join("image/f").is_file() && dir.join("work/f").is_file());
+        assert!(!dir.join("previous").exists());
+        fs::remove_dir_all(&dir).unwrap();
+        // Not kept: everything goes.
+        let s = Staging::new(t.path(), 0).unwrap();
+        let dir = s.path().to_path_buf();
+        fs::create_dir_all(dir.join("previous")).unwrap();
+        drop(s);
+        assert!(!dir.exists());
     }
 
     #[test]

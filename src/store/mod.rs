@@ -9,7 +9,7 @@
 //! hand it a finished image directory and get one back.
 //!
 //! Locking (flock(2), see `lock`): shared for ingest, materialize, export, import,
-//! verify, tag and config reads; exclusive for gc, prune and tag removal; `index.json`
+//! verify, tag, config reads and `pin`; exclusive for gc, prune and tag removal; `index.json`
 //! read-modify-writes additionally take `index.lock` exclusively for a moment.
 
 mod archive;

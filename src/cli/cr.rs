@@ -295,10 +295,13 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
         owned_dir: None,
         null_stdio: false,
         join_netns: None,
+        lazy_daemon: false,
     };
     if let Some(from) = &a.from {
         let store = Store::open(store)?;
         opts.image_path = PathBuf::new();
+        // The image is the store's: with --lazy-pages stasis runs the daemon.
+        opts.lazy_daemon = true;
         let r = restore_from_store(
             rt,
             &store,

@@ -131,6 +131,10 @@ pub struct ServeArgs {
     /// When a restore fails, start the bundle cold instead (and log it)
     #[arg(long)]
     pub fallback_cold: bool,
+    /// Restore copies with CRIU's lazy pages (userfaultfd): a copy runs as soon
+    /// as its tasks exist and its memory is copied in while it runs.
+    #[arg(long)]
+    pub lazy_pages: bool,
     /// Bundle for restores and cold starts (default: the one recorded in the snapshot)
     #[arg(long, short = 'b')]
     pub bundle: Option<PathBuf>,
@@ -182,6 +186,7 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
         max: a.max,
         persist: a.persist.clone(),
         fallback_cold: a.fallback_cold,
+        lazy_pages: a.lazy_pages,
         bundle: a.bundle.clone(),
         stats_file,
         json_log: cli.log_format == super::LogFormat::Json,

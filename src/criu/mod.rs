@@ -654,6 +654,109 @@ fn varint(b: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
+/// A `criu lazy-pages` daemon serving the memory pages of one image directory
+/// to a restore run with `lazy_pages` and the same work directory (they meet at
+/// `WORK/lazy-pages.socket`). The restored tasks fault their pages in through
+/// userfaultfd while the daemon also copies the rest in the background; it exits
+/// on its own once every page is in place (or the tasks are gone).
+pub struct LazyPages {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Criu {
+    /// Starts the daemon in its own session (so it outlives a `restore -d`) and
+    /// waits until it listens.
+    pub fn spawn_lazy_pages(&self, images: &Path, work: &Path) -> Result<LazyPages> {
+        let log = work.join("lazy-pages.log");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("lazy-pages")
+            .arg("-D")
+            .arg(images)
+            .arg("-W")
+            .arg(work)
+            .arg("-o")
+            .arg("lazy-pages.log")
+            .arg("-v2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // setsid(2), which is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        let sock = work.join("lazy-pages.socket");
+        let limit = Duration::from_secs(10);
+        let t0 = Instant::now();
+        loop {
+            if sock.exists() {
+                return Ok(LazyPages { child, log });
+            }
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    return Err(CriuError::Died {
+                        op: "lazy-pages",
+                        how: st.to_string(),
+                        quoted: quote_errors(&log),
+                        log: log.display().to_string(),
+                    })
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(CriuError::Io {
+                        op: "lazy-pages: wait",
+                        source,
+                    })
+                }
+            }
+            if t0.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CriuError::Timeout {
+                    op: "lazy-pages (waiting for its socket)",
+                    after: limit,
+                    log: log.display().to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl LazyPages {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// The restore failed: stop the daemon.
+    pub fn abort(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The restore succeeded: leave the daemon to finish, reaped by a thread
+    /// of this process while it lives (by init after that).
+    pub fn detach(self) {
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

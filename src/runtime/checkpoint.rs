@@ -106,6 +106,11 @@ pub struct RestoreOptions {
     /// Restore into this existing network namespace (CRIU's `--join-ns net:PATH`)
     /// instead of the one recorded in the image.
     pub join_netns: Option<PathBuf>,
+    /// With `flags.lazy_pages`: start the `criu lazy-pages` daemon for the image
+    /// ourselves (runc leaves that to the caller), in the container's CRIU work
+    /// directory; it serves the pages while the restored tasks run and exits
+    /// when all are in.
+    pub lazy_daemon: bool,
 }
 
 /// CRIU's statistics of one dump or restore (`stats-dump` / `stats-restore`).
@@ -432,6 +437,7 @@ impl Runtime {
         let _lock = self.lock(&o.id)?;
         let st = self.load(&o.id)?;
         let status = self.check(&st, Op::Checkpoint)?;
+        wait_lazy_pages(&self.dir(&o.id))?;
         let spec = load_spec(&st.bundle)?;
         let criu = self.criu();
         criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
@@ -634,6 +640,9 @@ impl Runtime {
                 .into());
             }
             let spec = load_spec(&bundle.path)?;
+            if o.flags.lazy_pages {
+                check_uffd_in_userns(&spec)?;
+            }
             fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
                 op: "create container directory",
                 path: dir.clone(),
@@ -884,6 +893,11 @@ impl Runtime {
         let mut enter_cgroup = |pid: i32| -> Result<(), String> {
             core::cgroup_enter(&cgroup_path, id, spec, pid).map_err(|e| e.to_string())
         };
+        let lazy = if o.flags.lazy_pages && o.lazy_daemon {
+            Some(criu.spawn_lazy_pages(&o.image_path, &work)?)
+        } else {
+            None
+        };
         let resp = criu.restore(
             opts,
             Call {
@@ -896,6 +910,15 @@ impl Runtime {
             &mut notify,
         );
         drop(held);
+        if let Some(d) = lazy {
+            if resp.is_ok() && hook_err.is_none() {
+                // A checkpoint of this container waits for the daemon first.
+                let _ = fs::write(dir.join(LAZY_PID), d.pid().to_string());
+                d.detach();
+            } else {
+                d.abort();
+            }
+        }
         if let Some(e) = hook_err {
             return Err(e);
         }
@@ -983,6 +1006,61 @@ fn send_console(sock: &Path, fd: OwnedFd) -> std::io::Result<()> {
         None,
     )
     .map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// Pid of the `criu lazy-pages` daemon of a restored container (in its state
+/// directory) while it may still be copying pages in.
+const LAZY_PID: &str = "lazy-pages.pid";
+
+/// userfaultfd in a user namespace: the restored tasks open it themselves, and
+/// the kernel allows that outside the initial user namespace only with
+/// `vm.unprivileged_userfaultfd = 1`.
+fn check_uffd_in_userns(spec: &Spec) -> Result<()> {
+    let in_userns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User)
+        });
+    if !in_userns {
+        return Ok(());
+    }
+    let knob = Path::new("/proc/sys/vm/unprivileged_userfaultfd");
+    match fs::read_to_string(knob) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        _ => Err(RuntimeError::Invalid(
+            "--lazy-pages: this container has a user namespace, where the kernel allows userfaultfd only with vm.unprivileged_userfaultfd=1 (it is 0 or missing); run `sysctl -w vm.unprivileged_userfaultfd=1` or restore without --lazy-pages".into(),
+        )),
+    }
+}
+
+/// Waits (at most a minute) for the lazy-pages daemon of a restored container
+/// to have copied every page in: CRIU cannot dump memory that is still missing.
+fn wait_lazy_pages(dir: &Path) -> Result<()> {
+    let Ok(pid) = fs::read_to_string(dir.join(LAZY_PID)) else {
+        return Ok(());
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return Ok(());
+    };
+    let is_daemon = || {
+        fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .map(|c| c.contains("lazy-pages"))
+            .unwrap_or(false)
+    };
+    let t0 = std::time::Instant::now();
+    while is_daemon() {
+        if t0.elapsed() > std::time::Duration::from_secs(60) {
+            return Err(RuntimeError::Invalid(format!(
+                "the lazy-pages daemon (pid {pid}) of this restored container is still copying its memory in after 60 s; checkpoint it later"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = fs::remove_file(dir.join(LAZY_PID));
     Ok(())
 }
 

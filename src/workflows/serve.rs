@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub max: usize,
     pub persist: Option<String>,
     pub fallback_cold: bool,
+    /// Restore copies with lazy pages (stasis runs the lazy-pages daemon).
+    pub lazy_pages: bool,
     pub bundle: Option<PathBuf>,
     pub stats_file: PathBuf,
     pub json_log: bool,
@@ -197,6 +199,11 @@ impl Shared {
                 id: id.clone(),
                 detach: true,
                 null_stdio: true,
+                lazy_daemon: true,
+                flags: crate::runtime::checkpoint::CriuFlags {
+                    lazy_pages: self.o.lazy_pages,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             bundle,

@@ -888,3 +888,99 @@ fn links_sparse_files_xattrs_devices_and_modes_round_trip() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Lazy restore from the store
+
+/// `restore --from --lazy-pages`: stasis runs CRIU's lazy-pages daemon for the
+/// store's image; the copy's memory (the shell's random id and counter) comes in
+/// through userfaultfd and the counter carries on; a checkpoint right after the
+/// restore waits for the daemon and works; the daemon is gone afterwards.
+#[test]
+fn lazy_restore_from_the_store_carries_on_and_can_be_checkpointed_again() {
+    let sx = setup!();
+    let lazy = Command::new("criu")
+        .args(["check", "--feature", "uffd-noncoop"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !lazy {
+        assert!(
+            std::env::var_os("STASIS_REQUIRE_ALL").is_none(),
+            "CRIU lacks uffd-noncoop (lazy pages) on this host"
+        );
+        eprintln!("skipping: CRIU lacks uffd-noncoop (lazy pages) on this host");
+        return;
+    }
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("cp-lazy");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 5", |n| n >= 5);
+    sx.ok(&["checkpoint", "--tag", "lazy", &id]);
+
+    let id2 = unique_id("cp-lazy2");
+    let g2 = sx.restore_from("lazy", &id2, &["--lazy-pages"]);
+    sx.assert_carries_on(&id2, &before);
+    // The daemon ran in the copy's CRIU work directory and logged there.
+    assert!(sx.env.root.join(&id2).join("criu/lazy-pages.log").is_file());
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "lazy:again", &id2]);
+    let id3 = unique_id("cp-lazy3");
+    let _g3 = sx.restore_from("lazy:again", &id3, &["--lazy-pages"]);
+    sx.assert_carries_on(&id3, &before);
+    drop(g2);
+    wait_until(
+        "no lazy-pages daemon of this test",
+        Duration::from_secs(30),
+        || {
+            fs::read_dir("/proc").unwrap().flatten().all(|e| {
+                fs::read_to_string(e.path().join("cmdline"))
+                    .map(|c| !(c.contains("lazy-pages") && c.contains(&id2)))
+                    .unwrap_or(true)
+            })
+        },
+    );
+}
+
+/// A container with a user namespace: the kernel lets its tasks open a
+/// userfaultfd only with vm.unprivileged_userfaultfd=1. With the knob off,
+/// `--lazy-pages` is refused up front, naming it, and leaves nothing; with it on,
+/// the lazy restore works.
+#[test]
+fn lazy_restore_of_a_user_namespace_container_needs_the_sysctl() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    edit_config(&b, |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
+        let map = serde_json::json!([{"containerID": 0, "hostID": 0, "size": 65536}]);
+        c["linux"]["uidMappings"] = map.clone();
+        c["linux"]["gidMappings"] = map;
+    });
+    let id = unique_id("cp-lazyns");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 5", |n| n >= 5);
+    sx.ok(&["checkpoint", "--tag", "lazyns", &id]);
+    let knob = fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    let id2 = unique_id("cp-lazyns2");
+    if knob.trim() == "1" {
+        eprintln!("vm.unprivileged_userfaultfd=1 here: checking that the lazy restore works");
+        let _g2 = sx.restore_from("lazyns", &id2, &["--lazy-pages"]);
+        sx.assert_carries_on(&id2, &before);
+        return;
+    }
+    let _g2 = sx.env.guard(&id2);
+    let out = sx.run(&["restore", "-d", "--from", "lazyns", "--lazy-pages", &id2]);
+    assert_fails(
+        &out,
+        &[
+            "--lazy-pages",
+            "user namespace",
+            "vm.unprivileged_userfaultfd=1",
+        ],
+    );
+    assert!(sx.state(&id2).is_none());
+    assert!(copies_of(&sx).is_empty(), "{:?}", copies_of(&sx));
+    assert!(cgroups_named(&id2).is_empty());
+}

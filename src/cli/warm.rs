@@ -135,6 +135,10 @@ pub struct ServeArgs {
     /// as its tasks exist and its memory is copied in while it runs.
     #[arg(long)]
     pub lazy_pages: bool,
+    /// Command run inside each pool copy before it takes connections (split on
+    /// spaces), e.g. a query that does a first session's one-time work
+    #[arg(long)]
+    pub warmup: Option<String>,
     /// Bundle for restores and cold starts (default: the one recorded in the snapshot)
     #[arg(long, short = 'b')]
     pub bundle: Option<PathBuf>,
@@ -187,6 +191,10 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
         persist: a.persist.clone(),
         fallback_cold: a.fallback_cold,
         lazy_pages: a.lazy_pages,
+        warmup: a
+            .warmup
+            .as_ref()
+            .map(|w| w.split_whitespace().map(str::to_string).collect()),
         bundle: a.bundle.clone(),
         stats_file,
         json_log: cli.log_format == super::LogFormat::Json,

@@ -39,6 +39,8 @@ pub struct ServeOptions {
     pub fallback_cold: bool,
     /// Restore copies with lazy pages (stasis runs the lazy-pages daemon).
     pub lazy_pages: bool,
+    /// Run inside each pool copy (`stasis exec`) before it joins the pool.
+    pub warmup: Option<Vec<String>>,
     pub bundle: Option<PathBuf>,
     pub stats_file: PathBuf,
     pub json_log: bool,
@@ -467,6 +469,58 @@ impl Shared {
     }
 
     /// Keeps `pool` ready copies, reaps idle used copies, notices dead ones.
+    /// `--warmup`: runs the command inside a new pool copy (at most 60 s); a copy
+    /// whose warm-up fails is removed, not offered.
+    fn warm_up(&self, c: Copy) -> std::result::Result<Copy, String> {
+        let Some(cmd) = &self.o.warmup else {
+            return Ok(c);
+        };
+        let t0 = Instant::now();
+        let res = (|| {
+            let mut child = Command::new(&self.o.self_exe)
+                .args(&self.o.global_args)
+                .arg("exec")
+                .arg(&c.id)
+                .args(cmd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("run warm-up: {e}"))?;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) if st.success() => return Ok(()),
+                    Ok(Some(st)) => {
+                        return Err(format!("warm-up {:?} failed ({st})", cmd.join(" ")))
+                    }
+                    Ok(None) if t0.elapsed() > Duration::from_secs(60) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!(
+                            "warm-up {:?} still running after 60 s",
+                            cmd.join(" ")
+                        ));
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => return Err(format!("wait for warm-up: {e}")),
+                }
+            }
+        })();
+        match res {
+            Ok(()) => {
+                self.log(
+                    "warmed-up",
+                    json!({"copy": c.id, "ms": t0.elapsed().as_millis() as u64}),
+                );
+                Ok(c)
+            }
+            Err(e) => {
+                let _ = self.rt.delete(&c.id, true);
+                Err(format!("copy {}: {e}; it was removed", c.id))
+            }
+        }
+    }
+
     fn maintain(&self) {
         while !self.shutdown.load(Ordering::Relaxed) {
             let mut idle_ids = Vec::new();
@@ -526,7 +580,7 @@ impl Shared {
                 }
             }
             if ready < self.o.pool && total < self.o.max && !self.shutdown.load(Ordering::Relaxed) {
-                match self.spawn_copy() {
+                match self.spawn_copy().and_then(|c| self.warm_up(c)) {
                     Ok(c) => {
                         if let Ok(mut copies) = self.copies.lock() {
                             copies.push(c);

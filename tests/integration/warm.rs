@@ -876,3 +876,71 @@ fn serve_persist_works_with_its_log_in_a_file() {
         "kept:latest"
     );
 }
+
+/// `serve --warmup CMD` runs CMD inside each pool copy before the copy takes a
+/// connection; a copy whose warm-up fails is removed instead of offered.
+#[test]
+fn serve_warms_up_pool_copies_and_drops_those_whose_warmup_fails() {
+    let sx = setup!();
+    let tag = prewarmed(&sx);
+    let mut srv = Serve::start(
+        &sx,
+        &tag,
+        &[
+            "--pool",
+            "1",
+            "--idle",
+            "60s",
+            "--warmup",
+            "touch /tmp/warmed",
+            "--log-format",
+            "json",
+        ],
+        None,
+    );
+    srv.wait_log("a warmed-up copy", Duration::from_secs(30), |s| {
+        !s.events("warmed-up").is_empty()
+    });
+    let copy = srv.events("warmed-up")[0]["copy"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sx.ok(&["exec", &copy, "ls", "/tmp/warmed"]);
+    srv.get_ok(BODY);
+    assert_eq!(
+        used_copies(&srv),
+        BTreeSet::from([copy.clone()]),
+        "the connection went to the warmed-up copy; log:\n{}",
+        srv.log()
+    );
+    stop_cleanly(&sx, &mut srv);
+
+    let mut srv = Serve::start(
+        &sx,
+        &tag,
+        &["--pool", "1", "--warmup", "false", "--log-format", "json"],
+        None,
+    );
+    srv.wait_log("a failed warm-up", Duration::from_secs(30), |s| {
+        s.events("refill-failed").iter().any(|e| {
+            e["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("warm-up \"false\" failed") && m.contains("removed"))
+        })
+    });
+    let failed: Vec<String> = srv
+        .events("refill-failed")
+        .iter()
+        .filter_map(|e| e["error"].as_str())
+        .filter_map(|m| m.strip_prefix("copy ")?.split(':').next())
+        .map(str::to_string)
+        .collect();
+    assert!(!failed.is_empty(), "log:\n{}", srv.log());
+    let listed = listed(&sx);
+    assert!(
+        !listed.contains(&failed[0]),
+        "{} is still listed after its warm-up failed",
+        failed[0]
+    );
+    stop_cleanly(&sx, &mut srv);
+}

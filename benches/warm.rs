@@ -288,6 +288,16 @@ impl Svc {
         }
     }
 
+    /// `serve --warmup` for this service's pool copies: PostgreSQL's first
+    /// session after a restore does one-time work a `psql -l` takes off the
+    /// first client.
+    fn serve_warmup(self) -> Option<&'static str> {
+        match self {
+            Svc::Postgres => Some("/usr/lib/postgresql/15/bin/psql -h 127.0.0.1 -U postgres -l"),
+            _ => None,
+        }
+    }
+
     fn port(self) -> u16 {
         match self {
             Svc::Redis => 6379,
@@ -619,14 +629,14 @@ impl Serve {
         tag: &str,
         svc: Svc,
         listen: SocketAddr,
-        pool: usize,
-        lazy: bool,
+        (pool, lazy, warmup): (usize, bool, Option<&str>),
         log: &Path,
     ) -> Result<Self, String> {
         let stats = st.logs.join(format!(
-            "serve-{}-{pool}{}.json",
+            "serve-{}-{pool}{}{}.json",
             svc.name(),
-            if lazy { "-lazy" } else { "" }
+            if lazy { "-lazy" } else { "" },
+            if warmup.is_some() { "-warmup" } else { "" }
         ));
         let f = fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
         let f2 = f.try_clone().map_err(|e| e.to_string())?;
@@ -637,6 +647,7 @@ impl Serve {
             .args(["--port", &svc.port().to_string()])
             .args(["--pool", &pool.to_string(), "--max", "4", "--idle", "1s"])
             .args(lazy.then_some("--lazy-pages"))
+            .args(warmup.map(|w| ["--warmup", w]).into_iter().flatten())
             .arg("--stats-file")
             .arg(&stats)
             .stdin(Stdio::null())
@@ -797,7 +808,15 @@ const ROWS: &[(&str, &str)] = &[
     ("serve_empty", "serve TTFB, empty pool (--pool 0)"),
     ("serve_empty_lazy", "serve TTFB, empty pool, --lazy-pages"),
     ("serve_pool", "serve TTFB, warm pool (--pool 2), pool hit"),
+    (
+        "serve_pool_warmup",
+        "serve TTFB, warm pool (--pool 2) with --warmup, pool hit",
+    ),
     ("serve_reuse", "serve TTFB, copy just used"),
+    (
+        "serve_reuse_warmup",
+        "serve TTFB, copy just used (with --warmup)",
+    ),
 ];
 
 fn min_median(mut v: Vec<f64>) -> Option<(f64, f64)> {
@@ -1167,23 +1186,33 @@ fn bench_svc(c: &Ctx, svc: Svc) -> Result<SvcResult, String> {
 fn serve_runs(c: &Ctx, svc: Svc, tag: &str, res: &mut SvcResult) -> Result<(), String> {
     let name = svc.name();
     let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
-    let mut runs = vec![(0usize, false)];
+    let mut runs = vec![(0usize, false, None)];
     if c.lazy {
-        runs.push((0, true));
+        runs.push((0, true, None));
     }
-    runs.push((2, false));
-    for (pool, lazy) in runs {
-        let (key, flags) = match (pool, lazy) {
-            (0, false) => ("serve_empty", "--pool 0".to_string()),
-            (0, true) => ("serve_empty_lazy", "--pool 0 --lazy-pages".to_string()),
+    runs.push((2, false, None));
+    if let Some(w) = svc.serve_warmup() {
+        runs.push((2, false, Some(w)));
+    }
+    for (pool, lazy, warmup) in runs {
+        let (key, flags) = match (pool, lazy, warmup) {
+            (0, false, _) => ("serve_empty", "--pool 0".to_string()),
+            (0, true, _) => ("serve_empty_lazy", "--pool 0 --lazy-pages".to_string()),
+            (_, _, Some(_)) => ("serve_pool_warmup", format!("--pool {pool} --warmup")),
             _ => ("serve_pool", format!("--pool {pool}")),
+        };
+        let (hit_key, reuse_key) = if warmup.is_some() {
+            ("serve_pool_warmup", "serve_reuse_warmup")
+        } else {
+            ("serve_pool", "serve_reuse")
         };
         let addr = free_port()?;
         let log = c.dir.join(format!(
-            "serve-{name}-{pool}{}.log",
-            if lazy { "-lazy" } else { "" }
+            "serve-{name}-{pool}{}{}.log",
+            if lazy { "-lazy" } else { "" },
+            if warmup.is_some() { "-warmup" } else { "" }
         ));
-        let mut sv = Serve::start(c.st, tag, svc, addr, pool, lazy, &log)?;
+        let mut sv = Serve::start(c.st, tag, svc, addr, (pool, lazy, warmup), &log)?;
         let r = (|| -> Result<(), String> {
             for i in 0..c.s.conns {
                 // The stats file is rewritten every ~200 ms: wait on counters that
@@ -1209,10 +1238,10 @@ fn serve_runs(c: &Ctx, svc: Svc, tag: &str, res: &mut SvcResult) -> Result<(), S
                     })?;
                     let d = ttfb(svc, addr)?;
                     let d2 = ttfb(svc, addr)?;
-                    res.push("serve_pool", d);
-                    res.push("serve_reuse", d2);
+                    res.push(hit_key, d);
+                    res.push(reuse_key, d2);
                     eprintln!(
-                        "warm: {name}: serve --pool 2: connection {i}: pool hit {:.1} ms, then {:.1} ms",
+                        "warm: {name}: serve {flags}: connection {i}: pool hit {:.1} ms, then {:.1} ms",
                         d.as_secs_f64() * MS,
                         d2.as_secs_f64() * MS
                     );
@@ -1506,6 +1535,18 @@ fn report(s: &Settings, results: &[(Svc, SvcResult)], lazy_skip: Option<&str>) -
             );
             goals.insert(
                 format!("{}_serve_pool_ttfb_le_10ms", svc.name()),
+                met.into(),
+            );
+        }
+        if let Some((_, med)) = r.get("serve_pool_warmup") {
+            let met = med <= 10.0;
+            println!(
+                "warm: goal: {} serve warm-pool TTFB median <= 10 ms, with --warmup: {med:.1} ms {}",
+                svc.name(),
+                if met { "met" } else { "MISSED" }
+            );
+            goals.insert(
+                format!("{}_serve_pool_warmup_ttfb_le_10ms", svc.name()),
                 met.into(),
             );
         }

@@ -206,7 +206,12 @@ pub fn checkpoint_to_store(
         (None, None)
     } else {
         let pin = store.pin()?;
-        match usable_stat_cache(store, &cache_path) {
+        let found = usable_stat_cache(store, &cache_path).or_else(|| {
+            st.owned_dir
+                .as_deref()
+                .and_then(|owned| copy_stat_cache(store, owned, &st.rootfs))
+        });
+        match found {
             Some(c) => (Some(c), Some(pin)),
             None => (None, None),
         }
@@ -405,6 +410,80 @@ fn usable_stat_cache(store: &Store, path: &Path) -> Option<(fstree::StatCache, S
     let sid = SnapshotId::parse(&c.snapshot)?;
     store.resolve(&sid.full()).ok().filter(|r| *r == sid)?;
     Some((c, sid))
+}
+
+/// Names the snapshot an overlay copy was restored from (full id), in its
+/// private directory.
+const COPY_SNAPSHOT_FILE: &str = "snapshot";
+
+/// The first checkpoint of a copy restored onto an overlay: every file of its
+/// rootfs that was never copied up is still the snapshot's own (the read-only
+/// base), so a stat cache built from the snapshot's manifest and a stat taken
+/// now spares reading those files while frozen. A file counts only when its stat
+/// matches the manifest's size, its ctime is older than the racy margin, and it
+/// is absent from the upper layer when checked *after* the stat (copy-up is
+/// one-way, and gives the file a new ctime, so a later copy-up or write changes
+/// the key the capture compares).
+fn copy_stat_cache(
+    store: &Store,
+    owned: &Path,
+    rootfs: &Path,
+) -> Option<(fstree::StatCache, SnapshotId)> {
+    let upper = owned.join("upper");
+    if !upper.is_dir() || rootfs != owned.join("merged") {
+        return None;
+    }
+    let sid = SnapshotId::parse(
+        fs::read_to_string(owned.join(COPY_SNAPSHOT_FILE))
+            .ok()?
+            .trim(),
+    )?;
+    store.resolve(&sid.full()).ok().filter(|r| *r == sid)?;
+    let bytes = store.read_file(&sid, fstree::MANIFEST_FILE).ok()?;
+    let m = fstree::parse_manifest(&bytes, Path::new(fstree::MANIFEST_FILE)).ok()?;
+    let tree = m.trees.iter().find(|t| t.role == "rootfs")?;
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .saturating_sub(std::time::Duration::from_secs(2));
+    let mut files = std::collections::BTreeMap::new();
+    for e in &tree.entries {
+        let (fstree::Kind::File, Some(offset), Some(sha256)) = (&e.kind, e.offset, &e.sha256)
+        else {
+            continue;
+        };
+        let Ok(md) = fs::symlink_metadata(rootfs.join(&e.path)) else {
+            continue;
+        };
+        let key = fstree::StatKey::of(&md);
+        let ctime = std::time::Duration::new(
+            u64::try_from(key.ctime).unwrap_or(u64::MAX),
+            u32::try_from(key.ctime_nsec).unwrap_or(0),
+        );
+        if !md.is_file() || key.size != e.size || ctime >= cutoff {
+            continue;
+        }
+        if fs::symlink_metadata(upper.join(&e.path)).is_ok() {
+            continue;
+        }
+        files.insert(
+            e.path.clone(),
+            fstree::CachedFile {
+                key,
+                offset,
+                sha256: sha256.clone(),
+            },
+        );
+    }
+    let cache = fstree::StatCache {
+        version: fstree::STAT_CACHE_VERSION,
+        snapshot: sid.full(),
+        trees: vec![fstree::CacheTree {
+            source: rootfs.to_path_buf(),
+            files,
+        }],
+    };
+    Some((cache, sid))
 }
 
 /// The verified `fsdata-0.bin` of snapshot `sid`: the copy under `cache/img/` when
@@ -794,6 +873,9 @@ fn private_fs(
         });
         fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io_err("write", &idir))?;
         if !copy.copy_rootfs {
+            // For the stat cache of the copy's first checkpoint (`copy_stat_cache`).
+            let f = owned.join(COPY_SNAPSHOT_FILE);
+            fs::write(&f, p.sid.full()).map_err(io_err("write", &f))?;
             mount_overlay(&base, &upper, &work, &merged)?;
         }
         cfg["root"]["path"] = json!(root);

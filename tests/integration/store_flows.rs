@@ -1593,3 +1593,52 @@ fn a_restored_copy_checkpointed_without_leave_running_copies_unchanged_files_liv
     assert_eq!(sh_in(&sx, &rid2, "cat /data/f"), "v3");
     assert_eq!(sh_in(&sx, &rid2, "tail -n 1 /data/big"), "line 00019999");
 }
+
+/// The first checkpoint of a copy restored onto an overlay reads only what the
+/// copy changed while frozen: the files it never copied up are the snapshot's
+/// own (its base), so their content comes from the live files after the thaw.
+#[test]
+fn a_restored_copy_first_checkpoint_reads_only_what_it_changed() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1; done"]);
+    crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
+    fs::create_dir_all(b.join("rootfs/data")).unwrap();
+    fs::write(b.join("rootfs/data/f"), "v1\n").unwrap();
+    let big: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
+    fs::write(b.join("rootfs/data/big"), &big).unwrap();
+    let id = unique_id("sf-copy1st");
+    let g = sx.run_d(&b, &id);
+    let short1 = printed_snapshot_id(&sx.ok(&["checkpoint", "--tag", "first:1", &id]));
+    drop(g);
+    let rid = unique_id("sf-copy1st-r");
+    let _r = sx.restore_from("first:1", &rid, &[]);
+    // The base was materialised just now: let its files age past the margin.
+    std::thread::sleep(Duration::from_millis(2500));
+    sh_in(&sx, &rid, "echo v2 > /data/f");
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "first:2", &rid]);
+    let i2 = sx
+        .ok(&["snapshot", "inspect", "--format", "json", "first:2"])
+        .json();
+    let cap = &i2["metadata"]["filesystem"]["capture"];
+    let n = |k: &str| cap[k].as_u64().unwrap_or_else(|| panic!("no {k}: {cap:#}"));
+    // Read while frozen: /data/f and the copy's /.stasis/identity.json (both in
+    // the upper layer), not the base's busybox or /data/big.
+    assert!(n("files_read_frozen") <= 3, "{cap:#}");
+    assert!(n("bytes_read_frozen") < 4096, "{cap:#}");
+    assert!(n("bytes_unchanged") >= big.len() as u64, "{cap:#}");
+    assert_eq!(n("files_from_previous"), 0, "{cap:#}");
+    assert_eq!(
+        i2["metadata"]["filesystem"]["stat_cache"]["base"],
+        short1.as_str(),
+        "{:#}",
+        i2["metadata"]["filesystem"]
+    );
+    let rid2 = unique_id("sf-copy1st-r2");
+    let _r2 = sx.restore_from("first:2", &rid2, &[]);
+    assert_eq!(sh_in(&sx, &rid2, "cat /data/f"), "v2");
+    assert_eq!(sh_in(&sx, &rid2, "tail -n 1 /data/big"), "line 00019999");
+    assert_eq!(
+        sh_in(&sx, &rid2, "wc -c < /data/big"),
+        big.len().to_string()
+    );
+}

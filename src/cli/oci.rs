@@ -349,7 +349,7 @@ pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
         Command::Prewarm(a) => return super::warm::prewarm_cmd(cli, &rt()?, a),
         Command::Serve(a) => return super::warm::serve_cmd(cli, rt()?, a),
         Command::Snapshot(a) => {
-            return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a)
+            return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a, || Ok(rt()?))
         }
         Command::Features => print_json(&runtime::info::features(), true)?,
         Command::Create(a) => {

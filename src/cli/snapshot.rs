@@ -72,14 +72,44 @@ pub enum SnapshotCmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Write a snapshot as an OCI layout tar
+    /// Write a snapshot as an OCI layout tar, or (`--format podman`) as a
+    /// checkpoint archive for `podman container restore --import`
     Export {
         snapshot: String,
         #[arg(long, short = 'o')]
         output: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Oci)]
+        format: ExportFormat,
+        /// With --format podman: full id of the base image in the importing
+        /// podman's storage (`podman image inspect --format '{{.Id}}' IMAGE`);
+        /// the snapshot's captured rootfs is unpacked over it
+        #[arg(long, required_if_eq("format", "podman"))]
+        podman_image_id: Option<String>,
+        /// With --format podman: that image's name (default: its id)
+        #[arg(long)]
+        podman_image: Option<String>,
+        /// With --format podman: the container name recorded in the archive
+        /// (default: the snapshot's container id; `restore --name` overrides it)
+        #[arg(long)]
+        podman_name: Option<String>,
+        /// With --format podman: the restored container's cgroup parent
+        #[arg(long)]
+        podman_cgroup_parent: Option<String>,
+        /// With --format podman: the runtime as the importing podman names it
+        /// (its --runtime value; podman refuses an archive made for another)
+        #[arg(long, default_value = "stasis")]
+        podman_runtime: String,
     },
     /// Import snapshots from an OCI layout tar (verified before anything is added)
     Import { file: PathBuf },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// An OCI image layout tar (`snapshot import` reads it)
+    Oci,
+    /// A podman checkpoint archive (tar.zst)
+    Podman,
 }
 
 fn human(n: u64) -> String {
@@ -97,7 +127,11 @@ fn human(n: u64) -> String {
     }
 }
 
-pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
+pub fn run(
+    store: &Store,
+    a: &SnapshotArgs,
+    rt: impl Fn() -> Result<crate::runtime::Runtime>,
+) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     match &a.cmd {
         SnapshotCmd::Ls { format } => {
@@ -219,8 +253,29 @@ pub fn run(store: &Store, a: &SnapshotArgs) -> Result<i32> {
             }
             writeln!(out, "{verb} {} snapshot(s)", removed.len())?;
         }
-        SnapshotCmd::Export { snapshot, output } => {
-            store.export(snapshot, output)?;
+        SnapshotCmd::Export {
+            snapshot,
+            output,
+            format,
+            podman_image_id,
+            podman_image,
+            podman_name,
+            podman_cgroup_parent,
+            podman_runtime,
+        } => {
+            match format {
+                ExportFormat::Oci => store.export(snapshot, output)?,
+                ExportFormat::Podman => {
+                    let o = crate::workflows::podman::PodmanExport {
+                        image_id: podman_image_id.clone().unwrap_or_default(),
+                        image_name: podman_image.clone(),
+                        name: podman_name.clone(),
+                        cgroup_parent: podman_cgroup_parent.clone(),
+                        runtime: podman_runtime.clone(),
+                    };
+                    crate::workflows::podman::export(&rt()?, store, snapshot, output, &o)?;
+                }
+            }
             writeln!(out, "exported {snapshot} to {}", output.display())?;
         }
         SnapshotCmd::Import { file } => {

@@ -5,6 +5,7 @@ pub mod copytree;
 pub mod fstree;
 pub mod host;
 pub mod openfiles;
+pub mod podman;
 pub mod prewarm;
 pub mod serve;
 pub mod snapshot;

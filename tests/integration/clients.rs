@@ -1521,3 +1521,93 @@ fn containerd_container_checkpoint_and_live_restore() {
         c.state_entries()
     );
 }
+
+/// `snapshot export --format podman`: a counter run by stasis directly and
+/// checkpointed into the store is restored by podman (`--import`, stasis as its
+/// runtime) from the exported archive, and counts on from its checkpointed value.
+#[test]
+fn podman_restores_a_stasis_snapshot_exported_with_format_podman() {
+    requires_client!(PODMAN_TOOLS, true);
+    let _one_at_a_time = podman_serial();
+    let pm = Podman::new();
+    let image_id = pm
+        .ok(&["image", "inspect", "--format", "{{.Id}}", PODMAN_IMAGE])
+        .stdout
+        .trim()
+        .to_string();
+    assert_eq!(image_id.len(), 64, "image id {image_id:?}");
+
+    // The counter, run and checkpointed into a store by stasis itself.
+    let Some(sx) = crate::store_flows::Sx::setup(
+        "clients::podman_restores_a_stasis_snapshot_exported_with_format_podman",
+    ) else {
+        return;
+    };
+    let bundle = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique("pmexp");
+    let _guard = sx.run_d(&bundle, &id);
+    let mut before = 0;
+    wait_until("the counter to pass 10", Duration::from_secs(15), || {
+        let out = sx.run(&["exec", &id, "cat", "/tmp/count"]);
+        before = out.stdout.trim().parse().unwrap_or(0);
+        before > 10
+    });
+    sx.ok(&["checkpoint", "--tag", "pmexp", &id]);
+
+    let archive = pm.dir.path().join("pmexp.tar.zst");
+    let archive_s = archive.display().to_string();
+    sx.ok(&[
+        "snapshot",
+        "export",
+        "pmexp",
+        "-o",
+        &archive_s,
+        "--format",
+        "podman",
+        "--podman-image-id",
+        &image_id,
+        "--podman-image",
+        PODMAN_IMAGE,
+        "--podman-cgroup-parent",
+        &pm.cgroup_parent,
+        "--podman-runtime",
+        &pm.wrapper.display().to_string(),
+    ]);
+    assert!(
+        fs::metadata(&archive).is_ok_and(|m| m.len() > 0),
+        "no archive at {archive_s}"
+    );
+
+    pm.ok(&[
+        "container",
+        "restore",
+        "--import",
+        &archive_s,
+        "--name",
+        "fromstasis",
+    ]);
+    assert_eq!(pm.status("fromstasis"), "running");
+    let after = pm.count("fromstasis");
+    assert!(
+        after >= before,
+        "restored counter is {after}, it was {before} at the checkpoint: not restored from memory"
+    );
+    pm.count_above("fromstasis", after);
+    let copy_id = pm.inspect("fromstasis")["Id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_called(
+        &pm.calls(),
+        "restore",
+        &["--bundle", "--detach", "--image-path", &copy_id],
+    );
+
+    pm.ok(&["stop", "--time", "20", "fromstasis"]);
+    pm.ok(&["rm", "fromstasis"]);
+    assert!(
+        pm.state_entries().is_empty(),
+        "left in stasis state: {:?}",
+        pm.state_entries()
+    );
+}

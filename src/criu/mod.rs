@@ -669,6 +669,18 @@ impl Criu {
     /// waits until it listens.
     pub fn spawn_lazy_pages(&self, images: &Path, work: &Path) -> Result<LazyPages> {
         let log = work.join("lazy-pages.log");
+        let sock = work.join("lazy-pages.socket");
+        // A socket left by an earlier daemon would look like this one listening.
+        match fs::remove_file(&sock) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(CriuError::Io {
+                    op: "lazy-pages: remove a stale socket",
+                    source,
+                })
+            }
+        }
         let mut cmd = Command::new(&self.bin);
         cmd.arg("lazy-pages")
             .arg("-D")
@@ -694,7 +706,6 @@ impl Criu {
             bin: self.bin.clone(),
             source,
         })?;
-        let sock = work.join("lazy-pages.socket");
         let limit = Duration::from_secs(10);
         let t0 = Instant::now();
         loop {

@@ -414,6 +414,12 @@ fn read_stats(path: &Path) -> CriuStats {
 }
 
 impl Runtime {
+    /// Waits until the lazy-pages daemon of a container restored with lazy pages
+    /// has copied all its memory in (at most a minute); no-op for others.
+    pub fn wait_lazy_pages(&self, id: &str) -> Result<()> {
+        wait_lazy_pages(&self.dir(id))
+    }
+
     fn criu(&self) -> Criu {
         Criu::new(&self.criu)
     }
@@ -912,9 +918,22 @@ impl Runtime {
         drop(held);
         if let Some(d) = lazy {
             if resp.is_ok() && hook_err.is_none() {
-                // A checkpoint of this container waits for the daemon first.
-                let _ = fs::write(dir.join(LAZY_PID), d.pid().to_string());
-                d.detach();
+                // A checkpoint of this container waits for the daemon first: the
+                // pid and its start time (a reused pid is not taken for it).
+                let pid = d.pid() as i32;
+                let rec = format!("{pid} {}", state::process_start_time(pid).unwrap_or(0));
+                let path = dir.join(LAZY_PID);
+                match fs::write(&path, rec) {
+                    Ok(()) => d.detach(),
+                    Err(source) => {
+                        d.abort();
+                        return Err(RuntimeError::Io {
+                            op: "record the lazy-pages daemon in",
+                            path,
+                            source,
+                        });
+                    }
+                }
             } else {
                 d.abort();
             }
@@ -1040,16 +1059,24 @@ fn check_uffd_in_userns(spec: &Spec) -> Result<()> {
 /// Waits (at most a minute) for the lazy-pages daemon of a restored container
 /// to have copied every page in: CRIU cannot dump memory that is still missing.
 fn wait_lazy_pages(dir: &Path) -> Result<()> {
-    let Ok(pid) = fs::read_to_string(dir.join(LAZY_PID)) else {
+    let Ok(rec) = fs::read_to_string(dir.join(LAZY_PID)) else {
         return Ok(());
     };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return Ok(());
+    let mut it = rec.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(start))) = (
+        it.next().map(str::parse::<i32>),
+        it.next().map(str::parse::<u64>),
+    ) else {
+        return Err(RuntimeError::Invalid(format!(
+            "{} is damaged ({rec:?}); if no `criu lazy-pages` process of this container runs any more, remove that file and checkpoint again",
+            dir.join(LAZY_PID).display()
+        )));
     };
     let is_daemon = || {
-        fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .map(|c| c.contains("lazy-pages"))
-            .unwrap_or(false)
+        state::process_start_time(pid) == Some(start)
+            && fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.contains("lazy-pages"))
+                .unwrap_or(false)
     };
     let t0 = std::time::Instant::now();
     while is_daemon() {

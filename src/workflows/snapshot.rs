@@ -185,6 +185,9 @@ pub fn checkpoint_to_store(
             path: st.bundle.clone(),
             source,
         })?;
+    // Right after a lazy restore the memory is not all in yet: size the staging
+    // area once it is.
+    rt.wait_lazy_pages(id)?;
     let need = host::cgroup_memory_usage(st.pid).unwrap_or(1 << 30);
     let mut staging = Staging::new(store.root(), need)?;
     let img = staging.path().join("image");
@@ -433,6 +436,16 @@ fn copy_stat_cache(
     if !upper.is_dir() || rootfs != owned.join("merged") {
         return None;
     }
+    let base = cache_dir(
+        store,
+        "fs",
+        &SnapshotId::parse(
+            fs::read_to_string(owned.join(COPY_SNAPSHOT_FILE))
+                .ok()?
+                .trim(),
+        )?,
+    )
+    .join("rootfs");
     let sid = SnapshotId::parse(
         fs::read_to_string(owned.join(COPY_SNAPSHOT_FILE))
             .ok()?
@@ -456,6 +469,29 @@ fn copy_stat_cache(
             continue;
         };
         let key = fstree::StatKey::of(&md);
+        // The file the copy sees must be the base's own inode, unmodified (not a
+        // file renamed over from elsewhere in the base, nor a copied-up hard link).
+        let Ok(bmd) = fs::symlink_metadata(base.join(&e.path)) else {
+            continue;
+        };
+        let bkey = fstree::StatKey::of(&bmd);
+        if (
+            bkey.ino,
+            bkey.size,
+            bkey.mtime,
+            bkey.mtime_nsec,
+            bkey.ctime,
+            bkey.ctime_nsec,
+        ) != (
+            key.ino,
+            key.size,
+            key.mtime,
+            key.mtime_nsec,
+            key.ctime,
+            key.ctime_nsec,
+        ) {
+            continue;
+        }
         let ctime = std::time::Duration::new(
             u64::try_from(key.ctime).unwrap_or(u64::MAX),
             u32::try_from(key.ctime_nsec).unwrap_or(0),
@@ -463,8 +499,9 @@ fn copy_stat_cache(
         if !md.is_file() || key.size != e.size || ctime >= cutoff {
             continue;
         }
-        if fs::symlink_metadata(upper.join(&e.path)).is_ok() {
-            continue;
+        match fs::symlink_metadata(upper.join(&e.path)) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            _ => continue,
         }
         files.insert(
             e.path.clone(),
@@ -1129,6 +1166,12 @@ pub fn restore_from_store(
     }
     let generation = new_generation();
     let n = r.copies.max(1);
+    if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: "--lazy-pages with --work-path and several copies would give every copy's lazy-pages daemon the same socket; leave out --work-path (each copy then works in its own state directory)".into(),
+        });
+    }
     let ids: Vec<String> = if n == 1 && r.name_prefix.is_none() {
         vec![r.restore.id.clone()]
     } else {

@@ -137,7 +137,7 @@ pub struct ServeArgs {
     pub lazy_pages: bool,
     /// Command run inside each pool copy before it takes connections (split on
     /// spaces), e.g. a query that does a first session's one-time work
-    #[arg(long)]
+    #[arg(long, value_parser = non_empty_command)]
     pub warmup: Option<String>,
     /// Bundle for restores and cold starts (default: the one recorded in the snapshot)
     #[arg(long, short = 'b')]
@@ -208,4 +208,12 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
     };
     serve(rt, store, opts)?;
     Ok(0)
+}
+
+/// `--warmup` must name a command.
+fn non_empty_command(s: &str) -> std::result::Result<String, String> {
+    if s.split_whitespace().next().is_none() {
+        return Err("needs a command, e.g. --warmup 'psql -l'".into());
+    }
+    Ok(s.to_string())
 }

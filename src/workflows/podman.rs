@@ -151,6 +151,10 @@ pub fn export(rt: &Runtime, store: &Store, from: &str, out: &Path, o: &PodmanExp
             .ok_or_else(|| bad(&short, "its filesystem has no rootfs tree"))?;
         let rootfs = work.path().join("rootfs");
         fstree::materialize(m, idx, &p.image.join(fstree::DATA_FILE), &rootfs)?;
+        // tar cannot carry Unix sockets (PostgreSQL's and Redis's live in their
+        // rootfs); podman's own export leaves them out too, and a service
+        // recreates its socket when it binds.
+        remove_sockets(&rootfs)?;
         let f = File::create(&diff).map_err(io("create", &diff))?;
         let mut b = tar::Builder::new(BufWriter::new(f));
         b.follow_symlinks(false);
@@ -250,6 +254,22 @@ fn write_archive(
         f.sync_all()
     })()
     .map_err(w)
+}
+
+/// Removes every Unix socket under `dir` (symlinks are not followed).
+fn remove_sockets(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    for e in fs::read_dir(dir).map_err(io("read directory", dir))? {
+        let e = e.map_err(io("read directory", dir))?;
+        let path = e.path();
+        let ft = e.file_type().map_err(io("stat", &path))?;
+        if ft.is_socket() {
+            fs::remove_file(&path).map_err(io("remove socket", &path))?;
+        } else if ft.is_dir() {
+            remove_sockets(&path)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

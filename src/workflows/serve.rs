@@ -493,6 +493,11 @@ impl Shared {
                     Ok(Some(st)) => {
                         return Err(format!("warm-up {:?} failed ({st})", cmd.join(" ")))
                     }
+                    Ok(None) if self.shutdown.load(Ordering::Relaxed) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err("serve is stopping".to_string());
+                    }
                     Ok(None) if t0.elapsed() > Duration::from_secs(60) => {
                         let _ = child.kill();
                         let _ = child.wait();

@@ -216,46 +216,9 @@ fn copy_meta(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
 }
 
 fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
-    let cf = cpath(from)?;
     let ct = cpath(to)?;
-    let mut names = vec![0u8; 64 << 10];
-    // SAFETY: llistxattr writes at most names.len() bytes into names.
-    let n = unsafe { libc::llistxattr(cf.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n <= 0 {
-        return Ok(());
-    }
-    let mut val = vec![0u8; 64 << 10];
-    for name in names[..n as usize]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-    {
-        let Ok(cname) = CString::new(name) else {
-            continue;
-        };
-        // SAFETY: lgetxattr writes at most val.len() bytes into val.
-        let m = unsafe {
-            libc::lgetxattr(
-                cf.as_ptr(),
-                cname.as_ptr(),
-                val.as_mut_ptr().cast(),
-                val.len(),
-            )
-        };
-        if m < 0 {
-            continue;
-        }
-        // SAFETY: valid path, name and value buffers for the duration of the call.
-        let r = unsafe {
-            libc::lsetxattr(
-                ct.as_ptr(),
-                cname.as_ptr(),
-                val.as_ptr().cast(),
-                m as usize,
-                0,
-            )
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
+    for (name, val) in super::fstree::read_xattrs(from) {
+        if let Err(e) = super::fstree::set_xattr(&ct, &name, &val) {
             // A filesystem without that namespace (e.g. trusted.* of an overlay
             // base on a filesystem that refuses it) loses only that attribute.
             if e.raw_os_error() == Some(libc::ENOTSUP) {
@@ -264,7 +227,7 @@ fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
             return Err(WorkflowError::Io {
                 op: "set xattr on",
                 path: to.to_path_buf(),
-                source: std::io::Error::other(format!("{}: {e}", String::from_utf8_lossy(name))),
+                source: std::io::Error::other(format!("{}: {e}", name.to_string_lossy())),
             });
         }
     }

@@ -128,25 +128,38 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowE
 }
 
 fn xattrs(path: &Path) -> Vec<(String, String)> {
-    let c = match std::ffi::CString::new(path.as_os_str().as_bytes()) {
-        Ok(c) => c,
-        Err(_) => return Vec::new(),
+    read_xattrs(path)
+        .into_iter()
+        .map(|(name, val)| {
+            (
+                name.to_string_lossy().into_owned(),
+                base64::engine::general_purpose::STANDARD.encode(val),
+            )
+        })
+        .collect()
+}
+
+/// The extended attributes of `path` itself (not following a symlink), as raw
+/// names and values; attributes that vanish while being read are left out.
+pub(super) fn read_xattrs(path: &Path) -> Vec<(std::ffi::CString, Vec<u8>)> {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Vec::new();
     };
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: llistxattr writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let mut names = vec![0u8; 64 << 10];
+    // SAFETY: llistxattr writes at most names.len() bytes into names.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     if n <= 0 {
         return Vec::new();
     }
+    let mut val = vec![0u8; 64 << 10];
     let mut out = Vec::new();
-    for name in buf[..n as usize]
+    for name in names[..n as usize]
         .split(|b| *b == 0)
         .filter(|n| !n.is_empty())
     {
         let Ok(cname) = std::ffi::CString::new(name) else {
             continue;
         };
-        let mut val = vec![0u8; 65536];
         // SAFETY: lgetxattr writes at most val.len() bytes into val.
         let m = unsafe {
             libc::lgetxattr(
@@ -156,15 +169,34 @@ fn xattrs(path: &Path) -> Vec<(String, String)> {
                 val.len(),
             )
         };
-        if m < 0 {
-            continue;
+        if m >= 0 {
+            out.push((cname, val[..m as usize].to_vec()));
         }
-        out.push((
-            String::from_utf8_lossy(name).into_owned(),
-            base64::engine::general_purpose::STANDARD.encode(&val[..m as usize]),
-        ));
     }
     out
+}
+
+/// Sets one extended attribute on `path` itself (not following a symlink).
+pub(super) fn set_xattr(
+    path: &std::ffi::CStr,
+    name: &std::ffi::CStr,
+    val: &[u8],
+) -> std::io::Result<()> {
+    // SAFETY: valid path, name and value buffers for the duration of the call.
+    let r = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            val.as_ptr().cast(),
+            val.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// What a capture read, and from where.
@@ -624,10 +656,9 @@ fn set_meta(p: &Path, e: &Entry) -> Result<()> {
         let Ok(ck) = std::ffi::CString::new(k.as_bytes()) else {
             continue;
         };
-        // SAFETY: valid path, name and value buffers for the duration of the call.
-        unsafe {
-            libc::lsetxattr(c.as_ptr(), ck.as_ptr(), val.as_ptr().cast(), val.len(), 0);
-        }
+        // Best effort, as tar does: a filesystem that refuses an attribute
+        // (e.g. trusted.* without CAP_SYS_ADMIN in its user namespace) loses it.
+        let _ = set_xattr(&c, &ck, &val);
     }
     let ts = [
         libc::timespec {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::snapshot::{
-    checkpoint_to_store, new_generation, prepare, restore_prepared, Identity, Prepared,
-    TaggedCheckpoint,
+    checkpoint_to_store, new_generation, prepare, restore_prepared, CopyOptions, Identity,
+    Prepared, TaggedCheckpoint,
 };
 use super::{Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, RestoreOptions};
@@ -210,6 +210,7 @@ impl Shared {
             },
             bundle,
             &ident,
+            &CopyOptions::default(),
         );
         match r {
             Ok(_) => {

@@ -436,21 +436,12 @@ fn copy_stat_cache(
     if !upper.is_dir() || rootfs != owned.join("merged") {
         return None;
     }
-    let base = cache_dir(
-        store,
-        "fs",
-        &SnapshotId::parse(
-            fs::read_to_string(owned.join(COPY_SNAPSHOT_FILE))
-                .ok()?
-                .trim(),
-        )?,
-    )
-    .join("rootfs");
     let sid = SnapshotId::parse(
         fs::read_to_string(owned.join(COPY_SNAPSHOT_FILE))
             .ok()?
             .trim(),
     )?;
+    let base = cache_dir(store, "fs", &sid).join("rootfs");
     store.resolve(&sid.full()).ok().filter(|r| *r == sid)?;
     let bytes = store.read_file(&sid, fstree::MANIFEST_FILE).ok()?;
     let m = fstree::parse_manifest(&bytes, Path::new(fstree::MANIFEST_FILE)).ok()?;
@@ -1067,22 +1058,10 @@ fn set_netns_path(cfg: &mut serde_json::Value, ns: &Path) {
     }
 }
 
-/// Restores one copy from a prepared snapshot onto an overlay in a new network
-/// namespace. Returns CRIU's stats.
+/// Restores one copy from a prepared snapshot onto its own filesystem (an
+/// overlay, or a full copy with `copy.copy_rootfs`) in a new network namespace
+/// (or `copy.netns`). Returns CRIU's stats.
 pub fn restore_prepared(
-    rt: &Runtime,
-    store: &Store,
-    p: &Prepared,
-    opts: &RestoreOptions,
-    bundle: Option<&Path>,
-    ident: &Identity,
-) -> Result<CriuStats> {
-    restore_prepared_with(rt, store, p, opts, bundle, ident, &CopyOptions::default())
-}
-
-/// `restore_prepared` with the copy's filesystem and network set up as `copy`
-/// says.
-pub fn restore_prepared_with(
     rt: &Runtime,
     store: &Store,
     p: &Prepared,
@@ -1197,7 +1176,7 @@ pub fn restore_from_store(
                         index: i,
                         snapshot: p.sid.short(),
                     };
-                    restore_prepared_with(rt, store, p, &o, r.bundle.as_deref(), &ident, &r.copy)
+                    restore_prepared(rt, store, p, &o, r.bundle.as_deref(), &ident, &r.copy)
                 })
             })
             .collect();

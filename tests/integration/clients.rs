@@ -105,13 +105,7 @@ const CONTAINERD_TOOLS: &[&str] = &[
 macro_rules! requires_client {
     ($tools:expr, $cr:expr) => {{
         requires!(root, busybox);
-        fn here() {}
-        fn name_of<T>(_: T) -> &'static str {
-            std::any::type_name::<T>()
-        }
-        let name = name_of(here);
-        let name = name.strip_suffix("::here").unwrap_or(name);
-        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        let name = $crate::test_name!();
         if !tools_or_skip(name, $tools) {
             return;
         }

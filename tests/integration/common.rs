@@ -134,18 +134,27 @@ pub fn requirements_met(test: &str, reqs: &[Req]) -> bool {
     false
 }
 
-/// `requires!(root, busybox, runc)`: returns from the test (printing why) when
-/// a requirement is missing.
+/// The name of the test function it is used in (`module::test`), for skip
+/// messages and per-test directories.
 #[macro_export]
-macro_rules! requires {
-    ($($req:ident),+ $(,)?) => {{
+macro_rules! test_name {
+    () => {{
         fn here() {}
         fn name_of<T>(_: T) -> &'static str {
             std::any::type_name::<T>()
         }
         let name = name_of(here);
         let name = name.strip_suffix("::here").unwrap_or(name);
-        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        name.split_once("::").map_or(name, |(_, rest)| rest)
+    }};
+}
+
+/// `requires!(root, busybox, runc)`: returns from the test (printing why) when
+/// a requirement is missing.
+#[macro_export]
+macro_rules! requires {
+    ($($req:ident),+ $(,)?) => {{
+        let name = $crate::test_name!();
         if !$crate::common::requirements_met(name, &[$($crate::common::Req::$req),+]) {
             return;
         }

@@ -93,13 +93,7 @@ pub fn criu_or_skip(test: &str) -> Option<PathBuf> {
 macro_rules! requires_cr {
     () => {{
         requires!(root, busybox, cgroup_v1);
-        fn here() {}
-        fn name_of<T>(_: T) -> &'static str {
-            std::any::type_name::<T>()
-        }
-        let name = name_of(here);
-        let name = name.strip_suffix("::here").unwrap_or(name);
-        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        let name = $crate::test_name!();
         match criu_or_skip(name) {
             Some(c) => Cr::new(c),
             None => return,

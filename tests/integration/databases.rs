@@ -42,13 +42,7 @@ use crate::store_flows::{
 macro_rules! db_setup {
     ($($req:ident),+) => {{
         requires!($($req),+);
-        fn here() {}
-        fn name_of<T>(_: T) -> &'static str {
-            std::any::type_name::<T>()
-        }
-        let name = name_of(here);
-        let name = name.strip_suffix("::here").unwrap_or(name);
-        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        let name = $crate::test_name!();
         match Sx::setup(name) {
             Some(s) => s,
             None => return,

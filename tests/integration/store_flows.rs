@@ -40,13 +40,7 @@ pub(crate) const CMD: Duration = Duration::from_secs(60);
 /// `Sx::setup` with the test's name; returns from the test when it skips.
 macro_rules! setup {
     () => {{
-        fn here() {}
-        fn name_of<T>(_: T) -> &'static str {
-            std::any::type_name::<T>()
-        }
-        let name = name_of(here);
-        let name = name.strip_suffix("::here").unwrap_or(name);
-        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        let name = $crate::test_name!();
         match Sx::setup(name) {
             Some(s) => s,
             None => return,
@@ -1476,15 +1470,22 @@ fn copies_get_the_checkpoint_time_filesystem_and_do_not_see_each_other() {
     assert!(names_in(&sx.env.root.join(".copies")).is_empty());
 }
 
-#[test]
-fn second_capture_reads_only_the_changed_file_and_diff_lists_it() {
-    let sx = setup!();
+/// A writable bundle whose process sleeps, with a small `/data/f` ("v1") and a
+/// ~240 KB `/data/big` (returned) in its rootfs.
+fn data_bundle(sx: &Sx) -> (PathBuf, String) {
     let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1; done"]);
     crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
     fs::create_dir_all(b.join("rootfs/data")).unwrap();
     fs::write(b.join("rootfs/data/f"), "v1\n").unwrap();
     let big: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
     fs::write(b.join("rootfs/data/big"), &big).unwrap();
+    (b, big)
+}
+
+#[test]
+fn second_capture_reads_only_the_changed_file_and_diff_lists_it() {
+    let sx = setup!();
+    let (b, big) = data_bundle(&sx);
     let id = unique_id("sf-stat");
     let _g = sx.run_d(&b, &id);
     // Files changed within the last second stay out of the stat cache (their
@@ -1563,12 +1564,7 @@ fn second_capture_reads_only_the_changed_file_and_diff_lists_it() {
 #[test]
 fn a_restored_copy_checkpointed_without_leave_running_copies_unchanged_files_live() {
     let sx = setup!();
-    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1; done"]);
-    crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
-    fs::create_dir_all(b.join("rootfs/data")).unwrap();
-    fs::write(b.join("rootfs/data/f"), "v1\n").unwrap();
-    let big: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
-    fs::write(b.join("rootfs/data/big"), &big).unwrap();
+    let (b, _big) = data_bundle(&sx);
     let id = unique_id("sf-live");
     let g = sx.run_d(&b, &id);
     sx.ok(&["checkpoint", "--tag", "live:1", &id]);
@@ -1600,12 +1596,7 @@ fn a_restored_copy_checkpointed_without_leave_running_copies_unchanged_files_liv
 #[test]
 fn a_restored_copy_first_checkpoint_reads_only_what_it_changed() {
     let sx = setup!();
-    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1; done"]);
-    crate::common::edit_config(&b, |c| c["root"]["readonly"] = serde_json::json!(false));
-    fs::create_dir_all(b.join("rootfs/data")).unwrap();
-    fs::write(b.join("rootfs/data/f"), "v1\n").unwrap();
-    let big: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
-    fs::write(b.join("rootfs/data/big"), &big).unwrap();
+    let (b, big) = data_bundle(&sx);
     let id = unique_id("sf-copy1st");
     let g = sx.run_d(&b, &id);
     let short1 = printed_snapshot_id(&sx.ok(&["checkpoint", "--tag", "first:1", &id]));

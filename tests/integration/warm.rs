@@ -34,13 +34,7 @@ use crate::store_flows::{
 /// `Sx::setup` with the test's name; returns from the test when it skips.
 macro_rules! setup {
     () => {{
-        fn here() {}
-        fn name_of<T>(_: T) -> &'static str {
-            std::any::type_name::<T>()
-        }
-        let name = name_of(here);
-        let name = name.strip_suffix("::here").unwrap_or(name);
-        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        let name = $crate::test_name!();
         match Sx::setup(name) {
             Some(s) => s,
             None => return,

@@ -23,19 +23,18 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 use crate::common::{cgroups_named, unique_id, Container};
 use crate::store_flows::{
     assert_fails, entry_with_tag, left_in_root, mounts_under, names_in, run_cmd, Sx, CMD,
 };
+use crate::warm::{listed, Serve};
 
 /// `requires!(REQS)` plus `Sx::setup` with the test's name; returns from the test
 /// when it skips.
@@ -763,15 +762,6 @@ fn postgres_prewarm_tcp_exec_and_file_probes_then_restore_keep_data() {
 // ---------------------------------------------------------------------------
 // serve in front of Redis
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local_addr")
-        .port()
-}
-
 /// Prewarms the Redis image as `redis:v1` (exec probe: no probe connection left
 /// in the server at the checkpoint).
 fn prewarmed_redis(sx: &Sx) -> String {
@@ -790,83 +780,14 @@ fn prewarmed_redis(sx: &Sx) -> String {
     "redis:v1".to_string()
 }
 
-/// A running `stasis serve --port 6379 --log-format json` whose output pipes are
-/// drained into a buffer; dropping it stops the server (SIGTERM, then SIGKILL) and
-/// force-deletes every container of the test's root.
-struct Serve {
-    child: Option<Child>,
-    log: Arc<Mutex<String>>,
-    listen: SocketAddr,
-    bin: PathBuf,
-    root: PathBuf,
+/// `serve` relaying to Redis (port 6379), JSON log.
+fn serve_redis(sx: &Sx, from: &str, extra: &[&str]) -> Serve {
+    let mut args = vec!["--log-format", "json"];
+    args.extend_from_slice(extra);
+    Serve::start_on(sx, from, 6379, &args, None)
 }
 
 impl Serve {
-    fn start(sx: &Sx, from: &str, extra: &[&str]) -> Serve {
-        let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let l = listen.to_string();
-        let mut args = vec![
-            "serve",
-            "--from",
-            from,
-            "--listen",
-            &l,
-            "--port",
-            "6379",
-            "--log-format",
-            "json",
-        ];
-        args.extend_from_slice(extra);
-        let mut cmd = sx.command(Some(&sx.store), &args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn stasis serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let readers: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(child.stdout.take().expect("stdout pipe")),
-            Box::new(child.stderr.take().expect("stderr pipe")),
-        ];
-        for mut r in readers {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    log.lock()
-                        .expect("log lock")
-                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            });
-        }
-        Serve {
-            child: Some(child),
-            log,
-            listen,
-            bin: sx.env.bin.clone(),
-            root: sx.env.root.clone(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("serve child").id() as i32
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    /// Log lines of `event`.
-    fn events(&self, event: &str) -> Vec<Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["event"] == event)
-            .collect()
-    }
-
     /// The `copy` field of every `event` line.
     fn copies_in(&self, event: &str) -> BTreeSet<String> {
         self.events(event)
@@ -875,100 +796,11 @@ impl Serve {
             .collect()
     }
 
-    #[track_caller]
-    fn wait_log(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Serve) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !pred(self) {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .expect("serve child")
-                .try_wait()
-                .expect("try_wait")
-            {
-                panic!(
-                    "serve exited with {st} while waiting for {what}; log:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; serve log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then the exit code (None: still running after `timeout`).
-    fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let child = self.child.as_mut().expect("serve child");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                use std::os::unix::process::ExitStatusExt;
-                return Some(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// A new client through the server.
     #[track_caller]
     fn client(&self) -> Resp {
         Resp::at(self.listen).unwrap_or_else(|e| panic!("{e}; serve log:\n{}", self.log()))
     }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let running = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)));
-        if running && self.terminate(Duration::from_secs(30)).is_none() {
-            eprintln!("serve ignored SIGTERM for 30s; killing it");
-        }
-        if let Some(mut c) = self.child.take() {
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        let list = Command::new(&self.bin)
-            .arg("--root")
-            .arg(&self.root)
-            .args(["list", "-q"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output();
-        if let Ok(o) = list {
-            for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                let _ = Command::new(&self.bin)
-                    .arg("--root")
-                    .arg(&self.root)
-                    .args(["delete", "--force", id])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
-}
-
-/// Ids of the containers in `list`.
-fn listed(sx: &Sx) -> BTreeSet<String> {
-    let v = sx.ok(&["list", "--format", "json"]).json();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The network namespace (`net:[INODE]`) of every copy a server restored, read
@@ -1075,7 +907,7 @@ fn stop_cleanly(sx: &Sx, srv: &mut Serve, seen: &NetnsSeen) {
 fn serve_redis_twenty_clients_pool_two_then_idle_reap_and_sigterm() {
     let sx = db_setup!(redis);
     let tag = prewarmed_redis(&sx);
-    let mut srv = Serve::start(&sx, &tag, &["--pool", "2", "--idle", "2s"]);
+    let mut srv = serve_redis(&sx, &tag, &["--pool", "2", "--idle", "2s"]);
     srv.wait_log("two ready copies", Duration::from_secs(60), |s| {
         s.events("restored").len() >= 2
     });
@@ -1179,7 +1011,7 @@ fn serve_redis_twenty_clients_pool_two_then_idle_reap_and_sigterm() {
 fn serve_redis_persist_keeps_a_counter_across_idle_cycles() {
     let sx = db_setup!(redis);
     let tag = prewarmed_redis(&sx);
-    let mut srv = Serve::start(
+    let mut srv = serve_redis(
         &sx,
         &tag,
         &["--pool", "1", "--idle", "1s", "--persist", "redis:live"],

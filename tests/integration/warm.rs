@@ -232,7 +232,7 @@ fn probe_that_never_passes_fails_cleanly() {
 // serve
 
 /// A port nothing listens on now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -261,10 +261,10 @@ enum ServeLog {
 
 /// A running `stasis serve`; dropping it SIGKILLs the server and force-deletes
 /// every container of the test's root.
-struct Serve {
+pub(crate) struct Serve {
     child: Option<Child>,
     log: ServeLog,
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     bin: PathBuf,
     root: PathBuf,
     store: PathBuf,
@@ -272,10 +272,24 @@ struct Serve {
 }
 
 impl Serve {
+    /// `serve` relaying to this file's service (httpd on port 8080).
     fn start(sx: &Sx, from: &str, extra: &[&str], log_file: Option<&Path>) -> Serve {
+        Serve::start_on(sx, from, 8080, extra, log_file)
+    }
+
+    /// `serve --from FROM --port PORT EXTRA...` on a free local port; its output
+    /// goes to `log_file`, or to pipes read into memory.
+    pub(crate) fn start_on(
+        sx: &Sx,
+        from: &str,
+        port: u16,
+        extra: &[&str],
+        log_file: Option<&Path>,
+    ) -> Serve {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let l = listen.to_string();
-        let mut args = vec!["serve", "--from", from, "--listen", &l, "--port", "8080"];
+        let port = port.to_string();
+        let mut args = vec!["serve", "--from", from, "--listen", &l, "--port", &port];
         args.extend_from_slice(extra);
         let mut cmd = sx.command(Some(&sx.store), &args);
         cmd.stdin(Stdio::null());
@@ -324,11 +338,11 @@ impl Serve {
         }
     }
 
-    fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         match &self.log {
             ServeLog::Pipes(b) => b.lock().unwrap().clone(),
             ServeLog::File(f) => fs::read_to_string(f).unwrap_or_default(),
@@ -336,7 +350,7 @@ impl Serve {
     }
 
     /// Log lines (JSON with --log-format json) of `event`.
-    fn events(&self, event: &str) -> Vec<Value> {
+    pub(crate) fn events(&self, event: &str) -> Vec<Value> {
         self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -357,7 +371,12 @@ impl Serve {
 
     /// Waits until `pred` holds for the log.
     #[track_caller]
-    fn wait_log(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Serve) -> bool) {
+    pub(crate) fn wait_log(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Serve) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         while !pred(self) {
             self.assert_alive();
@@ -411,7 +430,7 @@ impl Serve {
     }
 
     /// SIGTERM, then the exit code (None: still running after `timeout`).
-    fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
         let child = self.child.as_mut().unwrap();
@@ -481,7 +500,7 @@ impl Drop for Serve {
 }
 
 /// Ids of the containers in `list`.
-fn listed(sx: &Sx) -> BTreeSet<String> {
+pub(crate) fn listed(sx: &Sx) -> BTreeSet<String> {
     let v = sx.ok(&["list", "--format", "json"]).json();
     v.as_array()
         .map(|a| {
@@ -901,6 +920,10 @@ fn serve_warms_up_pool_copies_and_drops_those_whose_warmup_fails() {
         .to_string();
     sx.ok(&["exec", &copy, "ls", "/tmp/warmed"]);
     srv.get_ok(BODY);
+    // The log comes through a pipe another thread reads: wait for the line.
+    srv.wait_log("the connection line", Duration::from_secs(10), |s| {
+        !used_copies(s).is_empty()
+    });
     assert_eq!(
         used_copies(&srv),
         BTreeSet::from([copy.clone()]),

@@ -76,6 +76,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{bench_main, env_num, min_median, round, stasis_bin};
+
 const MIB: u64 = 1024 * 1024;
 const MS: f64 = 1000.0;
 
@@ -92,16 +96,6 @@ struct Settings {
     hold: String,
     evict: bool,
     dir: PathBuf,
-}
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not a valid number")),
-        _ => Ok(default),
-    }
 }
 
 impl Settings {
@@ -563,15 +557,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * MS
 }
 
-fn min_median(mut v: Vec<f64>) -> Option<(f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    // Lower median for an even count, like the other benches.
-    Some((v[0], v[(v.len() - 1) / 2]))
-}
-
 fn fmt(v: f64, u: Unit) -> String {
     match u {
         Unit::Ms if v >= 10_000.0 => format!("{:.2} s", v / MS),
@@ -882,24 +867,6 @@ impl Drop for Cleanup<'_> {
 // ---------------------------------------------------------------------------
 // Setup and report
 
-fn stasis_bin() -> Result<PathBuf, String> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = match std::env::var_os("STASIS_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| manifest.join("target"))
-            .join("release/stasis"),
-    };
-    if !bin.is_file() {
-        return Err(format!(
-            "stasis binary {} is missing: `cargo build --release` first, or set STASIS_BIN",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
 fn build_bundle(bundle: &Path, hold: &str) -> Result<(), String> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let script = manifest.join("images/busybox/build");
@@ -1069,23 +1036,6 @@ fn report(s: &Settings, samples: &[Sample]) -> bool {
     ok
 }
 
-fn round(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
-}
-
 fn main() -> ExitCode {
-    // `cargo test --benches` builds and runs us without --bench: nothing to do.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("fs: run it with `cargo bench --bench fs`");
-        return ExitCode::SUCCESS;
-    }
-    match bench() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) if std::env::var("BENCH_STRICT").as_deref() == Ok("1") => ExitCode::FAILURE,
-        Ok(false) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fs: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_main("fs", bench)
 }

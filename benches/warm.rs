@@ -93,6 +93,10 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{bench_main, env_num, min_median, round, stasis_bin};
+
 const MS: f64 = 1000.0;
 
 // ---------------------------------------------------------------------------
@@ -106,16 +110,6 @@ struct Settings {
     slowapp_secs: u64,
     skip: Vec<String>,
     dir: PathBuf,
-}
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not a valid number")),
-        _ => Ok(default),
-    }
 }
 
 impl Settings {
@@ -819,14 +813,6 @@ const ROWS: &[(&str, &str)] = &[
     ),
 ];
 
-fn min_median(mut v: Vec<f64>) -> Option<(f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some((v[0], v[(v.len() - 1) / 2]))
-}
-
 fn fmt_ms(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.2} s", v / MS)
@@ -1322,24 +1308,6 @@ fn find_bin(env: &str, name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn stasis_bin() -> Result<PathBuf, String> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = match std::env::var_os("STASIS_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| manifest.join("target"))
-            .join("release/stasis"),
-    };
-    if !bin.is_file() {
-        return Err(format!(
-            "stasis binary {} is missing: `cargo build --release` first, or set STASIS_BIN",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
 fn bench() -> Result<bool, String> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -1568,23 +1536,6 @@ fn report(s: &Settings, results: &[(Svc, SvcResult)], lazy_skip: Option<&str>) -
     ok
 }
 
-fn round(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
-}
-
 fn main() -> ExitCode {
-    // `cargo test --benches` builds and runs us without --bench: nothing to do.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("warm: run it with `cargo bench --bench warm`");
-        return ExitCode::SUCCESS;
-    }
-    match bench() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) if std::env::var("BENCH_STRICT").as_deref() == Ok("1") => ExitCode::FAILURE,
-        Ok(false) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("warm: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_main("warm", bench)
 }

@@ -27,6 +27,25 @@ pub use state::{validate_id, ContainerState, Op, Status};
 
 use state::ContainerLock;
 
+/// Test hook for the fault-matrix tests: `STASIS_FAULT=NAME:kill|NAME:stop[,...]`
+/// SIGKILLs or SIGSTOPs the process at fault point NAME (see `store::fault_point`,
+/// which the store keeps for itself because it imports nothing else of ours).
+/// Unset, as outside tests: a no-op.
+pub fn fault_point(name: &str) {
+    use nix::sys::signal::{raise, Signal};
+    let spec = std::env::var("STASIS_FAULT").unwrap_or_default();
+    for (point, action) in spec.split(',').filter_map(|i| i.split_once(':')) {
+        let sig = match action {
+            "kill" => Signal::SIGKILL,
+            "stop" => Signal::SIGSTOP,
+            _ => continue,
+        };
+        if point == name {
+            let _ = raise(sig);
+        }
+    }
+}
+
 /// How long a command waits for another command on the same container.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 

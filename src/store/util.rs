@@ -82,3 +82,23 @@ pub(crate) fn progress(enabled: bool, total: u64, msg: &str) -> ProgressBar {
 pub(crate) fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// Test hook for the fault-matrix tests. `STASIS_FAULT=NAME:kill` makes the process
+/// SIGKILL itself when it reaches fault point NAME, `NAME:stop` stops it with
+/// SIGSTOP until a SIGCONT (so a test can act while it is parked at a known
+/// moment). Several entries are comma-separated. Unset (always, outside tests): a
+/// no-op. The store keeps its own copy because it imports nothing else of ours.
+pub fn fault_point(name: &str) {
+    use nix::sys::signal::{raise, Signal};
+    let spec = std::env::var("STASIS_FAULT").unwrap_or_default();
+    for (point, action) in spec.split(',').filter_map(|i| i.split_once(':')) {
+        let sig = match action {
+            "kill" => Signal::SIGKILL,
+            "stop" => Signal::SIGSTOP,
+            _ => continue,
+        };
+        if point == name {
+            let _ = raise(sig);
+        }
+    }
+}

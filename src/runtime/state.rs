@@ -19,8 +19,24 @@ use super::RuntimeError;
 pub const STATE_FILE: &str = "stasis.json";
 const LOCK_DIR: &str = ".locks";
 
-/// Validates a container id with runc's rule: `^[\w+\-.]+$`, not `.` or `..`, at
-/// most 1024 bytes. A valid id is always a single path component below `--root`.
+/// The longest name stasis makes from an id: CRIU's log of a failed checkpoint,
+/// kept as `$TMPDIR/stasis-checkpoint-<id>.log`. Other names are shorter: the
+/// directories `<id>` (under `--root`, `--root/.copies`, the store's
+/// `cache/copies`), the lock `--root/.locks/<id>`, the cgroup `:youki:<id>`
+/// (libcontainer's name when the spec sets no cgroupsPath) and the stat cache
+/// `<id>.json`.
+const LONGEST_ID_NAME: &str = "stasis-checkpoint-.log";
+/// NAME_MAX of Linux filesystems: the longest single path component.
+const NAME_MAX: usize = 255;
+/// Longest id: every name made from it must fit in NAME_MAX.
+pub const MAX_ID_LEN: usize = NAME_MAX - LONGEST_ID_NAME.len();
+
+/// Validates a container id with runc's rule, `^[\w+\-.]+$` and not `.` or `..`,
+/// plus two of our own: no leading `.` (stasis keeps its private entries in
+/// `--root` under dot names: `.locks`, `.copies`), and at most [`MAX_ID_LEN`] bytes
+/// so that every file, directory and cgroup named after it fits NAME_MAX (runc has
+/// no limit of its own and fails in mkdir with "file name too long"). A valid id
+/// is always a single path component below `--root` that names no private entry.
 pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     let bad = |reason: &str| RuntimeError::InvalidId {
         id: id.to_string(),
@@ -32,8 +48,16 @@ pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     if id == "." || id == ".." {
         return Err(bad("it is a relative path component"));
     }
-    if id.len() > 1024 {
-        return Err(bad("it is longer than 1024 bytes"));
+    if id.len() > MAX_ID_LEN {
+        return Err(RuntimeError::InvalidId {
+            // The whole id would bury the reason: name its start and length.
+            id: format!("{}...", id.chars().take(32).collect::<String>()),
+            reason: format!(
+                "it is {} bytes long; ids are at most {MAX_ID_LEN} bytes (stasis names files \
+                 after them, and a file name is at most {NAME_MAX} bytes)",
+                id.len()
+            ),
+        });
     }
     if let Some(c) = id
         .chars()
@@ -42,6 +66,12 @@ pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
         return Err(bad(&format!(
             "character {c:?} is not allowed (use letters, digits, '_', '+', '-', '.')"
         )));
+    }
+    if id.starts_with('.') {
+        return Err(bad(
+            "it starts with '.', which stasis reserves for its own entries in --root \
+             (.locks, .copies); start it with a letter, digit, '_', '+' or '-'",
+        ));
     }
     Ok(())
 }
@@ -335,8 +365,21 @@ mod tests {
         for ok in ["a", "abc-123", "a.b_c+d", "A9"] {
             assert!(validate_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0y", "é"] {
+        for bad in [
+            "", ".", "..", "a/b", "../x", "a b", "x\0y", "é", ".copies", ".locks", ".x",
+        ] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        // Every name stasis makes from the longest id fits NAME_MAX; one byte more
+        // is refused, naming the limit.
+        let longest = "a".repeat(MAX_ID_LEN);
+        assert!(validate_id(&longest).is_ok());
+        assert!(format!("stasis-checkpoint-{longest}.log").len() <= 255);
+        for n in [MAX_ID_LEN + 1, 256, 1024, 1025] {
+            let err = validate_id(&"a".repeat(n)).unwrap_err().to_string();
+            assert!(err.contains(&format!("{n} bytes")), "{err}");
+            assert!(err.contains(&MAX_ID_LEN.to_string()), "{err}");
+            assert!(err.len() < 300, "{err}");
         }
         let err = validate_id("a/b").unwrap_err().to_string();
         assert_eq!(

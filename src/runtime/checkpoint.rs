@@ -973,7 +973,10 @@ impl Runtime {
         if let Some(pf) = &o.pid_file {
             state::write_atomic(pf, pid.to_string().as_bytes())?;
         }
-        let _ = core::run_hooks("poststart", spec, id, &bundle.path, pid);
+        // A failing poststart hook is a warning (runtime spec), not a failed restore.
+        if let Err(e) = core::run_hooks("poststart", spec, id, &bundle.path, pid) {
+            eprintln!("stasis: warning: {e}");
+        }
         Ok((pid, read_stats(&work.join("stats-restore"))))
     }
 }

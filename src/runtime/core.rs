@@ -215,9 +215,129 @@ fn load(dir: &Path, id: &str) -> Result<Container> {
     Container::load(dir.to_path_buf()).map_err(core_err("load", id))
 }
 
+/// `Container::start`, with the poststart hooks run by us afterwards: each one
+/// runs even when an earlier one failed, and a failure is a warning on stderr, not
+/// a failed start (runtime spec: "If any poststart hook fails, the runtime MUST log
+/// a warning, but the remaining hooks and lifecycle continue as if the hook had
+/// succeeded"). libcontainer 0.7 stops at the first failing hook and fails `start`
+/// with the process already running. runc 1.1 kills the container instead; crun
+/// and the spec warn.
 pub fn start(dir: &Path, id: &str) -> Result<()> {
     let _pipe = SigpipeToEpipe::install();
-    load(dir, id)?.start().map_err(core_err("start", id))
+    let mut c = load(dir, id)?;
+    let taken = take_hooks(dir, id, HookKind::Poststart)?;
+    let r = c.start().map_err(core_err("start", id));
+    // The record keeps every hook it had (whatever `start` did), as `create` wrote it.
+    let restored = taken.as_ref().map_or(Ok(()), |t| t.restore());
+    r?;
+    restored?;
+    if let Some(t) = &taken {
+        // libcontainer runs poststart hooks in the container directory.
+        for w in run_each(HookKind::Poststart, &t.hooks, &c.state, Some(dir)) {
+            warn(id, &w);
+        }
+    }
+    Ok(())
+}
+
+/// The two hook kinds whose failures are warnings, which stasis runs itself.
+#[derive(Clone, Copy)]
+enum HookKind {
+    Poststart,
+    Poststop,
+}
+
+impl HookKind {
+    fn name(self) -> &'static str {
+        match self {
+            HookKind::Poststart => "poststart",
+            HookKind::Poststop => "poststop",
+        }
+    }
+}
+
+/// Hooks of one kind taken out of libcontainer's record of a container
+/// (`youki_config.json`: the hooks and the cgroup path), so that libcontainer does
+/// not run them; `restore` puts the record back as it was.
+struct TakenHooks {
+    path: PathBuf,
+    original: Vec<u8>,
+    hooks: Vec<oci_spec::runtime::Hook>,
+}
+
+impl TakenHooks {
+    fn restore(&self) -> Result<()> {
+        super::state::write_atomic(&self.path, &self.original)
+    }
+}
+
+/// libcontainer 0.7's name for its record in the container directory.
+const YOUKI_CONFIG: &str = "youki_config.json";
+
+/// Takes the `kind` hooks out of the container's libcontainer record. None when
+/// there are none (or no record: nothing was created, so nothing runs them).
+fn take_hooks(dir: &Path, id: &str, kind: HookKind) -> Result<Option<TakenHooks>> {
+    use libcontainer::config::YoukiConfig;
+    let path = dir.join(YOUKI_CONFIG);
+    let Ok(original) = fs::read(&path) else {
+        return Ok(None);
+    };
+    let Ok(mut cfg) = serde_json::from_slice::<YoukiConfig>(&original) else {
+        return Ok(None);
+    };
+    let Some(h) = cfg.hooks.as_mut() else {
+        return Ok(None);
+    };
+    let hooks = match kind {
+        HookKind::Poststart => h.poststart_mut().take(),
+        HookKind::Poststop => h.poststop_mut().take(),
+    };
+    let Some(hooks) = hooks.filter(|l| !l.is_empty()) else {
+        return Ok(None);
+    };
+    let stripped = serde_json::to_vec(&cfg).map_err(|e| RuntimeError::Core {
+        op: "record hooks of",
+        id: id.to_string(),
+        detail: format!("{}: {e}", path.display()),
+    })?;
+    super::state::write_atomic(&path, &stripped)?;
+    Ok(Some(TakenHooks {
+        path,
+        original,
+        hooks,
+    }))
+}
+
+/// Runs `hooks` one after the other with `state` on their stdin, each one even
+/// when an earlier one failed; returns one message per failure.
+fn run_each(
+    kind: HookKind,
+    hooks: &[oci_spec::runtime::Hook],
+    state: &libcontainer::container::State,
+    cwd: Option<&Path>,
+) -> Vec<String> {
+    let _pipe = SigpipeToEpipe::install();
+    hooks
+        .iter()
+        .filter_map(|h| {
+            let one = vec![h.clone()];
+            libcontainer::hooks::run_hooks(Some(&one), Some(state), cwd, None, None)
+                .err()
+                .map(|e| {
+                    format!(
+                        "{} hook {} failed (ignored, as the runtime spec says): {}",
+                        kind.name(),
+                        h.path().display(),
+                        chain_dyn(&e)
+                    )
+                })
+        })
+        .collect()
+}
+
+/// A warning about container `id` on stderr, where runc's go too.
+fn warn(id: &str, msg: &str) {
+    eprintln!("stasis: warning: container {id:?}: {msg}");
 }
 
 /// While alive, SIGPIPE runs a no-op handler, so a write to a closed pipe returns
@@ -262,12 +382,36 @@ pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
         .map_err(core_err("kill", id))
 }
 
+/// `Container::delete`, with the poststop hooks run by us once the container is
+/// gone: each one runs even when an earlier one failed, and a failure is a warning
+/// (runtime spec: "If any poststop hook fails, the runtime MUST log a warning, but
+/// the remaining hooks and lifecycle continue"). libcontainer 0.7 stops at the
+/// first failing hook before it removes the container directory, which made the
+/// container undeletable: every `delete --force` ran the hook and failed again.
 pub fn delete(dir: &Path, id: &str, force: bool) -> Result<()> {
+    let taken = take_hooks(dir, id, HookKind::Poststop)?;
+    let state = Container::load(dir.to_path_buf()).ok().map(|c| c.state);
     match delete_retrying_cgroup(dir, force) {
-        Some(r) => r.map_err(core_err("delete", id)),
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            // Not deleted: a later delete must still run the hooks.
+            if let Some(t) = &taken {
+                if dir.exists() {
+                    let _ = t.restore();
+                }
+            }
+            return Err(core_err("delete", id)(e));
+        }
         // No libcontainer state: nothing was started, only the directory remains.
-        None => Ok(()),
+        None => return Ok(()),
     }
+    if let (Some(t), Some(mut st)) = (taken, state) {
+        st.status = libcontainer::container::ContainerStatus::Stopped;
+        for w in run_each(HookKind::Poststop, &t.hooks, &st, None) {
+            warn(id, &w);
+        }
+    }
+    Ok(())
 }
 
 pub fn pause(dir: &Path, id: &str) -> Result<()> {
@@ -579,7 +723,9 @@ fn chain_dyn(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs the spec's hooks of one kind (`prestart`, `createRuntime`, `poststart`,
-/// `poststop`) with the OCI state of container `id` (init `pid`).
+/// `poststop`) with the OCI state of container `id` (init `pid`). The first
+/// failing `prestart`/`createRuntime` hook stops the rest; `poststart` and
+/// `poststop` hooks all run and the error lists every failure (a warning).
 pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
     use libcontainer::container::{ContainerStatus, State};
     let _pipe = SigpipeToEpipe::install();
@@ -602,6 +748,23 @@ pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> 
         ContainerStatus::Created
     };
     let st = State::new(id, status, Some(pid), bundle.to_path_buf());
+    let warn_only = match kind {
+        "poststart" => Some(HookKind::Poststart),
+        "poststop" => Some(HookKind::Poststop),
+        _ => None,
+    };
+    if let (Some(k), Some(l)) = (warn_only, list.as_ref()) {
+        // Every hook runs; the error lists each failure, for a warning.
+        let failed = run_each(k, l, &st, None);
+        if failed.is_empty() {
+            return Ok(());
+        }
+        return Err(RuntimeError::Core {
+            op: "run hooks of",
+            id: id.to_string(),
+            detail: failed.join("; "),
+        });
+    }
     libcontainer::hooks::run_hooks(list.as_ref(), Some(&st), None, None, None).map_err(|e| {
         RuntimeError::Core {
             op: "run hooks of",

@@ -1,5 +1,5 @@
-//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only file
-//! that names its types. It turns our options into libcontainer builders and calls,
+//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only
+//! module that names its types (with its submodule `core/hooks.rs`). It turns our options into libcontainer builders and calls,
 //! and turns libcontainer errors into `RuntimeError` strings with their causes.
 //! It must not keep state of its own: `mod.rs` owns our state file and transitions.
 
@@ -21,6 +21,10 @@ use oci_spec::runtime::{
 };
 
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+
+mod hooks;
+pub use hooks::run_hooks;
+use hooks::{run_each, take_hooks, warn, HookKind};
 
 /// Renders an error with its chain of causes, deduplicating repeated messages.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -238,106 +242,6 @@ pub fn start(dir: &Path, id: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The two hook kinds whose failures are warnings, which stasis runs itself.
-#[derive(Clone, Copy)]
-enum HookKind {
-    Poststart,
-    Poststop,
-}
-
-impl HookKind {
-    fn name(self) -> &'static str {
-        match self {
-            HookKind::Poststart => "poststart",
-            HookKind::Poststop => "poststop",
-        }
-    }
-}
-
-/// Hooks of one kind taken out of libcontainer's record of a container
-/// (`youki_config.json`: the hooks and the cgroup path), so that libcontainer does
-/// not run them; `restore` puts the record back as it was.
-struct TakenHooks {
-    path: PathBuf,
-    original: Vec<u8>,
-    hooks: Vec<oci_spec::runtime::Hook>,
-}
-
-impl TakenHooks {
-    fn restore(&self) -> Result<()> {
-        super::state::write_atomic(&self.path, &self.original)
-    }
-}
-
-/// libcontainer 0.7's name for its record in the container directory.
-const YOUKI_CONFIG: &str = "youki_config.json";
-
-/// Takes the `kind` hooks out of the container's libcontainer record. None when
-/// there are none (or no record: nothing was created, so nothing runs them).
-fn take_hooks(dir: &Path, id: &str, kind: HookKind) -> Result<Option<TakenHooks>> {
-    use libcontainer::config::YoukiConfig;
-    let path = dir.join(YOUKI_CONFIG);
-    let Ok(original) = fs::read(&path) else {
-        return Ok(None);
-    };
-    let Ok(mut cfg) = serde_json::from_slice::<YoukiConfig>(&original) else {
-        return Ok(None);
-    };
-    let Some(h) = cfg.hooks.as_mut() else {
-        return Ok(None);
-    };
-    let hooks = match kind {
-        HookKind::Poststart => h.poststart_mut().take(),
-        HookKind::Poststop => h.poststop_mut().take(),
-    };
-    let Some(hooks) = hooks.filter(|l| !l.is_empty()) else {
-        return Ok(None);
-    };
-    let stripped = serde_json::to_vec(&cfg).map_err(|e| RuntimeError::Core {
-        op: "record hooks of",
-        id: id.to_string(),
-        detail: format!("{}: {e}", path.display()),
-    })?;
-    super::state::write_atomic(&path, &stripped)?;
-    Ok(Some(TakenHooks {
-        path,
-        original,
-        hooks,
-    }))
-}
-
-/// Runs `hooks` one after the other with `state` on their stdin, each one even
-/// when an earlier one failed; returns one message per failure.
-fn run_each(
-    kind: HookKind,
-    hooks: &[oci_spec::runtime::Hook],
-    state: &libcontainer::container::State,
-    cwd: Option<&Path>,
-) -> Vec<String> {
-    let _pipe = SigpipeToEpipe::install();
-    hooks
-        .iter()
-        .filter_map(|h| {
-            let one = vec![h.clone()];
-            libcontainer::hooks::run_hooks(Some(&one), Some(state), cwd, None, None)
-                .err()
-                .map(|e| {
-                    format!(
-                        "{} hook {} failed (ignored, as the runtime spec says): {}",
-                        kind.name(),
-                        h.path().display(),
-                        chain_dyn(&e)
-                    )
-                })
-        })
-        .collect()
-}
-
-/// A warning about container `id` on stderr, where runc's go too.
-fn warn(id: &str, msg: &str) {
-    eprintln!("stasis: warning: container {id:?}: {msg}");
 }
 
 /// While alive, SIGPIPE runs a no-op handler, so a write to a closed pipe returns
@@ -720,58 +624,6 @@ fn chain_dyn(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
-}
-
-/// Runs the spec's hooks of one kind (`prestart`, `createRuntime`, `poststart`,
-/// `poststop`) with the OCI state of container `id` (init `pid`). The first
-/// failing `prestart`/`createRuntime` hook stops the rest; `poststart` and
-/// `poststop` hooks all run and the error lists every failure (a warning).
-pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
-    use libcontainer::container::{ContainerStatus, State};
-    let _pipe = SigpipeToEpipe::install();
-    let Some(h) = spec.hooks().as_ref() else {
-        return Ok(());
-    };
-    let list = match kind {
-        "prestart" => h.prestart(),
-        "createRuntime" => h.create_runtime(),
-        "poststart" => h.poststart(),
-        "poststop" => h.poststop(),
-        _ => &None,
-    };
-    if list.as_ref().is_none_or(|l| l.is_empty()) {
-        return Ok(());
-    }
-    let status = if kind == "poststop" {
-        ContainerStatus::Stopped
-    } else {
-        ContainerStatus::Created
-    };
-    let st = State::new(id, status, Some(pid), bundle.to_path_buf());
-    let warn_only = match kind {
-        "poststart" => Some(HookKind::Poststart),
-        "poststop" => Some(HookKind::Poststop),
-        _ => None,
-    };
-    if let (Some(k), Some(l)) = (warn_only, list.as_ref()) {
-        // Every hook runs; the error lists each failure, for a warning.
-        let failed = run_each(k, l, &st, None);
-        if failed.is_empty() {
-            return Ok(());
-        }
-        return Err(RuntimeError::Core {
-            op: "run hooks of",
-            id: id.to_string(),
-            detail: failed.join("; "),
-        });
-    }
-    libcontainer::hooks::run_hooks(list.as_ref(), Some(&st), None, None, None).map_err(|e| {
-        RuntimeError::Core {
-            op: "run hooks of",
-            id: id.to_string(),
-            detail: format!("{kind}: {}", chain_dyn(&e)),
-        }
-    })
 }
 
 /// Freezes (`true`) or thaws the container's cgroup directly, without changing any

@@ -451,3 +451,40 @@ fn ids_too_long_for_a_file_name_are_refused_before_anything_is_created() {
     env.ok(&["delete", "--force", &longest]);
     env.assert_nothing_left(&u, Some(&b));
 }
+
+#[test]
+fn failed_commands_leave_no_lock_files() {
+    // A failed `create` and a `kill` of a missing id each left an empty file in
+    // --root/.locks (`kill NOPE KILL` one named "KILL").
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["/no/such/binary"]);
+    let id = unique_id("nolock");
+    for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+        let _g = env.guard(&id);
+        let mut args: Vec<&str> = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.run(&args).fails_with_one_line(&["/no/such/binary"]);
+    }
+    env.run(&["kill", "NOPE", "KILL"])
+        .fails_with_one_line(&["NOPE"]);
+    for args in [
+        &["kill", "ghost"][..],
+        &["start", "ghost"],
+        &["pause", "ghost"],
+        &["exec", "ghost", "true"],
+        &["delete", "ghost"],
+        &["delete", "--force", "ghost"],
+    ] {
+        let _ = env.run(args);
+    }
+    env.assert_nothing_left(&id, Some(&b));
+    assert_eq!(lock_files(&env), Vec::<String>::new());
+    // A live container keeps its lock file until it is deleted.
+    let ok = env.bundle("ok", &["sleep", "100"]);
+    let _c = env.run_detached(&ok, &id);
+    env.ok(&["kill", &id, "KILL"]);
+    assert_eq!(lock_files(&env), [id.clone()]);
+    env.ok(&["delete", "--force", &id]);
+    assert_eq!(lock_files(&env), Vec::<String>::new());
+}

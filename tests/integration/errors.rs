@@ -484,7 +484,7 @@ fn failed_commands_leave_no_lock_files() {
     let ok = env.bundle("ok", &["sleep", "100"]);
     let _c = env.run_detached(&ok, &id);
     env.ok(&["kill", &id, "KILL"]);
-    assert_eq!(lock_files(&env), [id.clone()]);
+    assert_eq!(lock_files(&env), vec![id.clone()]);
     env.ok(&["delete", "--force", &id]);
     assert_eq!(lock_files(&env), Vec::<String>::new());
 }

@@ -95,9 +95,10 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
             format!("root filesystem {} is not a directory", rootfs.display()),
         ));
     }
-    if spec.process().is_none() {
+    let Some(process) = spec.process() else {
         return Err(bad(&cfg, "config.json has no process".into()));
-    }
+    };
+    check_process(process).map_err(|reason| bad(&cfg, reason))?;
     // A bind mount whose source is missing fails inside the container's init, and
     // libcontainer 0.7 reports only "failed to prepare rootfs" (the path is in a
     // debug log of the child). runc names it ("error mounting X to rootfs at Y");
@@ -139,6 +140,25 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         annotations: spec.annotations().clone(),
         own_netns,
     })
+}
+
+/// Checks the fields of a `process` that libcontainer 0.7 takes on trust and then
+/// panics on (empty `args`: "index out of bounds", with a backtrace) or fails
+/// with nothing to go on (a relative `cwd`: "failed to unix syscall"). runc
+/// checks the same (`validateProcessSpec`); the reason names the field.
+fn check_process(p: &oci_spec::runtime::Process) -> std::result::Result<(), String> {
+    if p.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err("process.args is empty: it must name the program to run".into());
+    }
+    let cwd = p.cwd();
+    if !cwd.is_absolute() {
+        return Err(format!(
+            "process.cwd {:?} is not an absolute path: give the working directory \
+             inside the container from its root, e.g. \"/\"",
+            cwd.display().to_string()
+        ));
+    }
+    Ok(())
 }
 
 pub struct Created {
@@ -377,10 +397,26 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
                 p.display()
             )));
         }
+        // A file that does not parse is left to libcontainer, which names it.
+        let parsed = fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<oci_spec::runtime::Process>(&b).ok());
+        if let Some(Err(reason)) = parsed.as_ref().map(check_process) {
+            return Err(RuntimeError::Invalid(format!(
+                "--process {}: {reason}",
+                p.display()
+            )));
+        }
     } else if opts.args.is_empty() {
         return Err(RuntimeError::Invalid(
             "exec needs a command after the container id, or --process FILE".into(),
         ));
+    }
+    if let Some(cwd) = opts.cwd.as_ref().filter(|c| !c.is_absolute()) {
+        return Err(RuntimeError::Invalid(format!(
+            "--cwd {}: not an absolute path (give the directory inside the container from its root)",
+            cwd.display()
+        )));
     }
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)

@@ -23,6 +23,7 @@ use oci_spec::runtime::{
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
 
 mod hooks;
+mod oom;
 pub use hooks::run_hooks;
 use hooks::{run_each, take_hooks, warn, HookKind};
 
@@ -50,6 +51,8 @@ pub struct BundleInfo {
     pub annotations: Option<HashMap<String, String>>,
     /// The container gets a new network namespace (not one given by path).
     pub own_netns: bool,
+    /// `linux.resources.memory.disableOOMKiller`, which libcontainer drops.
+    pub disable_oom_killer: bool,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -139,6 +142,7 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         rootfs,
         annotations: spec.annotations().clone(),
         own_netns,
+        disable_oom_killer: oom::wanted(&spec),
     })
 }
 
@@ -166,9 +170,15 @@ pub struct Created {
     pub cgroup_path: PathBuf,
 }
 
-pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) -> Result<Created> {
+pub fn create(
+    root: &Path,
+    opts: &CreateOptions,
+    bundle_info: &BundleInfo,
+    detach: bool,
+) -> Result<Created> {
     let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
+    let bundle = bundle_info.path.as_path();
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
@@ -193,6 +203,10 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
             detail: "no init process was recorded".into(),
         })?;
     let cgroup_path = container.spec().map(|c| c.cgroup_path).unwrap_or_default();
+    // Before `start` runs the user's process.
+    if bundle_info.disable_oom_killer {
+        oom::disable(&cgroup_path, id)?;
+    }
     Ok(Created { pid, cgroup_path })
 }
 
@@ -514,9 +528,14 @@ pub fn merge_resources(json: &[u8], o: &ResourceOverrides) -> Result<LinuxResour
 pub fn update(dir: &Path, id: &str, json: &[u8], o: &ResourceOverrides) -> Result<()> {
     let resources = merge_resources(json, o)?;
     let m = cgroup_manager(dir, id)?;
+    let cgroup_path = load(dir, id)?
+        .spec()
+        .map(|c| c.cgroup_path)
+        .unwrap_or_default();
     m.apply(&ControllerOpt {
         resources: &resources,
-        disable_oom_killer: false,
+        // libcgroups rewrites memory.oom_control with any memory limit: keep it.
+        disable_oom_killer: oom::disabled_now(&cgroup_path),
         oom_score_adj: None,
         freezer_state: None,
     })
@@ -624,7 +643,8 @@ pub fn cgroup_enter(cgroup_path: &Path, id: &str, spec: &Spec, pid: i32) -> Resu
     if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
         m.apply(&ControllerOpt {
             resources: r,
-            disable_oom_killer: false,
+            // libcgroups writes it (v1) along with the memory limits.
+            disable_oom_killer: oom::wanted(spec),
             oom_score_adj: None,
             freezer_state: None,
         })

@@ -255,7 +255,7 @@ impl Runtime {
                 path: opts.bundle.clone(),
                 source,
             })?;
-        let created = match core::create(&self.root, opts, &bundle.path, detach) {
+        let created = match core::create(&self.root, opts, &bundle, detach) {
             Ok(c) => c,
             Err(e) => {
                 core::cleanup_failed(&self.root, &opts.id);

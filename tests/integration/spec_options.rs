@@ -449,3 +449,51 @@ fn failing_poststart_hook_warns_and_start_succeeds() {
         env.assert_nothing_left(&id, Some(&b));
     }
 }
+
+/// The `oom_kill_disable` value of `pid`'s v1 memory cgroup.
+fn oom_kill_disable(pid: i32) -> String {
+    let text = fs::read_to_string(cgroup_dir(pid, "memory").join("memory.oom_control")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill_disable "))
+        .unwrap_or_else(|| panic!("no oom_kill_disable in memory.oom_control: {text}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn disable_oom_killer_is_applied_and_kept_by_update() {
+    // libcontainer 0.7 applied every cgroup with the OOM killer enabled, whatever
+    // linux.resources.memory.disableOOMKiller said; runc honours it on cgroup v1.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    edit_config(&b, |c| {
+        c["linux"]["resources"]["memory"] =
+            json!({"limit": 64 * 1024 * 1024, "disableOOMKiller": true});
+    });
+    for verb in [&["run", "-d"][..], &["create"]] {
+        let id = unique_id("nooom");
+        let _c = env.guard(&id);
+        let mut args = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.ok(&args);
+        // Set before `start` runs the user's process.
+        assert_eq!(oom_kill_disable(env.pid(&id)), "1", "{verb:?}");
+        env.ok(&["update", "--memory", "80m", &id]);
+        assert_eq!(oom_kill_disable(env.pid(&id)), "1", "update re-enabled it");
+    }
+    // Without the setting the OOM killer stays on.
+    let on = env.bundle("on", &["sleep", "100"]);
+    edit_config(&on, |c| {
+        c["linux"]["resources"]["memory"] = json!({"limit": 64 * 1024 * 1024});
+    });
+    let id = unique_id("oom");
+    let _c = env.run_detached(&on, &id);
+    assert_eq!(oom_kill_disable(env.pid(&id)), "0");
+    if crate::common::runc_bin().is_some() {
+        let runc = Env::runc();
+        let id = unique_id("nooom-runc");
+        let _c = runc.run_detached(&b, &id);
+        assert_eq!(oom_kill_disable(runc.pid(&id)), "1", "runc");
+    }
+}

@@ -22,8 +22,9 @@ use oci_spec::runtime::{
 
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
 
+mod cgroup;
 mod hooks;
-mod oom;
+pub use cgroup::{cgroup_enter, cgroup_remove};
 pub use hooks::run_hooks;
 use hooks::{run_each, take_hooks, warn, HookKind};
 
@@ -53,6 +54,8 @@ pub struct BundleInfo {
     pub own_netns: bool,
     /// `linux.resources.memory.disableOOMKiller`, which libcontainer drops.
     pub disable_oom_killer: bool,
+    /// `linux.cgroupsPath` (None: libcontainer names the cgroup after the id).
+    pub cgroups_path: Option<PathBuf>,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -142,7 +145,8 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         rootfs,
         annotations: spec.annotations().clone(),
         own_netns,
-        disable_oom_killer: oom::wanted(&spec),
+        disable_oom_killer: cgroup::wanted(&spec),
+        cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
     })
 }
 
@@ -193,7 +197,14 @@ pub fn create(
         .with_detach(detach)
         .with_no_pivot(opts.no_pivot)
         .build()
-        .map_err(core_err("create", id))?;
+        .map_err(|e| {
+            // libcontainer's cleanup gives up on a cgroup that is still busy and
+            // then removes the container directory, the only record of the cgroup
+            // path: remove the cgroup here, where the spec still names it.
+            let path = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
+            cgroup_remove(&path, id);
+            core_err("create", id)(e)
+        })?;
     let pid = container
         .pid()
         .map(|p| p.as_raw())
@@ -205,7 +216,7 @@ pub fn create(
     let cgroup_path = container.spec().map(|c| c.cgroup_path).unwrap_or_default();
     // Before `start` runs the user's process.
     if bundle_info.disable_oom_killer {
-        oom::disable(&cgroup_path, id)?;
+        cgroup::disable(&cgroup_path, id)?;
     }
     Ok(Created { pid, cgroup_path })
 }
@@ -535,7 +546,7 @@ pub fn update(dir: &Path, id: &str, json: &[u8], o: &ResourceOverrides) -> Resul
     m.apply(&ControllerOpt {
         resources: &resources,
         // libcgroups rewrites memory.oom_control with any memory limit: keep it.
-        disable_oom_killer: oom::disabled_now(&cgroup_path),
+        disable_oom_killer: cgroup::disabled_now(&cgroup_path),
         oom_score_adj: None,
         freezer_state: None,
     })
@@ -620,53 +631,6 @@ pub fn register(
         detail: chain(&e),
     })?;
     Ok(cfg.cgroup_path)
-}
-
-/// Creates the container's cgroup with the spec's resources and moves `pid` into it.
-pub fn cgroup_enter(cgroup_path: &Path, id: &str, spec: &Spec, pid: i32) -> Result<()> {
-    let err = |op: &'static str| {
-        let id = id.to_string();
-        move |e: &dyn std::error::Error| RuntimeError::Core {
-            op,
-            id,
-            detail: chain_dyn(e),
-        }
-    };
-    let m = create_cgroup_manager(CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    })
-    .map_err(|e| err("create cgroup of")(&e))?;
-    m.add_task(nix::unistd::Pid::from_raw(pid))
-        .map_err(|e| err("enter cgroup of")(&e))?;
-    if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-        m.apply(&ControllerOpt {
-            resources: r,
-            // libcgroups writes it (v1) along with the memory limits.
-            disable_oom_killer: oom::wanted(spec),
-            oom_score_adj: None,
-            freezer_state: None,
-        })
-        .map_err(|e| err("apply resources to cgroup of")(&e))?;
-    }
-    Ok(())
-}
-
-/// Removes a cgroup (after killing what is left in it).
-pub fn cgroup_remove(cgroup_path: &Path, id: &str) {
-    if let Ok(m) = create_cgroup_manager(CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    }) {
-        if let Ok(pids) = m.get_all_pids() {
-            for p in pids {
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        let _ = m.remove();
-    }
 }
 
 fn chain_dyn(e: &dyn std::error::Error) -> String {

@@ -446,7 +446,8 @@ impl Runtime {
         wait_lazy_pages(&self.dir(&o.id))?;
         let spec = load_spec(&st.bundle)?;
         let criu = self.criu();
-        criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
+        // A dot name: no id starts with '.', so no container's lock file is this cache.
+        criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
         if o.pre_dump || o.flags.lazy_pages {
             let (mem_track, lazy) = criu.features()?;
             if o.pre_dump && !mem_track {
@@ -637,7 +638,8 @@ impl Runtime {
                 )));
             }
             let criu = self.criu();
-            criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
+            // A dot name: no id starts with '.', so no container's lock file is this cache.
+            criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
             if o.flags.lazy_pages && !criu.features()?.1 {
                 return Err(CriuError::MissingFeature {
                     feature: "userfaultfd lazy pages, needed by --lazy-pages",
@@ -971,7 +973,10 @@ impl Runtime {
         if let Some(pf) = &o.pid_file {
             state::write_atomic(pf, pid.to_string().as_bytes())?;
         }
-        let _ = core::run_hooks("poststart", spec, id, &bundle.path, pid);
+        // A failing poststart hook is a warning (runtime spec), not a failed restore.
+        if let Err(e) = core::run_hooks("poststart", spec, id, &bundle.path, pid) {
+            eprintln!("stasis: warning: {e}");
+        }
         Ok((pid, read_stats(&work.join("stats-restore"))))
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! The mechanics of creating processes inside namespaces (pivot_root, mounts,
 //! cgroups, seccomp, hooks, capabilities) come from libcontainer, youki's library,
-//! and are used only in `core.rs`; nothing outside this module names a libcontainer
+//! and are used only in `core`; nothing outside this module names a libcontainer
 //! type, so the core can be replaced later.
 
 pub mod checkpoint;

@@ -1119,6 +1119,24 @@ pub fn restore_prepared(
     }
 }
 
+/// The ids of `restore --from`'s copies: `id` alone, or `PREFIX-0 .. PREFIX-(N-1)`
+/// (`PREFIX` is `name_prefix`, else `id`) with several copies or a prefix. Each is
+/// validated here, so a bad one is refused before anything is materialised or
+/// created.
+pub fn copy_ids(id: &str, copies: usize, name_prefix: Option<&str>) -> Result<Vec<String>> {
+    let n = copies.max(1);
+    let ids: Vec<String> = if n == 1 && name_prefix.is_none() {
+        vec![id.to_string()]
+    } else {
+        let prefix = name_prefix.unwrap_or(id);
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    for id in &ids {
+        crate::runtime::validate_id(id)?;
+    }
+    Ok(ids)
+}
+
 /// `restore --from NAME NEWID [--copies N]`: prepare once, restore each copy (in
 /// parallel), drop staging, wait when not detached (one copy only).
 pub fn restore_from_store(
@@ -1126,6 +1144,8 @@ pub fn restore_from_store(
     store: &Store,
     r: &RestoreFrom,
 ) -> Result<RestoreFromResult> {
+    let ids = copy_ids(&r.restore.id, r.copies, r.name_prefix.as_deref())?;
+    let n = ids.len();
     let p = prepare(rt, store, &r.from, r.force, r.progress)?;
     if p.manifest.is_none() {
         for (set, flag) in [
@@ -1144,22 +1164,12 @@ pub fn restore_from_store(
         fs::metadata(ns).map_err(io_err("open network namespace", ns))?;
     }
     let generation = new_generation();
-    let n = r.copies.max(1);
     if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {
         return Err(WorkflowError::Snapshot {
             snapshot: p.sid.short(),
             reason: "--lazy-pages with --work-path and several copies would give every copy's lazy-pages daemon the same socket; leave out --work-path (each copy then works in its own state directory)".into(),
         });
     }
-    let ids: Vec<String> = if n == 1 && r.name_prefix.is_none() {
-        vec![r.restore.id.clone()]
-    } else {
-        let prefix = r
-            .name_prefix
-            .clone()
-            .unwrap_or_else(|| r.restore.id.clone());
-        (0..n).map(|i| format!("{prefix}-{i}")).collect()
-    };
     let t1 = Instant::now();
     let results: Vec<Result<CriuStats>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ids

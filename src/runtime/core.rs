@@ -22,7 +22,7 @@ use libcontainer::workload::{
 };
 use oci_spec::runtime::{
     LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
-    Process, Spec,
+    Spec,
 };
 
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
@@ -322,43 +322,13 @@ pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
 /// builder drops linux.seccomp; youki's HEAD of 2026-08 still does).
 pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
     let id = opts.id.as_str();
-    if let Some(p) = &opts.process {
-        if !p.is_file() {
-            return Err(RuntimeError::Invalid(format!(
-                "--process {}: no such file",
-                p.display()
-            )));
-        }
-    } else if opts.args.is_empty() {
-        return Err(RuntimeError::Invalid(
-            "exec needs a command after the container id, or --process FILE".into(),
-        ));
-    }
+    super::exec::check_request(opts)?;
     let config = load(&root.join(id), id)?.bundle().join("config.json");
-    let spec = Spec::load(&config).map_err(|e| RuntimeError::Core {
-        op: "exec in",
-        id: id.to_string(),
-        detail: format!("read the container's {}: {e}", config.display()),
-    })?;
-    let container_process = spec.process().as_ref().ok_or_else(|| RuntimeError::Core {
-        op: "exec in",
-        id: id.to_string(),
-        detail: format!("{} has no process", config.display()),
-    })?;
-    let mut process = super::exec::exec_process(container_process, opts)?;
-    let filter =
-        super::exec::exec_seccomp(spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))
-            .map_err(|e| RuntimeError::Core {
-                op: "exec in",
-                id: id.to_string(),
-                detail: e.to_string(),
-            })?;
-    if filter.is_some() {
-        super::exec::keep_cap_to_load_filter(&mut process);
-    }
-    let process_file = process_file(&process, id)?;
+    let prepared = super::exec::prepare(&config, opts)?;
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_executor(ExecUnderSeccomp { filter })
+        .with_executor(ExecUnderSeccomp {
+            filter: prepared.filter,
+        })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
         .with_console_socket(opts.console_socket.as_ref())
@@ -369,40 +339,10 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
         .map_err(core_err("exec in", id))?
         .as_tenant()
         .with_detach(opts.detach)
-        .with_process(Some(process_file.path()))
+        .with_process(Some(prepared.file.path()))
         .build()
         .map_err(core_err("exec in", id))?;
     Ok(pid.as_raw())
-}
-
-/// The merged process as the JSON file the tenant builder reads, in a file with
-/// no name (O_TMPFILE) reached through /proc/self/fd: nothing is left behind, and
-/// libcontainer reads it in this process before it forks.
-struct ProcessFile(fs::File);
-
-impl ProcessFile {
-    fn path(&self) -> PathBuf {
-        use std::os::fd::AsRawFd;
-        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
-    }
-}
-
-fn process_file(p: &Process, id: &str) -> Result<ProcessFile> {
-    use std::io::{Seek, Write};
-    let io = |source| RuntimeError::Io {
-        op: "write the exec process for libcontainer to",
-        path: std::env::temp_dir(),
-        source,
-    };
-    let mut f = tempfile::tempfile().map_err(io)?;
-    let json = serde_json::to_vec(p).map_err(|e| RuntimeError::Core {
-        op: "exec in",
-        id: id.to_string(),
-        detail: format!("encode the process: {e}"),
-    })?;
-    f.write_all(&json).map_err(io)?;
-    f.rewind().map_err(io)?;
-    Ok(ProcessFile(f))
 }
 
 /// libcontainer's default executor (execvp of process.args), preceded by loading

@@ -6,17 +6,95 @@
 //! `core.rs` hands the result to libcontainer.
 
 use std::fs;
-use std::path::Path;
+use std::io::{Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capabilities, Capability, LinuxCapabilities, LinuxSeccomp, LinuxSeccompAction, Process,
+    Capabilities, Capability, LinuxCapabilities, LinuxSeccomp, LinuxSeccompAction, Process, Spec,
 };
 
 use super::{ExecOptions, Result, RuntimeError};
 
+/// Refuses an exec that names nothing to run, before anything is looked up.
+pub fn check_request(opts: &ExecOptions) -> Result<()> {
+    if let Some(p) = &opts.process {
+        if !p.is_file() {
+            return Err(RuntimeError::Invalid(format!(
+                "--process {}: no such file",
+                p.display()
+            )));
+        }
+    } else if opts.args.is_empty() {
+        return Err(RuntimeError::Invalid(
+            "exec needs a command after the container id, or --process FILE".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What libcontainer's tenant builder is given: the process as a file, and the
+/// seccomp filter the exec'd process loads before execve.
+pub struct Prepared {
+    pub file: ProcessFile,
+    pub filter: Option<LinuxSeccomp>,
+}
+
+/// Reads the container's config.json (the one libcontainer's tenant builder
+/// reads too) and prepares the process for `opts`.
+pub fn prepare(config: &Path, opts: &ExecOptions) -> Result<Prepared> {
+    let fail = |detail: String| RuntimeError::Core {
+        op: "exec in",
+        id: opts.id.clone(),
+        detail,
+    };
+    let spec = Spec::load(config)
+        .map_err(|e| fail(format!("read the container's {}: {e}", config.display())))?;
+    let container = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| fail(format!("{} has no process", config.display())))?;
+    let mut process = exec_process(container, opts)?;
+    let filter = exec_seccomp(spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))
+        .map_err(|e| fail(e.to_string()))?;
+    if filter.is_some() {
+        keep_cap_to_load_filter(&mut process);
+    }
+    let file = ProcessFile::write(&process).map_err(|e| match e {
+        RuntimeError::Invalid(detail) => fail(detail),
+        e => e,
+    })?;
+    Ok(Prepared { file, filter })
+}
+
+/// The process as the JSON file the tenant builder reads, in a file with no name
+/// (O_TMPFILE) reached through /proc/self/fd: nothing is left behind, and
+/// libcontainer reads it in this process before it forks.
+pub struct ProcessFile(fs::File);
+
+impl ProcessFile {
+    fn write(p: &Process) -> Result<Self> {
+        let io = |source| RuntimeError::Io {
+            op: "write the exec process for libcontainer to a file in",
+            path: std::env::temp_dir(),
+            source,
+        };
+        let json = serde_json::to_vec(p)
+            .map_err(|e| RuntimeError::Invalid(format!("encode the process: {e}")))?;
+        let mut f = tempfile::tempfile().map_err(io)?;
+        f.write_all(&json).map_err(io)?;
+        f.rewind().map_err(io)?;
+        Ok(Self(f))
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+    }
+}
+
 /// The process to run for `opts`, given the container's `process` from its
 /// config.json.
-pub fn exec_process(container: &Process, opts: &ExecOptions) -> Result<Process> {
+fn exec_process(container: &Process, opts: &ExecOptions) -> Result<Process> {
     let mut p = match &opts.process {
         Some(path) => from_file(container, &read_process_file(path)?),
         None => from_flags(container, opts)?,
@@ -194,7 +272,7 @@ fn empty_caps() -> LinuxCapabilities {
 /// cannot. A filter that hands syscalls to a listener (SCMP_ACT_NOTIFY) is
 /// refused rather than run without it: the notify fd would have to reach the
 /// container's seccomp agent, which stasis's exec path does not do yet.
-pub fn exec_seccomp(linux_seccomp: Option<&LinuxSeccomp>) -> Result<Option<LinuxSeccomp>> {
+fn exec_seccomp(linux_seccomp: Option<&LinuxSeccomp>) -> Result<Option<LinuxSeccomp>> {
     let Some(s) = linux_seccomp else {
         return Ok(None);
     };
@@ -224,7 +302,7 @@ pub fn exec_seccomp(linux_seccomp: Option<&LinuxSeccomp>) -> Result<Option<Linux
 /// (capabilities(7), "Transformation of capabilities during execve"), so the
 /// command starts with exactly the capabilities it would have had without this.
 /// runc gets the same effect by loading the filter before dropping capabilities.
-pub fn keep_cap_to_load_filter(p: &mut Process) {
+fn keep_cap_to_load_filter(p: &mut Process) {
     if p.no_new_privileges() == Some(true) {
         return;
     }
@@ -247,7 +325,6 @@ pub fn keep_cap_to_load_filter(p: &mut Process) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn container() -> Process {
         serde_json::from_value(serde_json::json!({

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 mod core;
+mod exec;
 mod foreground;
 pub mod info;
 pub mod netns;
@@ -93,6 +94,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("--process {path}: {reason}")]
+    ProcessFile { path: PathBuf, reason: String },
     #[error(transparent)]
     Criu(crate::criu::CriuError),
     #[error("--systemd-cgroup is not supported yet: stasis manages cgroupfs paths directly; drop the flag")]

@@ -248,7 +248,7 @@ pub fn checkpoint_to_store(
     };
     let mut open_files = serde_json::Value::Array(Vec::new());
     let t0 = Instant::now();
-    let stats = rt.checkpoint_with(&opts, &mut |cs| {
+    let stats = rt.checkpoint_with(&opts, &mut |cs, _| {
         if t.ignore_rootfs {
             let mut paths = super::openfiles::list(&cs.rootfs, &container_pids(cs.pid));
             if paths.is_empty() {

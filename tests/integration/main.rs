@@ -18,6 +18,7 @@ mod cr;
 mod databases;
 mod errors;
 mod exec_security;
+mod faults_checkpoint;
 mod lifecycle;
 mod runc_compat;
 mod spec_options;

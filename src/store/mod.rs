@@ -14,6 +14,7 @@
 
 mod archive;
 mod blob;
+mod cache;
 mod catalog;
 mod config;
 mod diff;
@@ -27,6 +28,7 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod staging;
 mod transfer;
 mod util;
 mod verify;
@@ -37,10 +39,12 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cache::{CacheBuild, CacheGcReport, CacheKind, CacheLookup};
 pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use staging::Staging;
 pub use util::fault_point;
 pub use verify::{Finding, Level};
 
@@ -62,6 +66,8 @@ pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
 pub struct Store {
     paths: Paths,
     locks: Locks,
+    /// The shared-memory tmpfs where `staging` prefers to put directories.
+    shm: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -151,6 +157,7 @@ impl Store {
                 index: root.join(layout::INDEX_LOCK),
                 timeout: DEFAULT_LOCK_TIMEOUT,
             },
+            shm: PathBuf::from(staging::DEFAULT_SHM),
         })
     }
 
@@ -334,13 +341,20 @@ impl Store {
     /// every page and every file digest.
     pub fn verify(&self, read_data: bool) -> std::result::Result<Vec<Finding>, StoreError> {
         let _lock = self.locks.shared()?;
-        verify::verify_store(self, read_data)
+        let mut findings = verify::verify_store(self, read_data)?;
+        findings.extend(cache::verify_caches(self, read_data)?);
+        Ok(findings)
     }
 
-    /// Removes blobs not reachable from index.json and everything in tmp/.
+    /// Removes blobs not reachable from index.json, everything in tmp/ but
+    /// staging kept for the user, and staging directories whose owner died.
     pub fn gc(&self, dry_run: bool) -> std::result::Result<GcReport, StoreError> {
         let _lock = self.locks.exclusive()?;
-        gc::gc_locked(self, dry_run)
+        let (dirs, bytes) = self.remove_dead_staging(dry_run);
+        let mut r = gc::gc_locked(self, dry_run)?;
+        r.tmp_removed += dirs;
+        r.bytes_freed += bytes;
+        Ok(r)
     }
 
     /// Retention per container id: keeps the newest `keep_last` snapshots and those

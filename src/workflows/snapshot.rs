@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{fstree, host, Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, CriuStats, RestoreOptions};
-use crate::runtime::Runtime;
+use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::{IngestOptions, IngestReport, SnapshotId, SnapshotInput, Store};
 
 /// A staging directory removed on drop unless `keep` is called.
@@ -35,8 +35,10 @@ impl Staging {
             path: base.clone(),
             source,
         })?;
+        // 0700 at mkdir(2): the dump in it is the process's memory.
         let dir = tempfile::Builder::new()
             .prefix("stasis-staging-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&base)
             .map_err(|source| WorkflowError::Io {
                 op: "create staging directory",
@@ -349,6 +351,8 @@ pub fn checkpoint_to_store(
         // fs_assemble: copying unchanged files and hashing, after the thaw.
         "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
     });
+    // Tests park here to look at the staging directory holding the dump.
+    crate::runtime::fault_point("checkpoint.before-ingest");
     let t1 = Instant::now();
     let report = store
         .ingest(
@@ -709,7 +713,7 @@ fn cached(dir: &Path, name: &str, build: impl FnOnce(&Path) -> Result<()>) -> Re
     if done.exists() {
         return Ok(target);
     }
-    fs::create_dir_all(dir).map_err(io_err("create cache directory", dir))?;
+    create_private_dir_all(dir).map_err(io_err("create cache directory", dir))?;
     let lock_path = dir.join(".lock");
     let lock = fs::OpenOptions::new()
         .create(true)
@@ -867,10 +871,12 @@ fn private_fs(
     } else {
         rt.root().join(".copies")
     };
-    fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
+    // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
+    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
+    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
     let owned = copies.join(id);
     // Not create_dir_all: the directory is ours only if we created it.
-    fs::create_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
+    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
         owned.join("upper"),
         owned.join("work"),

@@ -18,6 +18,7 @@ mod databases;
 mod errors;
 mod lifecycle;
 mod runc_compat;
+mod security;
 mod spec_options;
 mod store_flows;
 mod warm;

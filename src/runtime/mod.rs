@@ -47,6 +47,35 @@ pub fn fault_point(name: &str) {
     }
 }
 
+/// Creates `dir` and its missing parents as 0700 at mkdir(2) time (whatever the
+/// umask): `--root` and the directories of restored copies hold root filesystems
+/// (setuid binaries, device nodes) that no other user may reach.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `dir` as 0700; fails when it exists (the directory is ours only if we
+/// made it).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+/// Takes group and other permissions off an existing directory (one made 0755
+/// by an older stasis); one stat when it is already private.
+pub fn tighten_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = fs::symlink_metadata(dir)?;
+    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// How long a command waits for another command on the same container.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -172,8 +201,27 @@ impl Runtime {
             return Err(RuntimeError::SystemdUnsupported);
         }
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| RuntimeError::Io {
-            op: "create state root",
+        // Parents as the system makes them, the root itself private (and made
+        // private if an older stasis left it 0755).
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|source| RuntimeError::Io {
+                op: "create parent of state root",
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        match create_private_dir(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::Io {
+                    op: "create state root",
+                    path: root.clone(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        tighten_dir(&root).map_err(|source| RuntimeError::Io {
+            op: "make private (chmod 0700) state root",
             path: root.clone(),
             source,
         })?;

@@ -95,7 +95,7 @@ pub(crate) fn create_temp(tmp_dir: &Path, kind: &str) -> Result<(File, PathBuf)>
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(super::util::PRIVATE_FILE)
             .open(&path)
         {
             Ok(f) => return Ok((f, path)),
@@ -198,7 +198,7 @@ impl PendingBlob {
         self.tmp.as_deref()
     }
 
-    /// Makes the blob visible: chmod 0444, rename to `blobs/sha256/<hex>`, fsync the
+    /// Makes the blob visible: chmod 0400 (read-only, root's alone), rename to `blobs/sha256/<hex>`, fsync the
     /// directory. Returns true when the blob was new (not already in the store).
     pub(crate) fn publish(mut self, blobs: &BlobDir) -> Result<bool> {
         let Some(tmp) = self.tmp.take() else {
@@ -213,7 +213,7 @@ impl PendingBlob {
                 return Ok(false);
             }
         }
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o400))
             .map_err(io_err("chmod", &tmp))?;
         fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
         sync_dir(&blobs.dir)?;

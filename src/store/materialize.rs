@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use super::ids::{BlobDigest, PageDigest, SnapshotId};
 use super::layout::{self, Manifest};
 use super::pack::{self, PackIndex, PAGE_SIZE};
 use super::pagetable;
-use super::util;
+use super::util::{self, create_private_dir_all, PRIVATE_FILE};
 use super::Store;
 
 /// Pages assembled per step (4 MiB).
@@ -151,7 +151,7 @@ fn prepare_dest(dest: &Path) -> Result<bool> {
     };
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+            create_private_dir_all(dest).map_err(io_err("create directory", dest))?;
             Ok(true)
         }
         Err(e) => Err(io_err("stat", dest)(e)),
@@ -257,6 +257,7 @@ fn write_pages_file(
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_FILE)
         .open(&partial)
         .map_err(io_err("create", &partial))?;
 
@@ -509,6 +510,7 @@ fn write_small_files(
         let mut out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(PRIVATE_FILE)
             .open(&partial)
             .map_err(io_err("create", &partial))?;
         let mut content = Vec::with_capacity(size.min(1 << 24) as usize);
@@ -612,7 +614,7 @@ pub(crate) fn materialize_one(
 ) -> Result<PathBuf> {
     let (cfg, manifest) = store.snapshot_config(id)?;
     let rec = file_record(id, &cfg, name)?;
-    fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+    create_private_dir_all(dest).map_err(io_err("create directory", dest))?;
     let out = dest.join(name);
     if rec.kind == KIND_PAGES {
         let packs = PackSet::open(store, &manifest)?;
@@ -621,7 +623,13 @@ pub(crate) fn materialize_one(
     } else {
         let bytes = read_small_file(store, id, name)?;
         let partial = partial_path(dest, name);
-        fs::write(&partial, &bytes).map_err(io_err("write", &partial))?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(PRIVATE_FILE)
+            .open(&partial)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(io_err("write", &partial))?;
         fs::rename(&partial, &out).map_err(io_err("rename", &partial))?;
     }
     Ok(out)

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,6 +18,7 @@ use super::catalog::{self, normalize_tag};
 use super::error::{io_err, Result, StoreError};
 use super::ids::{BlobDigest, SnapshotId};
 use super::layout::{self, Descriptor, Index, Manifest};
+use super::util::{create_private_dir, PRIVATE_FILE};
 use super::verify::{Checker, Level};
 use super::Store;
 
@@ -56,9 +58,11 @@ pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> 
         ".{file_name}.stasis-partial-{}",
         std::process::id()
     ));
+    // The archive holds process memory: root's alone, like the store.
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_FILE)
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
     let res = (|| -> Result<()> {
@@ -197,7 +201,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         std::process::id(),
         STAGING.fetch_add(1, Ordering::Relaxed)
     ));
-    fs::create_dir(&dir).map_err(io_err("create directory", &dir))?;
+    create_private_dir(&dir).map_err(io_err("create directory", &dir))?;
     let staging = Staging(dir);
     let staged = BlobDir::new(staging.0.clone());
 
@@ -271,6 +275,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
                 let out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(PRIVATE_FILE)
                     .open(&target)
                     .map_err(io_err("create", &target))?;
                 let mut w = BufWriter::with_capacity(1 << 20, out);
@@ -415,7 +420,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         if have == sizes.get(&d).copied() {
             continue;
         }
-        fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .map_err(io_err("chmod", &src))?;
         fs::rename(&src, &dst).map_err(io_err("rename into place", &dst))?;
     }

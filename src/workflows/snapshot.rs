@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{fstree, host, Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, CriuStats, RestoreOptions};
-use crate::runtime::Runtime;
+use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::{
     CacheBuild, CacheKind, CacheLookup, IngestOptions, IngestReport, SnapshotId, SnapshotInput,
     Store,
@@ -291,6 +291,8 @@ pub fn checkpoint_to_store(
         // fs_assemble: copying unchanged files and hashing, after the thaw.
         "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
     });
+    // Tests park here to look at the staging directory holding the dump.
+    crate::runtime::fault_point("checkpoint.before-ingest");
     let t1 = Instant::now();
     let report = store
         .ingest(
@@ -756,10 +758,12 @@ fn private_fs(
     } else {
         rt.root().join(".copies")
     };
-    fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
+    // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
+    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
+    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
     let owned = copies.join(id);
     // Not create_dir_all: the directory is ours only if we created it.
-    fs::create_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
+    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
         owned.join("upper"),
         owned.join("work"),

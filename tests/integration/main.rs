@@ -21,6 +21,7 @@ mod exec_security;
 mod faults_checkpoint;
 mod lifecycle;
 mod runc_compat;
+mod security;
 mod spec_options;
 mod store_flows;
 mod warm;

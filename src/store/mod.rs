@@ -41,7 +41,7 @@ pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
-pub use util::fault_point;
+pub use util::{fault_point, printable};
 pub use verify::{Finding, Level};
 
 use blob::BlobDir;

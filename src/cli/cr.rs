@@ -337,7 +337,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
             }
         }
         for w in &r.warnings {
-            eprintln!("stasis: warning: {w}");
+            eprintln!("stasis: warning: {}", crate::store::printable(w));
         }
         if a.shared.print_stats && a.detach {
             let mut stats = r.stats.clone();

@@ -875,7 +875,14 @@ impl Runtime {
         // Descriptors CRIU must hand to the restored tree: our stdio pipes in place
         // of the ones recorded at dump, and an external network namespace.
         let mut held: Vec<OwnedFd> = Vec::new();
-        let descriptors: Vec<String> = fs::read(o.image_path.join(DESCRIPTORS_FILE))
+        // descriptors.json comes from the snapshot: read a bounded prefix (a real
+        // one is three short strings); anything larger does not parse and is ignored.
+        let descriptors: Vec<String> = fs::File::open(o.image_path.join(DESCRIPTORS_FILE))
+            .and_then(|f| {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut b)?;
+                Ok(b)
+            })
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();

@@ -45,7 +45,7 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
 pub use staging::Staging;
-pub use util::fault_point;
+pub use util::{fault_point, printable};
 pub use verify::{Finding, Level};
 
 use blob::BlobDir;

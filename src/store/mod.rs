@@ -118,6 +118,10 @@ pub struct IngestReport {
     /// True when a snapshot with this id was already in the store: nothing new was
     /// written, the tags were pointed at the existing snapshot.
     pub existed: bool,
+    /// Packs of earlier snapshots whose content no longer matched their digest:
+    /// this snapshot stored their pages again instead of reusing them (the
+    /// snapshots that reference them need `stasis snapshot verify --repair`).
+    pub damaged_packs: Vec<BlobDigest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -630,12 +630,22 @@ impl Drop for Container {
 #[track_caller]
 pub fn wait_stopped_at_fault(pid: u32, timeout: Duration) {
     let stat = PathBuf::from(format!("/proc/{pid}/stat"));
-    wait_until(&format!("pid {pid} to stop at its fault point"), timeout, || {
-        let s = std::fs::read_to_string(&stat)
-            .unwrap_or_else(|e| panic!("pid {pid} is gone before its fault point: {e}"));
-        // The state follows the command name's closing parenthesis.
-        let state = s.rsplit_once(')').map(|(_, r)| r.trim_start()).unwrap_or("");
-        assert!(!state.starts_with('Z'), "pid {pid} exited before its fault point");
-        state.starts_with('T')
-    });
+    wait_until(
+        &format!("pid {pid} to stop at its fault point"),
+        timeout,
+        || {
+            let s = std::fs::read_to_string(&stat)
+                .unwrap_or_else(|e| panic!("pid {pid} is gone before its fault point: {e}"));
+            // The state follows the command name's closing parenthesis.
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start())
+                .unwrap_or("");
+            assert!(
+                !state.starts_with('Z'),
+                "pid {pid} exited before its fault point"
+            );
+            state.starts_with('T')
+        },
+    );
 }

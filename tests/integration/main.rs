@@ -14,6 +14,7 @@ mod common;
 mod clients;
 mod copies;
 mod cr;
+mod damaged_store;
 mod databases;
 mod errors;
 mod lifecycle;

@@ -27,6 +27,7 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod repair;
 mod transfer;
 mod util;
 mod verify;
@@ -41,6 +42,7 @@ pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use repair::RepairReport;
 pub use util::fault_point;
 pub use verify::{Finding, Level};
 
@@ -339,6 +341,15 @@ impl Store {
     pub fn verify(&self, read_data: bool) -> std::result::Result<Vec<Finding>, StoreError> {
         let _lock = self.locks.shared()?;
         verify::verify_store(self, read_data)
+    }
+
+    /// Puts good copies back in place of the damaged or missing blobs of the
+    /// snapshots in index.json: from `archive` (an export holding them) and, for
+    /// packs, rebuilt from their intact frames plus the same pages in other packs.
+    /// Reports what was repaired and what was not (and why).
+    pub fn repair(&self, archive: Option<&Path>) -> std::result::Result<RepairReport, StoreError> {
+        let _lock = self.locks.shared()?;
+        repair::repair(self, archive)
     }
 
     /// Removes blobs not reachable from index.json and everything in tmp/.

@@ -116,3 +116,76 @@ fn a_damaged_page_table_or_files_blob_of_the_same_content_is_rewritten() {
     restores_as(&fx, "a", &img);
     assert!(fx.errors(true).is_empty(), "{:?}", fx.errors(true));
 }
+
+#[test]
+fn reimport_replaces_a_damaged_blob_with_the_archives_copy() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 24, 256);
+    let a = fx.ingest(&img, &["a"]);
+    let tar = fx.path("a.tar");
+    fx.store.export("a", &tar).expect("export");
+    let pack = fx.packs(&a.id).remove(0);
+    flip(&pack, PREFIX_LEN as u64 + 40);
+    let files = fx.layers(&a.id, layout::MT_FILES).remove(0);
+    flip(&files, 30);
+    assert!(!fx.errors(true).is_empty());
+    assert_eq!(fx.store.import(&tar).expect("import"), vec![a.id]);
+    assert!(fx.errors(true).is_empty(), "{:?}", fx.errors(true));
+    restores_as(&fx, "a", &img);
+}
+
+#[test]
+fn repair_from_an_archive_puts_back_every_blob_it_holds() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 25, 256);
+    let a = fx.ingest(&img, &["a"]);
+    let tar = fx.path("a.tar");
+    fx.store.export("a", &tar).expect("export");
+    // The manifest hides the rest until it is repaired.
+    let pack = fx.packs(&a.id).remove(0);
+    let table = fx.layers(&a.id, layout::MT_PAGE_TABLE).remove(0);
+    let manifest = fx
+        .store
+        .blobs()
+        .path(&fx.store.entry(&a.id).expect("entry").manifest);
+    flip(&pack, PREFIX_LEN as u64 + 40);
+    flip(&table, 20);
+    fs::remove_file(&manifest).expect("rm manifest");
+    let r = fx.store.repair(Some(&tar)).expect("repair");
+    assert_eq!(r.repaired.len(), 3, "{r:?}");
+    assert!(r.unrepaired.is_empty(), "{r:?}");
+    assert!(fx.errors(true).is_empty(), "{:?}", fx.errors(true));
+    restores_as(&fx, "a", &img);
+    // Nothing left to do.
+    assert_eq!(fx.store.repair(None).expect("repair"), Default::default());
+}
+
+#[test]
+fn repair_rebuilds_a_pack_from_the_pages_a_later_checkpoint_stored_again() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 26, 512);
+    let a = fx.ingest(&img, &["a"]);
+    let a_img = fx.path("img-a");
+    fs::create_dir_all(&a_img).expect("mkdir");
+    for (name, bytes) in dir_contents(&img) {
+        fs::write(a_img.join(name), bytes).expect("copy");
+    }
+    let pack = fx.packs(&a.id).remove(0);
+    flip(&pack, PREFIX_LEN as u64 + 40);
+    // Nothing has the damaged frame's pages yet: repair says so.
+    let r = fx.store.repair(None).expect("repair");
+    assert!(r.repaired.is_empty(), "{r:?}");
+    assert_eq!(r.unrepaired.len(), 1, "{r:?}");
+    assert!(
+        r.unrepaired[0].contains("pack") && r.unrepaired[0].contains(&a.id.to_string()),
+        "{r:?}"
+    );
+    // A later checkpoint (a few pages changed) stores the pages again.
+    mutate(&img, 5, 98);
+    fx.ingest(&img, &["b"]);
+    let r = fx.store.repair(None).expect("repair");
+    assert_eq!(r.repaired.len(), 1, "{r:?}");
+    assert!(r.unrepaired.is_empty(), "{r:?}");
+    assert!(fx.errors(true).is_empty(), "{:?}", fx.errors(true));
+    restores_as(&fx, "a", &a_img);
+}

@@ -3,8 +3,8 @@
 //! temp file renamed into place at the end. Import is hostile-input code: it
 //! accepts only regular files and directories at known paths, stages and hashes
 //! every blob in `tmp/`, verifies every snapshot completely (every page, every
-//! file) and only then publishes blobs and index.json. A rejected file leaves the
-//! store as it was.
+//! file) and only then publishes blobs and index.json (replacing a damaged copy
+//! of a blob already in the store). A rejected file leaves the store as it was.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::blob::{sync_dir, BlobDir, HashingReader};
+use super::blob::{is_intact, sync_dir, BlobDir, HashingReader};
 use super::catalog::{self, normalize_tag};
 use super::error::{io_err, Result, StoreError};
 use super::format::limits::{MAX_IMPORT_BLOBS, MAX_JSON};
@@ -442,8 +442,9 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         }
         let src = staged.path(&d);
         let dst = blobs.path(&d);
-        let have = fs::metadata(&dst).map(|m| m.len()).ok();
-        if have == sizes.get(&d).copied() {
+        // A blob already in the store is kept only if it matches its digest: a
+        // damaged copy is replaced by the archive's good one.
+        if is_intact(&dst, &d, sizes.get(&d).copied().unwrap_or(0)) {
             continue;
         }
         fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o400))

@@ -164,12 +164,18 @@ pub fn checkpoint_to_store(
     let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
     let prev_dir = staging.path().join("previous");
-    let previous = || -> Result<PathBuf> {
+    // `fresh`: the copy given before did not match a file's digest; materialise
+    // one verified from the store instead of using the cache.
+    let previous = |fresh: bool| -> Result<PathBuf> {
         let (_, sid) = cache.as_ref().ok_or_else(|| WorkflowError::Io {
             op: "capture the filesystem",
             path: img.clone(),
             source: std::io::Error::other("no previous snapshot for unchanged files"),
         })?;
+        if fresh {
+            let _ = fs::remove_dir_all(&prev_dir);
+            return Ok(store.materialize_file(sid, fstree::DATA_FILE, &prev_dir)?);
+        }
         previous_fs_data(store, sid, &prev_dir)
     };
     // Without --leave-running the container is stopping (CRIU killed its tasks)
@@ -214,7 +220,7 @@ pub fn checkpoint_to_store(
         let c = capture.insert(c);
         if finish_early {
             let a0 = Instant::now();
-            c.finish(&mut || previous()).map_err(|e| {
+            c.finish(&mut |fresh| previous(fresh)).map_err(|e| {
                 early_err = Some(e.to_string());
                 crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
             })?;
@@ -244,7 +250,7 @@ pub fn checkpoint_to_store(
             // With --leave-running (the only way here) the container runs on, so
             // the image is not kept: the staging directory (RAM, on /dev/shm)
             // goes with everything in it.
-            c.finish(&mut || previous()).map_err(|e| WorkflowError::Io {
+            c.finish(&mut |fresh| previous(fresh)).map_err(|e| WorkflowError::Io {
                 op: "copying unchanged files after the dump failed (the container runs on; nothing was stored) for container",
                 path: PathBuf::from(id),
                 source: std::io::Error::other(e.to_string()),

@@ -15,6 +15,7 @@ mod common;
 mod clients;
 mod copies;
 mod cr;
+mod damaged_store;
 mod databases;
 mod errors;
 mod exec_security;

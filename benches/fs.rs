@@ -767,6 +767,8 @@ impl Drop for Cleanup<'_> {
 // ---------------------------------------------------------------------------
 // Setup and report
 
+/// The busybox bundle: `sh` idling, holding /data/file open (`hold`: ro, rw or
+/// none), on a writable rootfs.
 fn build_fs_bundle(bundle: &Path, hold: &str) -> Result<(), String> {
     let open = match hold {
         "ro" => "exec 3</data/file; ",

@@ -257,6 +257,12 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
     let rep = &r.report;
     let mut out = std::io::stdout().lock();
     writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
+    for d in &rep.damaged_packs {
+        eprintln!(
+            "warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
+             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
+        );
+    }
     if a.shared.print_stats {
         let mut stats = r.stats.clone();
         stats.entries.extend([
@@ -337,7 +343,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
             }
         }
         for w in &r.warnings {
-            eprintln!("stasis: warning: {w}");
+            eprintln!("stasis: warning: {}", crate::store::printable(w));
         }
         if a.shared.print_stats && a.detach {
             let mut stats = r.stats.clone();

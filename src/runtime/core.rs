@@ -13,8 +13,13 @@ use libcgroups::common::{
 };
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::seccomp::initialize_seccomp;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
 use oci_spec::runtime::{
     LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
     Spec,
@@ -402,48 +407,21 @@ pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
     Ok(pids)
 }
 
+/// `exec`: the process is the container's own (config.json's `process`) with the
+/// flags or the `--process` file laid over it (`exec.rs`), handed to libcontainer's
+/// tenant builder as a process file, so user, groups, rlimits, capabilities,
+/// no_new_privs and labels are the container's unless overridden. The container's
+/// seccomp filter is loaded by `ExecUnderSeccomp` (libcontainer 0.7's tenant
+/// builder drops linux.seccomp; youki's HEAD of 2026-08 still does).
 pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
     let id = opts.id.as_str();
-    let mut env = HashMap::new();
-    for kv in &opts.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| RuntimeError::Invalid(format!("--env {kv:?}: expected KEY=VALUE")))?;
-        env.insert(k.to_string(), v.to_string());
-    }
-    let (user, group) = match opts.user {
-        Some((u, g)) => (Some(u), g),
-        None => (None, None),
-    };
-    if let Some(p) = &opts.process {
-        if !p.is_file() {
-            return Err(RuntimeError::Invalid(format!(
-                "--process {}: no such file",
-                p.display()
-            )));
-        }
-        // A file that does not parse is left to libcontainer, which names it.
-        let parsed = fs::read(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<oci_spec::runtime::Process>(&b).ok());
-        if let Some(Err(reason)) = parsed.as_ref().map(check_process) {
-            return Err(RuntimeError::Invalid(format!(
-                "--process {}: {reason}",
-                p.display()
-            )));
-        }
-    } else if opts.args.is_empty() {
-        return Err(RuntimeError::Invalid(
-            "exec needs a command after the container id, or --process FILE".into(),
-        ));
-    }
-    if let Some(cwd) = opts.cwd.as_ref().filter(|c| !c.is_absolute()) {
-        return Err(RuntimeError::Invalid(format!(
-            "--cwd {}: not an absolute path (give the directory inside the container from its root)",
-            cwd.display()
-        )));
-    }
+    super::exec::check_request(opts)?;
+    let config = load(&root.join(id), id)?.bundle().join("config.json");
+    let prepared = super::exec::prepare(&config, opts)?;
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(ExecUnderSeccomp {
+            filter: prepared.filter,
+        })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
         .with_console_socket(opts.console_socket.as_ref())
@@ -454,18 +432,47 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
         .map_err(core_err("exec in", id))?
         .as_tenant()
         .with_detach(opts.detach)
-        .with_cwd(opts.cwd.as_ref())
-        .with_env(env)
-        .with_process(opts.process.as_ref())
-        .with_no_new_privs(opts.no_new_privs)
-        .with_container_args(opts.args.clone())
-        .with_additional_gids(opts.additional_gids.clone())
-        .with_user(user)
-        .with_group(group)
-        .with_capabilities(opts.caps.clone())
+        .with_process(Some(prepared.file.path()))
         .build()
         .map_err(core_err("exec in", id))?;
     Ok(pid.as_raw())
+}
+
+/// libcontainer's default executor (execvp of process.args), preceded by loading
+/// the container's seccomp filter. It runs in the exec'd process as the last step
+/// before execve: after namespaces, cgroup, user, capabilities and no_new_privs are
+/// set, where runc loads the filter too when no_new_privs is set (without it, see
+/// `exec::keep_cap_to_load_filter`).
+#[derive(Clone)]
+struct ExecUnderSeccomp {
+    filter: Option<oci_spec::runtime::LinuxSeccomp>,
+}
+
+impl Executor for ExecUnderSeccomp {
+    fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        if let Some(filter) = &self.filter {
+            // Notify filters were refused before (exec::exec_seccomp), so there is
+            // no listener fd to hand on.
+            initialize_seccomp(filter).map_err(|e| {
+                ExecutorError::Other(format!(
+                    "load the container's seccomp filter: {}",
+                    chain(&e)
+                ))
+            })?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> std::result::Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+
+    fn setup_envs(
+        &self,
+        envs: HashMap<String, String>,
+    ) -> std::result::Result<(), ExecutorSetEnvsError> {
+        DefaultExecutor {}.setup_envs(envs)
+    }
 }
 
 /// Builds the resources to apply from runc's `--resources` JSON (may be empty)

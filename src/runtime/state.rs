@@ -180,6 +180,53 @@ pub struct ContainerState {
     /// restored copy) that `delete` unmounts and removes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owned_dir: Option<PathBuf>,
+    /// The stasis command checkpointing the container right now, recorded before
+    /// it freezes the container and cleared when it is done: when that command
+    /// died, the next command on the container thaws it (`Runtime::recover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointer: Option<Checkpointer>,
+}
+
+/// Who is checkpointing a container: the stasis process and the CRIU it spawned,
+/// each as pid + start time (field 22 of /proc/PID/stat) so a reused pid is never
+/// taken for them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointer {
+    pub pid: i32,
+    pub start_time: u64,
+    /// CRIU, once spawned (0 before): it outlives a killed stasis until its next
+    /// notification, and re-freezes the container when it rolls back.
+    #[serde(default)]
+    pub criu_pid: i32,
+    #[serde(default)]
+    pub criu_start_time: u64,
+    /// True when stasis freezes the container for the dump (it was running);
+    /// false when the user had paused it, which must stay paused.
+    pub freezes: bool,
+}
+
+impl Checkpointer {
+    /// This process, about to checkpoint a container (`freezes`: see the field).
+    pub fn this_process(freezes: bool) -> Self {
+        let pid = std::process::id() as i32;
+        Self {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            criu_pid: 0,
+            criu_start_time: 0,
+            freezes,
+        }
+    }
+
+    /// Whether the checkpointing stasis process still runs.
+    pub fn stasis_alive(&self) -> bool {
+        process_alive(self.pid, self.start_time)
+    }
+
+    /// Whether its CRIU still runs (it may still thaw or re-freeze the container).
+    pub fn criu_alive(&self) -> bool {
+        process_alive(self.criu_pid, self.criu_start_time)
+    }
 }
 
 impl ContainerState {
@@ -502,6 +549,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         drop(first); // no container: removes the file, then unlocks
         assert!(matches!(waiter.join().unwrap(), Ok(true)));
+    }
+
+    #[test]
+    fn checkpointer_record_is_optional_and_tells_dead_from_alive() {
+        // A state file written before the record existed still loads.
+        let old = r#"{"id":"c","status":"running","pid":1,"pid_start_time":0,"bundle":"/b",
+            "rootfs":"/b/rootfs","created":"2026-01-01T00:00:00Z","owner":"root"}"#;
+        let st: ContainerState = serde_json::from_str(old).unwrap();
+        assert!(st.checkpointer.is_none());
+        let me = Checkpointer::this_process(true);
+        assert!(me.stasis_alive());
+        assert!(!me.criu_alive(), "no CRIU recorded yet");
+        let dead = Checkpointer {
+            start_time: me.start_time + 1,
+            ..me.clone()
+        };
+        assert!(!dead.stasis_alive(), "a reused pid is not the checkpointer");
     }
 
     #[test]

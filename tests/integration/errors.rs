@@ -536,8 +536,10 @@ fn process_fields_libcontainer_cannot_take_are_named() {
         }
         let file = env.path(&format!("{tag}.json"));
         fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
+        // exec's own words: "has no args", "cwd ... is not an absolute path".
+        let field = needle.trim_start_matches("process.");
         env.run(&["exec", "--process", file.to_str().unwrap(), &id])
-            .fails_with_one_line(&[needle, file.to_str().unwrap()]);
+            .fails_with_one_line(&[field, file.to_str().unwrap()]);
     }
     env.run(&["exec", "--cwd", "tmp", &id, "pwd"])
         .fails_with_one_line(&["--cwd", "absolute"]);

@@ -1,5 +1,5 @@
-//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only file
-//! that names its types. It turns our options into libcontainer builders and calls,
+//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only
+//! module that names its types (with its submodule `core/hooks.rs`). It turns our options into libcontainer builders and calls,
 //! and turns libcontainer errors into `RuntimeError` strings with their causes.
 //! It must not keep state of its own: `mod.rs` owns our state file and transitions.
 
@@ -26,6 +26,10 @@ use oci_spec::runtime::{
 };
 
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+
+mod hooks;
+pub use hooks::run_hooks;
+use hooks::{run_each, take_hooks, warn, HookKind};
 
 /// Renders an error with its chain of causes, deduplicating repeated messages.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -220,9 +224,29 @@ fn load(dir: &Path, id: &str) -> Result<Container> {
     Container::load(dir.to_path_buf()).map_err(core_err("load", id))
 }
 
+/// `Container::start`, with the poststart hooks run by us afterwards: each one
+/// runs even when an earlier one failed, and a failure is a warning on stderr, not
+/// a failed start (runtime spec: "If any poststart hook fails, the runtime MUST log
+/// a warning, but the remaining hooks and lifecycle continue as if the hook had
+/// succeeded"). libcontainer 0.7 stops at the first failing hook and fails `start`
+/// with the process already running. runc 1.1 kills the container instead; crun
+/// and the spec warn.
 pub fn start(dir: &Path, id: &str) -> Result<()> {
     let _pipe = SigpipeToEpipe::install();
-    load(dir, id)?.start().map_err(core_err("start", id))
+    let mut c = load(dir, id)?;
+    let taken = take_hooks(dir, id, HookKind::Poststart)?;
+    let r = c.start().map_err(core_err("start", id));
+    // The record keeps every hook it had (whatever `start` did), as `create` wrote it.
+    let restored = taken.as_ref().map_or(Ok(()), |t| t.restore());
+    r?;
+    restored?;
+    if let Some(t) = &taken {
+        // libcontainer runs poststart hooks in the container directory.
+        for w in run_each(HookKind::Poststart, &t.hooks, &c.state, Some(dir)) {
+            warn(id, &w);
+        }
+    }
+    Ok(())
 }
 
 /// While alive, SIGPIPE runs a no-op handler, so a write to a closed pipe returns
@@ -267,12 +291,36 @@ pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
         .map_err(core_err("kill", id))
 }
 
+/// `Container::delete`, with the poststop hooks run by us once the container is
+/// gone: each one runs even when an earlier one failed, and a failure is a warning
+/// (runtime spec: "If any poststop hook fails, the runtime MUST log a warning, but
+/// the remaining hooks and lifecycle continue"). libcontainer 0.7 stops at the
+/// first failing hook before it removes the container directory, which made the
+/// container undeletable: every `delete --force` ran the hook and failed again.
 pub fn delete(dir: &Path, id: &str, force: bool) -> Result<()> {
+    let taken = take_hooks(dir, id, HookKind::Poststop)?;
+    let state = Container::load(dir.to_path_buf()).ok().map(|c| c.state);
     match delete_retrying_cgroup(dir, force) {
-        Some(r) => r.map_err(core_err("delete", id)),
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            // Not deleted: a later delete must still run the hooks.
+            if let Some(t) = &taken {
+                if dir.exists() {
+                    let _ = t.restore();
+                }
+            }
+            return Err(core_err("delete", id)(e));
+        }
         // No libcontainer state: nothing was started, only the directory remains.
-        None => Ok(()),
+        None => return Ok(()),
     }
+    if let (Some(t), Some(mut st)) = (taken, state) {
+        st.status = libcontainer::container::ContainerStatus::Stopped;
+        for w in run_each(HookKind::Poststop, &t.hooks, &st, None) {
+            warn(id, &w);
+        }
+    }
+    Ok(())
 }
 
 pub fn pause(dir: &Path, id: &str) -> Result<()> {
@@ -599,39 +647,6 @@ fn chain_dyn(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
-}
-
-/// Runs the spec's hooks of one kind (`prestart`, `createRuntime`, `poststart`,
-/// `poststop`) with the OCI state of container `id` (init `pid`).
-pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
-    use libcontainer::container::{ContainerStatus, State};
-    let _pipe = SigpipeToEpipe::install();
-    let Some(h) = spec.hooks().as_ref() else {
-        return Ok(());
-    };
-    let list = match kind {
-        "prestart" => h.prestart(),
-        "createRuntime" => h.create_runtime(),
-        "poststart" => h.poststart(),
-        "poststop" => h.poststop(),
-        _ => &None,
-    };
-    if list.as_ref().is_none_or(|l| l.is_empty()) {
-        return Ok(());
-    }
-    let status = if kind == "poststop" {
-        ContainerStatus::Stopped
-    } else {
-        ContainerStatus::Created
-    };
-    let st = State::new(id, status, Some(pid), bundle.to_path_buf());
-    libcontainer::hooks::run_hooks(list.as_ref(), Some(&st), None, None, None).map_err(|e| {
-        RuntimeError::Core {
-            op: "run hooks of",
-            id: id.to_string(),
-            detail: format!("{kind}: {}", chain_dyn(&e)),
-        }
-    })
 }
 
 /// Freezes (`true`) or thaws the container's cgroup directly, without changing any

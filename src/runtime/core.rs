@@ -157,9 +157,27 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
 
 /// Checks the fields of a `process` that libcontainer 0.7 takes on trust and then
 /// panics on (empty `args`: "index out of bounds", with a backtrace) or fails
-/// with nothing to go on (a relative `cwd`: "failed to unix syscall"). runc
-/// checks the same (`validateProcessSpec`); the reason names the field.
+/// with nothing to go on (a relative `cwd`: "failed to unix syscall"; a soft
+/// rlimit above its hard one: "intermediate process error EINVAL"; an
+/// `oomScoreAdj` out of range: "io error"). runc checks the first two
+/// (`validateProcessSpec`) and fails on the others in the kernel; the reason names
+/// the field.
 fn check_process(p: &oci_spec::runtime::Process) -> std::result::Result<(), String> {
+    for r in p.rlimits().iter().flatten() {
+        if r.soft() > r.hard() {
+            return Err(format!(
+                "process.rlimits {:?}: the soft limit {} is above the hard limit {}",
+                r.typ(),
+                r.soft(),
+                r.hard()
+            ));
+        }
+    }
+    if let Some(adj) = p.oom_score_adj().filter(|a| !(-1000..=1000).contains(a)) {
+        return Err(format!(
+            "process.oomScoreAdj {adj} is outside the kernel's range -1000..1000"
+        ));
+    }
     if p.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err("process.args is empty: it must name the program to run".into());
     }

@@ -500,7 +500,20 @@ fn process_fields_libcontainer_cannot_take_are_named() {
         ("relcwd", serde_json::json!({"cwd": "tmp"}), "process.cwd"),
         ("emptycwd", serde_json::json!({"cwd": ""}), "process.cwd"),
     ];
-    for (tag, patch, needle) in &cases {
+    // Refused by the kernel under libcontainer with "EINVAL" and "io error".
+    let more: [(&str, serde_json::Value, &str); 2] = [
+        (
+            "rlimit",
+            serde_json::json!({"rlimits": [{"type": "RLIMIT_NOFILE", "hard": 10, "soft": 100}]}),
+            "process.rlimits",
+        ),
+        (
+            "oomadj",
+            serde_json::json!({"oomScoreAdj": 5000}),
+            "process.oomScoreAdj",
+        ),
+    ];
+    for (tag, patch, needle) in cases.iter().chain(&more) {
         let b = env.bundle(tag, &["true"]);
         edit_config(&b, |c| {
             for (k, v) in patch.as_object().unwrap() {

@@ -206,6 +206,8 @@ pub fn create(
     let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
     let bundle = bundle_info.path.as_path();
+    let cgroup = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
+    let cgroup_existed = cgroup::exists(&cgroup);
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
@@ -223,9 +225,11 @@ pub fn create(
         .map_err(|e| {
             // libcontainer's cleanup gives up on a cgroup that is still busy and
             // then removes the container directory, the only record of the cgroup
-            // path: remove the cgroup here, where the spec still names it.
-            let path = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
-            cgroup_remove(&path, id);
+            // path: remove the cgroup here, where the spec still names it (if this
+            // create made it).
+            if !cgroup_existed {
+                cgroup_remove(&cgroup, id);
+            }
             core_err("create", id)(e)
         })?;
     let pid = container

@@ -44,6 +44,18 @@ fn memory_dir(cgroup_path: &Path) -> Option<PathBuf> {
     Some(mount.join(cgroup_path.strip_prefix("/").unwrap_or(cgroup_path)))
 }
 
+/// Whether the cgroup exists already (in the memory hierarchy on cgroup v1): one
+/// that existed before a create is not the create's to remove when it fails
+/// (another `--root` may run a container of the same id in it).
+pub fn exists(cgroup_path: &Path) -> bool {
+    match memory_dir(cgroup_path) {
+        Some(dir) => dir.exists(),
+        None => Path::new("/sys/fs/cgroup")
+            .join(cgroup_path.strip_prefix("/").unwrap_or(cgroup_path))
+            .exists(),
+    }
+}
+
 /// Disables the OOM killer of container `id`'s memory cgroup (cgroup v1); on
 /// cgroup v2 warns that the setting has no effect.
 pub fn disable(cgroup_path: &Path, id: &str) -> Result<()> {

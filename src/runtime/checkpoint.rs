@@ -414,7 +414,7 @@ fn mkdir_private(p: &Path) -> Result<()> {
 /// afterwards would reset the connections the image holds; CRIU kills them
 /// while they are still locked. Not with lazy pages or a pre-dump either (the
 /// dumped tasks serve the pages / keep running anyway).
-fn defers_stop(o: &CheckpointOptions) -> bool {
+pub fn defers_stop(o: &CheckpointOptions) -> bool {
     !o.leave_running && !o.pre_dump && !o.flags.tcp_established && !o.flags.lazy_pages
 }
 

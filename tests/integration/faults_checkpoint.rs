@@ -259,3 +259,97 @@ fn killed_after_dump_without_leave_running_keeps_a_restorable_image() {
     sx.run_starting(&sx.store, &args).ok();
     sx.assert_carries_on(&id2, &before);
 }
+
+// ---------------------------------------------------------------------------
+// `checkpoint --tag` without --leave-running: the container is stopped only after
+// the snapshot is committed; until then it stays frozen, and a dead checkpointer's
+// freeze is undone by the next command.
+
+#[test]
+fn killed_after_dump_tagged_keeps_the_container_and_is_thawed_by_state() {
+    case(
+        test_name!(),
+        "checkpoint.after-dump",
+        false,
+        true,
+        Touch::State,
+    );
+}
+
+#[test]
+fn killed_during_ingest_tagged_keeps_the_container_and_the_store_valid() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (bundle, id, _g, pid) = start_counter(&sx, "fg");
+    kill_checkpoint_at(&sx, "checkpoint.ingest", &id, false, true);
+    assert_recovered(&sx, &id, pid, Touch::Exec);
+    let ls = sx.ls();
+    assert!(ls.is_empty(), "a snapshot was committed: {ls:?}");
+    sx.ok(&["snapshot", "verify"]);
+    assert_checkpoint_restore_works(&sx, &bundle, &id, true);
+    sx.ok(&["snapshot", "verify"]);
+}
+
+/// Killed after the commit, before the stop: the snapshot exists and restores the
+/// workload; the original container is left frozen, then thawed by the next
+/// command and runs on (two instances: acceptable, the snapshot is not lost).
+#[test]
+fn killed_after_commit_tagged_leaves_a_restorable_snapshot() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (_bundle, id, _g, pid) = start_counter(&sx, "fc");
+    let before = sx.wait_counter(&id, "readable", |_| true);
+    kill_checkpoint_at(&sx, "checkpoint.after-commit", &id, false, true);
+    let ls = sx.ls();
+    assert_eq!(ls.len(), 1, "the committed snapshot: {ls:?}");
+    sx.ok(&["snapshot", "verify"]);
+    assert_recovered(&sx, &id, pid, Touch::State);
+    let id2 = format!("{id}-r");
+    let _g2 = sx.restore_from("killed", &id2, &[]);
+    sx.assert_carries_on(&id2, &before);
+}
+
+/// An ingest that fails (a store on a full tmpfs) no longer costs the container:
+/// it was never stopped and runs on, and the error says so.
+#[test]
+fn failed_ingest_without_leave_running_keeps_the_container_running() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let store = sx.path("small-store");
+    std::fs::create_dir_all(&store).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a small tmpfs at {}", store.display());
+    let _m = Unmount(store.clone());
+    // Incompressible memory the 4 MiB store cannot hold.
+    let script = format!("head -c 8388608 /dev/urandom > /dev/shm/blob; {COUNTER}");
+    let bundle = sx.bundle("b", &["sh", "-c", &script]);
+    let id = unique_id("fn");
+    let _g = sx.run_d(&bundle, &id);
+    let seen = sx.wait_counter(&id, "started", |n| n > 2);
+    let out = sx.run_in(&store, &["checkpoint", "--tag", "full", &id]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("runs on") && out.stderr.contains(&id),
+        "the error does not say the container runs on: {out:?}"
+    );
+    let st = sx.state(&id).expect("the container still exists");
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(freezer_state(sx.pid(&id)), "THAWED");
+    sx.wait_counter(&id, "advancing after the failed checkpoint", |n| n > seen.1);
+}
+
+/// Lazily unmounts a test's tmpfs even when the test fails.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -15,7 +15,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use protobuf::EnumOrUnknown;
 
-use super::state::{self, Checkpointer, ContainerState, Op, Status};
+use super::state::{self, ContainerState, Op, Status, Worker};
 use super::{core, foreground, netns, Result, Runtime, RuntimeError};
 use crate::criu::{self, rpc, Call, Criu, CriuError, Notify};
 
@@ -590,7 +590,7 @@ impl Runtime {
         let cdir = self.dir(&o.id);
         // Record the checkpointer (and, once spawned, its CRIU) before anything is
         // frozen: if this process dies, the next command thaws the container.
-        st.checkpointer = Some(Checkpointer::this_process(freeze_wanted));
+        st.checkpointer = Some(Worker::this_process(freeze_wanted));
         st.save(&cdir)?;
         let mut on_spawn = |criu_pid: i32| -> Result<(), String> {
             let mut rec = st.clone();
@@ -688,8 +688,18 @@ impl Runtime {
     /// `restore`: brings a container back from a CRIU image directory under `id`
     /// with `bundle`'s config and rootfs. Returns the exit code when not detached.
     pub fn restore(&self, o: &RestoreOptions) -> Result<(i32, CriuStats)> {
+        self.restore_locked(o, self.lock(&o.id)?)
+    }
+
+    /// `restore` for a caller that already holds the container's lock (from
+    /// `lock_container`); the lock is released once the container is recorded.
+    pub fn restore_locked(
+        &self,
+        o: &RestoreOptions,
+        lock: state::ContainerLock,
+    ) -> Result<(i32, CriuStats)> {
         let (pid, stats) = {
-            let _lock = self.lock(&o.id)?;
+            let _lock = lock;
             let dir = self.dir(&o.id);
             if dir.exists() {
                 return Err(RuntimeError::Exists {
@@ -764,6 +774,25 @@ impl Runtime {
         let id = o.id.as_str();
         let cgroup_path = core::register(dir, id, spec, &bundle.path, None)?;
         *cgroup_out = cgroup_path.clone();
+        // Recorded before anything is mounted or restored: if this process dies
+        // from here on, `list` shows the container as restoring and `delete
+        // --force` removes what the restore left (processes, mounts, cgroups).
+        let mut st = ContainerState {
+            id: id.to_string(),
+            status: Status::Restoring,
+            pid: 0,
+            pid_start_time: 0,
+            bundle: bundle.path.clone(),
+            rootfs: bundle.rootfs.clone(),
+            created: Utc::now(),
+            owner: super::owner_name(),
+            annotations: bundle.annotations.clone(),
+            cgroup_path: cgroup_path.clone(),
+            owned_dir: o.owned_dir.clone(),
+            checkpointer: None,
+            restorer: Some(Worker::this_process(false)),
+        };
+        st.save(dir)?;
         let work = match &o.work_path {
             Some(w) => w.clone(),
             None => dir.join("criu"),
@@ -953,7 +982,10 @@ impl Runtime {
                         format!("bring loopback up in the restored network namespace: {e}")
                     })?;
                 }
-                "post-restore" => restored_pid = n.pid,
+                "post-restore" => {
+                    restored_pid = n.pid;
+                    super::fault_point("restore.during-criu");
+                }
                 "orphan-pts-master" => {
                     if let (Some(sock), Some(fd)) = (&console, n.fd) {
                         send_console(sock, fd)
@@ -972,6 +1004,7 @@ impl Runtime {
         } else {
             None
         };
+        super::fault_point("restore.before-criu");
         let resp = criu.restore(
             opts,
             Call {
@@ -1021,21 +1054,13 @@ impl Runtime {
                 "criu restore succeeded but reported no pid".into(),
             ));
         }
+        super::fault_point("restore.after-criu");
         core::register(dir, id, spec, &bundle.path, Some(pid))?;
-        let st = ContainerState {
-            id: id.to_string(),
-            status: Status::Running,
-            pid,
-            pid_start_time: state::process_start_time(pid).unwrap_or(0),
-            bundle: bundle.path.clone(),
-            rootfs: bundle.rootfs.clone(),
-            created: Utc::now(),
-            owner: super::owner_name(),
-            annotations: bundle.annotations.clone(),
-            cgroup_path: cgroup_path.clone(),
-            owned_dir: o.owned_dir.clone(),
-            checkpointer: None,
-        };
+        st.status = Status::Running;
+        st.pid = pid;
+        st.pid_start_time = state::process_start_time(pid).unwrap_or(0);
+        st.created = Utc::now();
+        st.restorer = None;
         st.save(dir)?;
         if let Some(pf) = &o.pid_file {
             state::write_atomic(pf, pid.to_string().as_bytes())?;

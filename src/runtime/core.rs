@@ -565,6 +565,40 @@ pub fn cgroup_remove(cgroup_path: &Path, id: &str) {
     }
 }
 
+/// Kills every process in a cgroup and removes it, retrying while killed
+/// processes still keep it busy (they leave it once reaped).
+pub fn cgroup_destroy(cgroup_path: &Path, id: &str) -> Result<()> {
+    let m = create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup_path.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: id.to_string(),
+    })
+    .map_err(|e| RuntimeError::Core {
+        op: "open cgroup of",
+        id: id.to_string(),
+        detail: chain(&e),
+    })?;
+    let deadline = Instant::now() + CGROUP_REMOVE_PATIENCE;
+    loop {
+        for p in m.get_all_pids().unwrap_or_default() {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        }
+        // Killed tasks of a frozen cgroup die only once thawed.
+        let _ = m.freeze(libcgroups::common::FreezerState::Thawed);
+        match m.remove() {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(RuntimeError::Core {
+                    op: "remove the cgroup of",
+                    id: id.to_string(),
+                    detail: chain_dyn(&e),
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 fn chain_dyn(e: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = vec![e.to_string()];
     let mut cur = e.source();

@@ -981,6 +981,16 @@ fn private_fs(
     };
     fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
     let owned = copies.join(id);
+    // The caller holds the container's lock and no container `id` exists: a
+    // directory here was left by a restore killed before it recorded the
+    // container (its overlay may still be mounted). Remove it and start afresh.
+    if fs::symlink_metadata(&owned).is_ok() {
+        crate::runtime::unmount_under(&owned);
+        fs::remove_dir_all(&owned).map_err(io_err(
+            "remove the private filesystem a killed restore left at",
+            &owned,
+        ))?;
+    }
     // Not create_dir_all: the directory is ours only if we created it.
     fs::create_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
@@ -1017,6 +1027,7 @@ fn private_fs(
             let f = owned.join(COPY_SNAPSHOT_FILE);
             fs::write(&f, p.sid.full()).map_err(io_err("write", &f))?;
             mount_overlay(&base, &upper, &work, &merged)?;
+            crate::runtime::fault_point("restore.after-overlay");
         }
         cfg["root"]["path"] = json!(root);
         if let Some(ns) = &copy.netns {
@@ -1185,21 +1196,29 @@ pub fn restore_prepared(
     let mut opts = opts.clone();
     opts.image_path = p.image.clone();
     opts.detach = true;
+    // Held from here until the container is recorded: no other command restores
+    // into this id meanwhile, so what `private_fs` finds under its name was left
+    // by a restore that died.
+    let lock = rt.lock_container(&opts.id)?;
     // A taken id fails before anything is built for it (and before the private
     // directory of an existing copy with that id could be touched).
-    if rt.load(&opts.id).is_ok() {
-        return Err(crate::runtime::RuntimeError::Exists {
-            id: opts.id.clone(),
-            root: rt.root().to_path_buf(),
+    match rt.load(&opts.id) {
+        Err(crate::runtime::RuntimeError::NotFound { .. }) => {}
+        Ok(_) => {
+            return Err(crate::runtime::RuntimeError::Exists {
+                id: opts.id.clone(),
+                root: rt.root().to_path_buf(),
+            }
+            .into())
         }
-        .into());
+        Err(e) => return Err(e.into()),
     }
     if p.manifest.is_some() {
         let (bdir, owned) = private_fs(rt, store, p, &opts.id, bundle, ident, copy)?;
         opts.bundle = bdir;
         opts.join_netns = copy.netns.clone();
         opts.owned_dir = Some(owned.clone());
-        match rt.restore(&opts) {
+        match rt.restore_locked(&opts, lock) {
             Ok((_, stats)) => Ok(stats),
             Err(e) => {
                 crate::runtime::unmount_under(&owned);
@@ -1227,7 +1246,7 @@ pub fn restore_prepared(
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         check_volume_sources(&p.sid.short(), &mut cfg, Some(&opts.bundle), &[])?;
-        Ok(rt.restore(&opts)?.1)
+        Ok(rt.restore_locked(&opts, lock)?.1)
     }
 }
 

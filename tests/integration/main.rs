@@ -17,6 +17,7 @@ mod cr;
 mod databases;
 mod errors;
 mod faults_checkpoint;
+mod faults_restore;
 mod lifecycle;
 mod runc_compat;
 mod spec_options;

@@ -412,10 +412,16 @@ fn mkdir_private(p: &Path) -> Result<()> {
 /// `--tcp-established`: at the end of a leave-running dump CRIU takes the
 /// sockets out of repair mode and unlocks the network, so killing the tasks
 /// afterwards would reset the connections the image holds; CRIU kills them
-/// while they are still locked. Not with lazy pages or a pre-dump either (the
-/// dumped tasks serve the pages / keep running anyway).
+/// while they are still locked. Not with `--link-remap`: CRIU deletes the
+/// link-remap files it made for open unlinked files at the end of a
+/// leave-running dump, and the captured filesystem must hold them. Not with lazy
+/// pages or a pre-dump either (the dumped tasks serve the pages / keep running).
 pub fn defers_stop(o: &CheckpointOptions) -> bool {
-    !o.leave_running && !o.pre_dump && !o.flags.tcp_established && !o.flags.lazy_pages
+    !o.leave_running
+        && !o.pre_dump
+        && !o.flags.tcp_established
+        && !o.flags.lazy_pages
+        && !o.link_remap
 }
 
 fn read_stats(path: &Path) -> CriuStats {

@@ -481,7 +481,8 @@ impl Runtime {
         wait_lazy_pages(&self.dir(&o.id))?;
         let spec = load_spec(&st.bundle)?;
         let criu = self.criu();
-        criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
+        // A dot name: no id starts with '.', so no container's lock file is this cache.
+        criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
         if o.pre_dump || o.flags.lazy_pages {
             let (mem_track, lazy) = criu.features()?;
             if o.pre_dump && !mem_track {
@@ -721,7 +722,8 @@ impl Runtime {
                 )));
             }
             let criu = self.criu();
-            criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
+            // A dot name: no id starts with '.', so no container's lock file is this cache.
+            criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
             if o.flags.lazy_pages && !criu.features()?.1 {
                 return Err(CriuError::MissingFeature {
                     feature: "userfaultfd lazy pages, needed by --lazy-pages",
@@ -908,7 +910,14 @@ impl Runtime {
         // Descriptors CRIU must hand to the restored tree: our stdio pipes in place
         // of the ones recorded at dump, and an external network namespace.
         let mut held: Vec<OwnedFd> = Vec::new();
-        let descriptors: Vec<String> = fs::read(o.image_path.join(DESCRIPTORS_FILE))
+        // descriptors.json comes from the snapshot: read a bounded prefix (a real
+        // one is three short strings); anything larger does not parse and is ignored.
+        let descriptors: Vec<String> = fs::File::open(o.image_path.join(DESCRIPTORS_FILE))
+            .and_then(|f| {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut b)?;
+                Ok(b)
+            })
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -1071,7 +1080,10 @@ impl Runtime {
         if let Some(pf) = &o.pid_file {
             state::write_atomic(pf, pid.to_string().as_bytes())?;
         }
-        let _ = core::run_hooks("poststart", spec, id, &bundle.path, pid);
+        // A failing poststart hook is a warning (runtime spec), not a failed restore.
+        if let Err(e) = core::run_hooks("poststart", spec, id, &bundle.path, pid) {
+            eprintln!("stasis: warning: {e}");
+        }
         Ok((pid, read_stats(&work.join("stats-restore"))))
     }
 }

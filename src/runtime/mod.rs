@@ -4,11 +4,12 @@
 //!
 //! The mechanics of creating processes inside namespaces (pivot_root, mounts,
 //! cgroups, seccomp, hooks, capabilities) come from libcontainer, youki's library,
-//! and are used only in `core.rs`; nothing outside this module names a libcontainer
+//! and are used only in `core`; nothing outside this module names a libcontainer
 //! type, so the core can be replaced later.
 
 pub mod checkpoint;
 mod core;
+mod exec;
 mod foreground;
 pub mod info;
 pub mod netns;
@@ -44,6 +45,35 @@ pub fn fault_point(name: &str) {
             let _ = raise(sig);
         }
     }
+}
+
+/// Creates `dir` and its missing parents as 0700 at mkdir(2) time (whatever the
+/// umask): `--root` and the directories of restored copies hold root filesystems
+/// (setuid binaries, device nodes) that no other user may reach.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `dir` as 0700; fails when it exists (the directory is ours only if we
+/// made it).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+/// Takes group and other permissions off an existing directory (one made 0755
+/// by an older stasis); one stat when it is already private.
+pub fn tighten_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = fs::symlink_metadata(dir)?;
+    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// How long a command waits for another command on the same container.
@@ -99,6 +129,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("--process {path}: {reason}")]
+    ProcessFile { path: PathBuf, reason: String },
     #[error(transparent)]
     Criu(crate::criu::CriuError),
     #[error("--systemd-cgroup is not supported yet: stasis manages cgroupfs paths directly; drop the flag")]
@@ -169,8 +201,27 @@ impl Runtime {
             return Err(RuntimeError::SystemdUnsupported);
         }
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| RuntimeError::Io {
-            op: "create state root",
+        // Parents as the system makes them, the root itself private (and made
+        // private if an older stasis left it 0755).
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|source| RuntimeError::Io {
+                op: "create parent of state root",
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        match create_private_dir(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::Io {
+                    op: "create state root",
+                    path: root.clone(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        tighten_dir(&root).map_err(|source| RuntimeError::Io {
+            op: "make private (chmod 0700) state root",
             path: root.clone(),
             source,
         })?;

@@ -353,3 +353,23 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// `kill` reaches a container a dead checkpointer froze: frozen tasks would keep
+/// the signal pending forever, so it is thawed first and the signal stops it.
+#[test]
+fn killed_while_frozen_then_kill_stops_it() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (_bundle, id, _g, pid) = start_counter(&sx, "fs");
+    kill_checkpoint_at(&sx, "checkpoint.frozen", &id, false, true);
+    assert_eq!(freezer_state(pid), "FROZEN");
+    sx.ok(&["kill", &id, "KILL"]);
+    crate::common::wait_until(
+        "the killed container to stop",
+        std::time::Duration::from_secs(10),
+        || sx.state(&id).is_some_and(|s| s["status"] == "stopped"),
+    );
+    sx.ok(&["delete", &id]);
+    assert!(sx.state(&id).is_none());
+}

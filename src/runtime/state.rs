@@ -212,7 +212,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// This process, about to checkpoint a container (`freezes`: see the field).
+    /// This process, about to checkpoint or restore a container (`freezes`: see
+    /// the field; false for a restore).
     pub fn this_process(freezes: bool) -> Self {
         let pid = std::process::id() as i32;
         Self {

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{cgroup_dir, read_trim, unique_id, Container, Out};
+use crate::common::{cgroup_dir, read_trim, unique_id, wait_until, Container, Out};
 use crate::store_flows::{printed_snapshot_id, Proc, Sx, CMD, COUNTER};
 
 /// The command that first touches the container after the killed checkpoint.
@@ -372,4 +372,61 @@ fn killed_while_frozen_then_kill_stops_it() {
     );
     sx.ok(&["delete", &id]);
     assert!(sx.state(&id).is_none());
+}
+
+/// SIGKILL from outside while CRIU writes the memory image: CRIU outlives stasis
+/// until its next notification, rolls the dump back and re-freezes the cgroup it
+/// found frozen. `state` waits for that CRIU (recorded in the state file), then
+/// thaws the container, which carries on.
+#[test]
+fn sigkill_mid_dump_is_thawed_once_the_orphaned_criu_is_done() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    // ~200 MiB of memory, so the dump takes long enough to be caught writing.
+    let script =
+        format!("x=$(head -c 150000000 /dev/urandom | base64); echo ready > /tmp/ready; {COUNTER}");
+    let bundle = sx.bundle("b", &["sh", "-c", &script]);
+    let id = unique_id("fm");
+    let _g = sx.run_d(&bundle, &id);
+    sx.wait_counter(&id, "started", |n| n > 2);
+    let pid = sx.pid(&id);
+    let checkpoint = Proc::spawn(
+        sx.command(Some(&sx.store), &["checkpoint", "--tag", "mid", &id]),
+        true,
+    );
+    // CRIU's pid, from the checkpointer record, then a pages image it is writing.
+    let state_file = sx.env.root.join(&id).join("stasis.json");
+    let mut criu_pid = 0;
+    wait_until("the checkpointer to record its CRIU", CMD, || {
+        let v: serde_json::Value = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        criu_pid = v["checkpointer"]["criu_pid"].as_i64().unwrap_or(0) as i32;
+        criu_pid > 0
+    });
+    wait_until("CRIU to write 20 MB of pages", CMD, || {
+        std::fs::read_dir(format!("/proc/{criu_pid}/fd"))
+            .map(|rd| {
+                rd.flatten().any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|t| {
+                        t.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("pages-"))
+                            && std::fs::metadata(&t).is_ok_and(|m| m.len() > 20 << 20)
+                    })
+                })
+            })
+            .unwrap_or(false)
+    });
+    // SAFETY: kill(2) of our own child's pid (not yet reaped, so not reused).
+    unsafe { libc::kill(checkpoint.pid() as i32, libc::SIGKILL) };
+    let out = checkpoint.wait(CMD);
+    assert_eq!(out.code, Some(137), "{out:?}");
+    let st = sx.state(&id).expect("the container is still there");
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(freezer_state(pid), "THAWED");
+    let seen = sx.wait_counter(&id, "readable", |_| true);
+    sx.wait_counter(&id, "advancing after the thaw", |n| n > seen.1);
+    assert!(sx.ls().is_empty(), "no snapshot was committed");
 }

@@ -29,7 +29,7 @@ use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError}
 
 mod cgroup;
 mod hooks;
-pub use cgroup::{cgroup_enter, cgroup_remove};
+pub use cgroup::{cgroup_destroy, cgroup_enter, cgroup_remove};
 pub use hooks::run_hooks;
 use hooks::{run_each, take_hooks, warn, HookKind};
 

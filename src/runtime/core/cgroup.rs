@@ -115,42 +115,51 @@ pub fn cgroup_enter(cgroup_path: &Path, id: &str, spec: &Spec, pid: i32) -> Resu
 }
 
 /// Removes a cgroup, killing what is in it, until it is gone: from a failed
-/// create or restore. libcgroups makes one SIGKILL pass and retries rmdir for
-/// ~100 ms, then gives up at the first hierarchy that is still busy, leaving it
-/// and every hierarchy after it. Killed processes leave only once they have
-/// exited, which on a busy host takes longer (and a process may still be put into
-/// the cgroup after the pass), so each round kills again and waits for the cgroup
-/// to empty, for up to `CGROUP_REMOVE_PATIENCE` (as runc's `RemovePath` retries).
-/// What is left then is named in a warning.
+/// create or restore. A failure is a warning naming what is left (see
+/// `cgroup_destroy`).
 pub fn cgroup_remove(cgroup_path: &Path, id: &str) {
-    let Ok(m) = create_cgroup_manager(CgroupConfig {
+    if let Err(e) = cgroup_destroy(cgroup_path, id) {
+        warn(
+            id,
+            &format!("{e}; remove it with rmdir once its processes are gone"),
+        );
+    }
+}
+
+/// Kills every process in a cgroup and removes it. libcgroups makes one SIGKILL
+/// pass and retries rmdir for ~100 ms, then gives up at the first hierarchy that
+/// is still busy, leaving it and every hierarchy after it. Killed processes leave
+/// only once they have exited, which on a busy host takes longer (and a process
+/// may still be put into the cgroup after the pass), and killed tasks of a frozen
+/// cgroup die only once thawed; so each round kills again, thaws, and waits for
+/// the cgroup to empty, for up to `CGROUP_REMOVE_PATIENCE` (as runc's
+/// `RemovePath` retries).
+pub fn cgroup_destroy(cgroup_path: &Path, id: &str) -> Result<()> {
+    let m = create_cgroup_manager(CgroupConfig {
         cgroup_path: cgroup_path.to_path_buf(),
         systemd_cgroup: false,
         container_name: id.to_string(),
-    }) else {
-        return;
-    };
+    })
+    .map_err(|e| RuntimeError::Core {
+        op: "open cgroup of",
+        id: id.to_string(),
+        detail: chain_dyn(&e),
+    })?;
     let deadline = Instant::now() + CGROUP_REMOVE_PATIENCE;
     let mut first = true;
     loop {
-        if let Ok(pids) = m.get_all_pids() {
-            for p in pids {
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-            }
+        for p in m.get_all_pids().unwrap_or_default() {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
+        let _ = m.freeze(libcgroups::common::FreezerState::Thawed);
         match m.remove() {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
-                warn(
-                    id,
-                    &format!(
-                        "could not remove cgroup {} in {CGROUP_REMOVE_PATIENCE:?}: {}; \
-                         remove it with rmdir once its processes are gone",
-                        cgroup_path.display(),
-                        chain_dyn(&e)
-                    ),
-                );
-                return;
+                return Err(RuntimeError::Core {
+                    op: "remove the cgroup (still busy after 10 s) of",
+                    id: id.to_string(),
+                    detail: format!("{}: {}", cgroup_path.display(), chain_dyn(&e)),
+                })
             }
             Err(_) => {
                 if std::mem::take(&mut first) {

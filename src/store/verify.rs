@@ -330,7 +330,17 @@ impl<'a> Checker<'a> {
                 layout::MT_PAGE_TABLE => {
                     if let Some(b) = self.blob_bytes(&d, Some(l.size), "page table", label, &hint) {
                         match pagetable::decode(&b, &self.blobs.path(&d)) {
-                            Ok(t) => tables.push((l.annotation(layout::A_FILE).to_string(), d, t)),
+                            Ok(t) => {
+                                let name = l.annotation(layout::A_FILE);
+                                if let Err(e) = super::config::check_file_name(name) {
+                                    self.push(
+                                        Level::Error,
+                                        format!("{label}: page table {d}: {e}"),
+                                        hint.clone(),
+                                    );
+                                }
+                                tables.push((name.to_string(), d, t))
+                            }
                             Err(e) => {
                                 self.push(Level::Error, format!("{label}: {e}"), hint.clone())
                             }

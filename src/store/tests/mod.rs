@@ -6,6 +6,7 @@
 mod catalog;
 mod gc_crash;
 mod integrity;
+mod names;
 mod roundtrip;
 mod transfer;
 

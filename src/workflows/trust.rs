@@ -370,6 +370,38 @@ mod tests {
     }
 
     #[test]
+    fn device_nodes_of_a_foreign_tree_are_skipped() {
+        let entry = |path: &str, kind: Kind, rdev: u64| -> fstree::Entry {
+            serde_json::from_value(json!({
+                "path": path, "kind": kind, "mode": 0o666, "uid": 0, "gid": 0,
+                "mtime": 0, "mtime_nsec": 0, "rdev": rdev,
+            }))
+            .unwrap()
+        };
+        let mut m: fstree::Manifest = serde_json::from_value(json!({
+            "version": 1,
+            "trees": [{"role": "rootfs", "dest": "/", "source": "/x", "entries": []}],
+        }))
+        .unwrap();
+        m.trees[0].entries = vec![
+            entry("", Kind::Dir, 0),
+            entry("sda", Kind::Block, libc::makedev(8, 0)),
+            entry("mem", Kind::Char, libc::makedev(1, 1)),
+            entry("fifo", Kind::Fifo, 0),
+        ];
+        let lines = skip_device_nodes(&mut m);
+        let left: Vec<&str> = m.trees[0].entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(left, ["", "fifo"]);
+        assert_eq!(
+            lines,
+            [
+                "device node sda (block 8:0) in its rootfs tree",
+                "device node mem (char 1:1) in its rootfs tree"
+            ]
+        );
+    }
+
+    #[test]
     fn a_plain_config_loses_nothing() {
         let mut cfg = json!({
             "process": {"capabilities": {"bounding": ["CAP_KILL", "CAP_NET_BIND_SERVICE"]}},

@@ -473,3 +473,31 @@ fn a_foreign_snapshot_hook_does_not_run_unless_trusted() {
         "with the flag the hook did not run: {got:?}"
     );
 }
+
+#[test]
+fn an_archive_naming_a_path_is_refused_at_import() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("sec-name");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "n:v1", &id]);
+    let tar = sx.path("n.tar");
+    sx.ok(&["snapshot", "export", "n:v1", "-o", tar.to_str().unwrap()]);
+    for (i, bad) in ["../../x", "/tmp/x"].iter().enumerate() {
+        let evil = sx.path(&format!("names{i}.tar"));
+        craft(&sx, &tar, &evil, |cfg| {
+            let f = cfg["files"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|f| f["kind"] == "file")
+                .unwrap();
+            f["name"] = (*bad).into();
+        });
+        let store2 = sx.path(&format!("store-names{i}"));
+        let out = sx.run_in(&store2, &["snapshot", "import", evil.to_str().unwrap()]);
+        crate::store_flows::assert_fails(&out, &[bad, "is not allowed"]);
+        assert!(sx.ls_in(&store2).is_empty());
+    }
+}

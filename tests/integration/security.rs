@@ -3,7 +3,10 @@
 //! the store, its caches, a checkpoint's staging directory on /dev/shm or
 //! `--root` (where a restored copy's overlay lives), even with a setuid-root
 //! binary in the snapshot's rootfs; an old store and root left 0755 are made
-//! private on first use.
+//! private on first use. Foreign snapshots (crafted archives with valid digests,
+//! built here by re-digesting an export): their config.json's hook does not run
+//! on restore unless `--trust-snapshot-config`, the bundle path they record is
+//! not used, and config file names that are paths are refused at import.
 //!
 //! The test's scratch directory is opened up (0755) first, so only the modes
 //! stasis gives its own directories stand between `nobody` and the data.
@@ -500,4 +503,28 @@ fn an_archive_naming_a_path_is_refused_at_import() {
         crate::store_flows::assert_fails(&out, &[bad, "is not allowed"]);
         assert!(sx.ls_in(&store2).is_empty());
     }
+}
+
+#[test]
+fn a_foreign_snapshot_without_filesystem_needs_the_operators_bundle() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("sec-nofs");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--ignore-rootfs", "--tag", "nofs", &id]);
+    let tar = sx.path("nofs.tar");
+    sx.ok(&["snapshot", "export", "nofs", "-o", tar.to_str().unwrap()]);
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    // The bundle path it records exists on this host, but it names it: unused.
+    let id2 = unique_id("sec-nofs2");
+    let _g2 = sx.guard(&id2);
+    let out = sx.restore_from_in(&store2, "nofs", &id2, &[]);
+    crate::store_flows::assert_one_line(&out, &["foreign", "--bundle"]);
+    assert!(sx.state(&id2).is_none());
+    sx.restore_from_in(&store2, "nofs", &id2, &["--bundle", b.to_str().unwrap()])
+        .ok();
+    sx.wait_counter(&id2, "readable", |_| true);
 }

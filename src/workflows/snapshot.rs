@@ -636,6 +636,10 @@ pub struct Prepared {
     pub trusted: bool,
     /// The warning lines naming what was skipped from a foreign config.json.
     pub ignored: Vec<String>,
+    /// Why a foreign snapshot must not be restored at all unless the operator
+    /// trusts it (`--trust-snapshot-config`): its image gives its processes
+    /// capabilities beyond the default set.
+    pub refused: Option<String>,
     pub warnings: Vec<String>,
     pub materialize_ms: u128,
 }
@@ -687,6 +691,7 @@ pub fn prepare(
         origin,
         trusted: origin.is_local(),
         ignored: Vec::new(),
+        refused: None,
         warnings,
         materialize_ms,
     };
@@ -1100,6 +1105,12 @@ pub fn restore_prepared(
     ident: &Identity,
     copy: &CopyOptions,
 ) -> Result<CriuStats> {
+    if let Some(reason) = &p.refused {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: reason.clone(),
+        });
+    }
     let mut opts = opts.clone();
     opts.image_path = p.image.clone();
     opts.detach = true;
@@ -1166,6 +1177,12 @@ pub fn restore_from_store(
 ) -> Result<RestoreFromResult> {
     let mut p = prepare(rt, store, &r.from, r.force, r.progress)?;
     super::trust::choose(&mut p, r.bundle.is_some(), r.trust_snapshot_config);
+    if let Some(reason) = &p.refused {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: reason.clone(),
+        });
+    }
     if p.manifest.is_none() {
         for (set, flag) in [
             (r.copy.copy_rootfs, "--copy-rootfs"),

@@ -2,9 +2,10 @@
 //! snapshot this host did not make (imported, or of unknown origin) is untrusted
 //! input, and its stored config.json decides nothing that reaches the host. Owns
 //! the list of such settings, taking them out of a foreign snapshot's config
-//! (one warning line each), skipping device nodes of its filesystem, and the
-//! operator's two ways to decide otherwise: `--bundle` (that config.json is then
-//! the one used) or `--trust-snapshot-config`.
+//! (one warning line each), skipping device nodes of its filesystem, refusing an
+//! image whose processes CRIU would give capabilities beyond the default set,
+//! and the operator's two ways to decide otherwise: `--bundle` (that config.json
+//! is then the one used) or `--trust-snapshot-config` (everything, image too).
 
 use serde_json::Value;
 
@@ -256,6 +257,17 @@ pub(crate) fn restrict(p: &mut Prepared) -> Result<()> {
             snapshot: p.sid.short(),
             reason: format!("its stored config.json is not JSON: {e}"),
         })?;
+    let extra: Vec<String> = crate::runtime::checkpoint::image_capabilities(&p.image)?
+        .into_iter()
+        .filter(|c| !DEFAULT_CAPS.contains(&c.as_str()))
+        .collect();
+    if !extra.is_empty() {
+        p.refused = Some(format!(
+            "it is foreign (origin: {}) and its image gives its processes {} (CRIU restores a process's capabilities from the image, whatever config.json says); refused: restore it only if you trust its producer, with --trust-snapshot-config",
+            p.origin,
+            extra.join(", ")
+        ));
+    }
     let lines = restrict_config(&mut cfg, &carried);
     p.config_json = serde_json::to_vec(&cfg).map_err(|e| WorkflowError::Snapshot {
         snapshot: p.sid.short(),
@@ -281,6 +293,9 @@ pub(crate) fn choose(p: &mut Prepared, bundle_given: bool, trust_config: bool) {
     }
     let ignored = std::mem::take(&mut p.ignored);
     p.warnings.retain(|w| !ignored.contains(w));
+    if trust_config {
+        p.refused = None;
+    }
     if trust_config && !bundle_given {
         p.config_json = p.stored_config_json.clone();
         p.trusted = true;

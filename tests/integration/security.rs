@@ -528,3 +528,45 @@ fn a_foreign_snapshot_without_filesystem_needs_the_operators_bundle() {
         .ok();
     sx.wait_counter(&id2, "readable", |_| true);
 }
+
+#[test]
+fn a_foreign_image_with_capabilities_beyond_the_default_set_is_refused() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    crate::common::edit_config(&b, |c| {
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set]
+                .as_array_mut()
+                .unwrap()
+                .push("CAP_SYS_ADMIN".into());
+        }
+    });
+    let id = unique_id("sec-caps");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "caps", &id]);
+    let tar = sx.path("caps.tar");
+    sx.ok(&["snapshot", "export", "caps", "-o", tar.to_str().unwrap()]);
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    let id2 = unique_id("sec-caps2");
+    let _g2 = sx.guard(&id2);
+    // Neither the config it carries nor the operator's bundle changes what CRIU
+    // restores: refused either way.
+    for extra in [&[][..], &["--bundle", b.to_str().unwrap()][..]] {
+        let out = sx.restore_from_in(&store2, "caps", &id2, extra);
+        crate::store_flows::assert_fails(
+            &out,
+            &["CAP_SYS_ADMIN", "foreign", "--trust-snapshot-config"],
+        );
+        assert!(sx.state(&id2).is_none());
+    }
+    sx.restore_from_in(&store2, "caps", &id2, &["--trust-snapshot-config"])
+        .ok();
+    sx.wait_counter(&id2, "readable", |_| true);
+    // Made here, the same snapshot restores as before.
+    let id3 = unique_id("sec-caps3");
+    let _g3 = sx.restore_from("caps", &id3, &[]);
+    sx.wait_counter(&id3, "readable", |_| true);
+}

@@ -116,6 +116,22 @@ pub(crate) fn progress(enabled: bool, total: u64, msg: &str) -> ProgressBar {
     bar
 }
 
+/// `s` with every character that could drive a terminal (C0/C1 controls such as
+/// ESC, and the invisible bidi and zero-width formatting characters) written as a
+/// `\u{..}` escape, for error messages that quote bytes read from a file.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let format_char = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if c.is_control() || format_char {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Now, as RFC 3339 UTC with milliseconds (sorts lexically).
 pub(crate) fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)

@@ -390,6 +390,13 @@ impl<'a> Checker<'a> {
             let Some(d) = l.blob() else { continue };
             match l.media_type.as_str() {
                 layout::MT_PAGE_TABLE => {
+                    if let Err(e) = super::config::check_file_name(l.annotation(layout::A_FILE)) {
+                        self.push(
+                            Level::Error,
+                            format!("{label}: page table {d}: {e}"),
+                            hint.clone(),
+                        );
+                    }
                     if let Some(f) = self.blob_file(&d, l.size, "page table", label, &hint) {
                         match pagetable::TableReader::new(f, &self.blobs.path(&d)) {
                             Ok(t) => tables.push((d, t.file_size)),

@@ -7,6 +7,7 @@ mod catalog;
 mod damaged;
 mod gc_crash;
 mod integrity;
+mod names;
 mod roundtrip;
 mod transfer;
 

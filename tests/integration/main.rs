@@ -16,6 +16,7 @@ mod copies;
 mod cr;
 mod databases;
 mod errors;
+mod hostile;
 mod lifecycle;
 mod runc_compat;
 mod spec_options;

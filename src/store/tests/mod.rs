@@ -4,6 +4,7 @@
 //! gc/crash/concurrency, export/import, catalog.
 
 mod catalog;
+mod fuzz;
 mod gc_crash;
 mod integrity;
 mod roundtrip;

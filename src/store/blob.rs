@@ -143,7 +143,7 @@ pub(crate) fn create_temp(tmp_dir: &Path, kind: &str) -> Result<(File, PathBuf)>
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(super::util::PRIVATE_FILE)
             .open(&path)
         {
             Ok(f) => return Ok((f, path)),
@@ -246,22 +246,20 @@ impl PendingBlob {
         self.tmp.as_deref()
     }
 
-    /// Makes the blob visible: chmod 0444, rename to `blobs/sha256/<hex>`, fsync the
-    /// directory. Returns true when the blob was new (not already in the store).
+    /// Makes the blob visible: chmod 0400 (read-only, root's alone), rename to
+    /// `blobs/sha256/<hex>`, fsync the directory. Returns true when the blob was
+    /// written (it was not in the store, or the copy there was damaged and has
+    /// been replaced by this one).
     pub(crate) fn publish(mut self, blobs: &BlobDir) -> Result<bool> {
         let Some(tmp) = self.tmp.take() else {
             return Err(StoreError::Invalid("blob published twice".into()));
         };
         let target = blobs.path(&self.digest);
-        if let Ok(m) = fs::metadata(&target) {
-            if m.len() == self.len {
-                // Content-addressed: same name and size is the same blob (a damaged
-                // copy is verify's business, and would be replaced below if shorter).
-                fs::remove_file(&tmp).map_err(io_err("remove", &tmp))?;
-                return Ok(false);
-            }
+        if is_intact(&target, &self.digest, self.len) {
+            fs::remove_file(&tmp).map_err(io_err("remove", &tmp))?;
+            return Ok(false);
         }
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o400))
             .map_err(io_err("chmod", &tmp))?;
         fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
         sync_dir(&blobs.dir)?;
@@ -275,6 +273,14 @@ impl Drop for PendingBlob {
             let _ = fs::remove_file(t);
         }
     }
+}
+
+/// Whether the blob at `path` exists with `len` bytes whose sha256 is `digest`.
+/// A published blob is skipped only when this holds: the same name and size is
+/// not enough, a damaged copy must be replaced by a good one (ingest, import).
+pub(crate) fn is_intact(path: &Path, digest: &BlobDigest, len: u64) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.len() == len)
+        && hash_file(path).is_ok_and(|(d, n)| d == *digest && n == len)
 }
 
 /// Writes `bytes` as a blob and publishes it. Returns (digest, size, newly added).

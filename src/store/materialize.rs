@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use super::ids::{BlobDigest, PageDigest, SnapshotId};
 use super::layout::{self, Manifest};
 use super::pack::{self, PackIndex, PAGE_SIZE};
 use super::pagetable;
-use super::util;
+use super::util::{self, create_private_dir_all, PRIVATE_FILE};
 use super::Store;
 
 /// The packs of one snapshot, opened, with their indexes and a digest -> location map.
@@ -149,7 +149,7 @@ fn prepare_dest(dest: &Path) -> Result<bool> {
     };
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+            create_private_dir_all(dest).map_err(io_err("create directory", dest))?;
             Ok(true)
         }
         Err(e) => Err(io_err("stat", dest)(e)),
@@ -251,6 +251,7 @@ fn write_pages_file(
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_FILE)
         .open(&partial)
         .map_err(io_err("create", &partial))?;
 
@@ -513,6 +514,7 @@ fn write_small_files(
         let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(PRIVATE_FILE)
             .open(&partial)
             .map_err(io_err("create", &partial))?;
         let (n, sha) = copy_hashed(ar.content(size), out, &partial, &corrupt)?;
@@ -657,7 +659,7 @@ pub(crate) fn materialize_one(
 ) -> Result<PathBuf> {
     let (cfg, manifest) = store.snapshot_config(id)?;
     let rec = file_record(id, &cfg, name)?;
-    fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+    create_private_dir_all(dest).map_err(io_err("create directory", dest))?;
     let out = dest.join(name);
     if rec.kind == KIND_PAGES {
         let packs = PackSet::open(store, &manifest)?;

@@ -14,6 +14,7 @@
 
 mod archive;
 mod blob;
+mod cache;
 mod catalog;
 mod config;
 mod diff;
@@ -27,6 +28,8 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod repair;
+mod staging;
 mod transfer;
 mod util;
 mod verify;
@@ -37,10 +40,13 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cache::{CacheBuild, CacheGcReport, CacheKind, CacheLookup};
 pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use repair::RepairReport;
+pub use staging::Staging;
 pub use util::{fault_point, printable};
 pub use verify::{Finding, Level};
 
@@ -62,6 +68,8 @@ pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
 pub struct Store {
     paths: Paths,
     locks: Locks,
+    /// The shared-memory tmpfs where `staging` prefers to put directories.
+    shm: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -118,6 +126,10 @@ pub struct IngestReport {
     /// True when a snapshot with this id was already in the store: nothing new was
     /// written, the tags were pointed at the existing snapshot.
     pub existed: bool,
+    /// Packs of earlier snapshots whose content no longer matched their digest:
+    /// this snapshot stored their pages again instead of reusing them (the
+    /// snapshots that reference them need `stasis snapshot verify --repair`).
+    pub damaged_packs: Vec<BlobDigest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -151,6 +163,7 @@ impl Store {
                 index: root.join(layout::INDEX_LOCK),
                 timeout: DEFAULT_LOCK_TIMEOUT,
             },
+            shm: PathBuf::from(staging::DEFAULT_SHM),
         })
     }
 
@@ -334,13 +347,29 @@ impl Store {
     /// every page and every file digest.
     pub fn verify(&self, read_data: bool) -> std::result::Result<Vec<Finding>, StoreError> {
         let _lock = self.locks.shared()?;
-        verify::verify_store(self, read_data)
+        let mut findings = verify::verify_store(self, read_data)?;
+        findings.extend(cache::verify_caches(self, read_data)?);
+        Ok(findings)
     }
 
-    /// Removes blobs not reachable from index.json and everything in tmp/.
+    /// Puts good copies back in place of the damaged or missing blobs of the
+    /// snapshots in index.json: from `archive` (an export holding them) and, for
+    /// packs, rebuilt from their intact frames plus the same pages in other packs.
+    /// Reports what was repaired and what was not (and why).
+    pub fn repair(&self, archive: Option<&Path>) -> std::result::Result<RepairReport, StoreError> {
+        let _lock = self.locks.shared()?;
+        repair::repair(self, archive)
+    }
+
+    /// Removes blobs not reachable from index.json, everything in tmp/ but
+    /// staging kept for the user, and staging directories whose owner died.
     pub fn gc(&self, dry_run: bool) -> std::result::Result<GcReport, StoreError> {
         let _lock = self.locks.exclusive()?;
-        gc::gc_locked(self, dry_run)
+        let (dirs, bytes) = self.remove_dead_staging(dry_run);
+        let mut r = gc::gc_locked(self, dry_run)?;
+        r.tmp_removed += dirs;
+        r.bytes_freed += bytes;
+        Ok(r)
     }
 
     /// Retention per container id: keeps the newest `keep_last` snapshots and those

@@ -3,22 +3,23 @@
 //! temp file renamed into place at the end. Import is hostile-input code: it
 //! accepts only regular files and directories at known paths, stages and hashes
 //! every blob in `tmp/`, verifies every snapshot completely (every page, every
-//! file) and only then publishes blobs and index.json. A rejected file leaves the
-//! store as it was.
+//! file) and only then publishes blobs and index.json (replacing a damaged copy
+//! of a blob already in the store). A rejected file leaves the store as it was.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::blob::{sync_dir, BlobDir, HashingReader};
+use super::blob::{is_intact, sync_dir, BlobDir, HashingReader};
 use super::catalog::{self, normalize_tag};
 use super::error::{io_err, Result, StoreError};
 use super::format::limits::{MAX_IMPORT_BLOBS, MAX_JSON};
 use super::ids::{BlobDigest, SnapshotId};
 use super::layout::{self, Descriptor, Index, Manifest};
-use super::util::printable;
+use super::util::{create_private_dir, printable, PRIVATE_FILE};
 use super::verify::{Checker, Level};
 use super::Store;
 
@@ -58,9 +59,11 @@ pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> 
         ".{file_name}.stasis-partial-{}",
         std::process::id()
     ));
+    // The archive holds process memory: root's alone, like the store.
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_FILE)
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
     let res = (|| -> Result<()> {
@@ -203,7 +206,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         std::process::id(),
         STAGING.fetch_add(1, Ordering::Relaxed)
     ));
-    fs::create_dir(&dir).map_err(io_err("create directory", &dir))?;
+    create_private_dir(&dir).map_err(io_err("create directory", &dir))?;
     let staging = Staging(dir);
     let staged = BlobDir::new(staging.0.clone());
 
@@ -293,6 +296,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
                 let out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(PRIVATE_FILE)
                     .open(&target)
                     .map_err(io_err("create", &target))?;
                 let mut w = BufWriter::with_capacity(1 << 20, out);
@@ -438,11 +442,12 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         }
         let src = staged.path(&d);
         let dst = blobs.path(&d);
-        let have = fs::metadata(&dst).map(|m| m.len()).ok();
-        if have == sizes.get(&d).copied() {
+        // A blob already in the store is kept only if it matches its digest: a
+        // damaged copy is replaced by the archive's good one.
+        if is_intact(&dst, &d, sizes.get(&d).copied().unwrap_or(0)) {
             continue;
         }
-        fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .map_err(io_err("chmod", &src))?;
         fs::rename(&src, &dst).map_err(io_err("rename into place", &dst))?;
     }

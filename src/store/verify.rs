@@ -67,7 +67,7 @@ pub(crate) struct Checker<'a> {
 }
 
 fn damaged_hint(short: &str) -> String {
-    format!("the snapshot cannot be restored; `stasis snapshot rm {short}` removes it (check the disk, then checkpoint or import it again)")
+    format!("the snapshot cannot be restored as it is; `stasis snapshot verify --repair` puts good copies back (add `--from EXPORT.tar` to take them from an export), or `stasis snapshot rm {short}` removes it (check the disk)")
 }
 
 impl<'a> Checker<'a> {

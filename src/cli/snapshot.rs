@@ -231,7 +231,7 @@ pub fn run(
             let findings = store.verify(*read_data)?;
             let errors = findings.iter().filter(|f| f.level == Level::Error).count();
             for f in &findings {
-                writeln!(out, "{f}")?;
+                writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
             }
             if errors > 0 {
                 bail!(

@@ -5,6 +5,7 @@
 
 mod catalog;
 mod damaged;
+mod fuzz;
 mod gc_crash;
 mod integrity;
 mod names;

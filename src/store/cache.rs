@@ -121,6 +121,7 @@ impl CacheBuild {
     /// Renames the built tree into place and writes the complete marker last.
     pub fn commit(mut self) -> std::result::Result<PathBuf, StoreError> {
         let target = self.target();
+        super::fault_point("cache.before-commit");
         fs::rename(&self.tmp, &target).map_err(io_err("publish cached", &target))?;
         self.done = true;
         let marker = Marker {

@@ -53,9 +53,17 @@ use error::Result;
 use layout::{Index, Paths};
 use lock::{Flock, Locks};
 
-/// How long lock waits last before failing, unless `Store::set_lock_timeout` says
-/// otherwise.
+/// How long lock waits last before failing, unless `$STASIS_LOCK_TIMEOUT`
+/// (seconds) or `Store::set_lock_timeout` says otherwise.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `$STASIS_LOCK_TIMEOUT` (whole seconds), else `DEFAULT_LOCK_TIMEOUT`.
+fn lock_timeout_from_env() -> Duration {
+    std::env::var("STASIS_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_LOCK_TIMEOUT, Duration::from_secs)
+}
 
 /// Default zstd level for new pages (STORE.md: level 3 is 3.02x at ~0.46 GB/s).
 pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
@@ -155,7 +163,7 @@ impl Store {
             locks: Locks {
                 store: root.join(layout::LOCK),
                 index: root.join(layout::INDEX_LOCK),
-                timeout: DEFAULT_LOCK_TIMEOUT,
+                timeout: lock_timeout_from_env(),
             },
             shm: PathBuf::from(staging::DEFAULT_SHM),
         })

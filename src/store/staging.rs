@@ -112,12 +112,15 @@ impl Store {
             .map_err(io_err("create staging directory in", &base))?
             .keep();
         match lock_and_publish(&fresh) {
-            Ok((path, owner)) => Ok(Staging {
-                path,
-                keep: false,
-                _owner: owner,
-                _pin: pin,
-            }),
+            Ok((path, owner)) => {
+                super::fault_point("staging.created");
+                Ok(Staging {
+                    path,
+                    keep: false,
+                    _owner: owner,
+                    _pin: pin,
+                })
+            }
             Err(e) => {
                 let _ = fs::remove_dir_all(&fresh);
                 Err(e)

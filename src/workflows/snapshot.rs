@@ -306,9 +306,21 @@ pub fn checkpoint_to_store(
                 progress: t.progress,
             },
         )
-        .map_err(|e| WorkflowError::IngestFailed {
-            source: Box::new(e),
-            image: staging.keep_image(),
+        .map_err(|e| {
+            // Running on, the container needs no image: the staging (possibly
+            // hundreds of MiB of RAM on /dev/shm) goes.
+            if opts.leave_running {
+                return WorkflowError::IngestFailedRunning {
+                    source: Box::new(e),
+                    id: id.clone(),
+                };
+            }
+            WorkflowError::IngestFailed {
+                source: Box::new(e),
+                image: staging.keep_image(),
+                bundle: st.bundle.clone(),
+                id: id.clone(),
+            }
         })?;
     drop(pin);
     // The next checkpoint of this container starts from this snapshot. A failed
@@ -1008,6 +1020,57 @@ pub fn restore_prepared(
     }
 }
 
+/// The most copies one `restore --from` brings up.
+pub const MAX_COPIES: usize = 1000;
+/// How many copies are restored at once.
+const RESTORE_WORKERS: usize = 4;
+
+/// Runs `one(index, id)` for every id on a small pool of worker threads (fewer
+/// when threads cannot be spawned, e.g. in a pids-limited cgroup: then the
+/// calling thread does the work). Results are in the order of `ids`.
+fn restore_copies<T: Send>(
+    ids: &[String],
+    one: impl Fn(usize, &str) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(id) = ids.get(i) else { break };
+            done.push((i, one(i, id)));
+        }
+        done
+    };
+    let mut all: Vec<(usize, Result<T>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (1..RESTORE_WORKERS.min(ids.len()))
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
+            .collect();
+        let mut all = work();
+        for w in workers {
+            // A worker that panicked leaves its copies unreported: they are
+            // reported below as failed.
+            if let Ok(done) = w.join() {
+                all.extend(done);
+            }
+        }
+        all
+    });
+    all.sort_by_key(|(i, _)| *i);
+    let mut out = Vec::with_capacity(ids.len());
+    let mut it = all.into_iter().peekable();
+    for (i, id) in ids.iter().enumerate() {
+        match it.next_if(|(j, _)| *j == i) {
+            Some((_, r)) => out.push(r),
+            None => out.push(Err(WorkflowError::Snapshot {
+                snapshot: id.clone(),
+                reason: "the thread restoring this copy panicked".into(),
+            })),
+        }
+    }
+    out
+}
+
 /// `restore --from NAME NEWID [--copies N]`: prepare once, restore each copy (in
 /// parallel), drop staging, wait when not detached (one copy only).
 pub fn restore_from_store(
@@ -1015,7 +1078,17 @@ pub fn restore_from_store(
     store: &Store,
     r: &RestoreFrom,
 ) -> Result<RestoreFromResult> {
+    if r.copies == 0 || r.copies > MAX_COPIES {
+        return Err(WorkflowError::CopiesOutOfRange {
+            copies: r.copies,
+            max: MAX_COPIES,
+        });
+    }
+    // The snapshot stays in the store until the copies run: `snapshot rm`, gc
+    // and prune wait for the pin instead of removing the image under CRIU.
+    let pin = store.pin()?;
     let p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    crate::runtime::fault_point("restore.after-prepare");
     if p.manifest.is_none() {
         for (set, flag) in [
             (r.copy.copy_rootfs, "--copy-rootfs"),
@@ -1033,7 +1106,7 @@ pub fn restore_from_store(
         fs::metadata(ns).map_err(io_err("open network namespace", ns))?;
     }
     let generation = new_generation();
-    let n = r.copies.max(1);
+    let n = r.copies;
     if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {
         return Err(WorkflowError::Snapshot {
             snapshot: p.sid.short(),
@@ -1050,37 +1123,17 @@ pub fn restore_from_store(
         (0..n).map(|i| format!("{prefix}-{i}")).collect()
     };
     let t1 = Instant::now();
-    let results: Vec<Result<CriuStats>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let p = &p;
-                let generation = &generation;
-                scope.spawn(move || {
-                    let mut o = r.restore.clone();
-                    o.id = id.clone();
-                    let ident = Identity {
-                        generation: generation.clone(),
-                        index: i,
-                        snapshot: p.sid.short(),
-                    };
-                    restore_prepared(rt, store, p, &o, r.bundle.as_deref(), &ident, &r.copy)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(WorkflowError::Snapshot {
-                        snapshot: p.sid.short(),
-                        reason: "a restore thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+    let results = restore_copies(&ids, |i, id| {
+        let mut o = r.restore.clone();
+        o.id = id.to_string();
+        let ident = Identity {
+            generation: generation.clone(),
+            index: i,
+            snapshot: p.sid.short(),
+        };
+        restore_prepared(rt, store, &p, &o, r.bundle.as_deref(), &ident, &r.copy)
     });
+    drop(pin);
     let restore_ms = t1.elapsed().as_millis();
     let mut stats = CriuStats::default();
     let mut restored = Vec::new();

@@ -6,7 +6,9 @@
 //! Modules: `lifecycle` (every verb and legal transition), `spec_options`
 //! (runtime-spec options checked from inside the container), `errors` (illegal
 //! transitions and bad input: one stderr line, nothing left behind), `runc_compat`
-//! (the same bundle through runc and stasis, outputs compared field by field).
+//! (the same bundle through runc and stasis, outputs compared field by field),
+//! `faults_store` (the store's staging and caches under kills, full disks and
+//! signals).
 
 #[macro_use]
 mod common;
@@ -16,6 +18,7 @@ mod copies;
 mod cr;
 mod databases;
 mod errors;
+mod faults_store;
 mod lifecycle;
 mod runc_compat;
 mod spec_options;

@@ -43,11 +43,21 @@ pub enum SnapshotCmd {
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
-    /// Check the store's integrity and list every problem found
+    /// Check the store's integrity and list every problem found; with --repair,
+    /// first put good copies back in place of damaged or missing blobs
     Verify {
         /// Also decompress and check every stored page
         #[arg(long)]
         read_data: bool,
+        /// Replace damaged or missing blobs with good copies: a damaged pack is
+        /// rebuilt from its intact frames and the same pages in other packs (a
+        /// later checkpoint stores them again); with --from, any blob the export
+        /// ARCHIVE holds is copied from it. Says what it could not repair
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: an export (`snapshot export`) holding good copies
+        #[arg(long, value_name = "ARCHIVE", requires = "repair")]
+        from: Option<PathBuf>,
     },
     /// Compare two snapshots: files and pages changed
     Diff {
@@ -195,7 +205,23 @@ pub fn run(
                 }
             }
         }
-        SnapshotCmd::Verify { read_data } => {
+        SnapshotCmd::Verify {
+            read_data,
+            repair,
+            from,
+        } => {
+            if *repair {
+                let r = store.repair(from.as_deref())?;
+                for l in &r.repaired {
+                    writeln!(out, "repaired {l}")?;
+                }
+                for l in &r.unrepaired {
+                    writeln!(out, "could not repair {l}")?;
+                }
+                if r.repaired.is_empty() && r.unrepaired.is_empty() {
+                    writeln!(out, "nothing to repair")?;
+                }
+            }
             let findings = store.verify(*read_data)?;
             let errors = findings.iter().filter(|f| f.level == Level::Error).count();
             for f in &findings {
@@ -380,7 +406,10 @@ fn fs_summary(
             serde_json::json!(new * 4096),
         ),
         Err(e) => {
-            eprintln!("stasis: warning: cannot count the new pages of {id}'s filesystem data: {e}");
+            eprintln!(
+                "stasis: warning: cannot count the new pages of {id}'s filesystem data: {}",
+                crate::store::printable(&e.to_string())
+            );
             let null = serde_json::Value::Null;
             (null.clone(), null.clone(), null)
         }

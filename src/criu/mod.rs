@@ -574,7 +574,13 @@ pub fn error_lines(text: &str) -> Vec<&str> {
 /// Parses CRIU's `stats-dump` / `stats-restore` image (protobuf `stats_entry`
 /// behind a 4-byte magic pair and a 4-byte length) into (name, value) pairs.
 pub fn read_stats(path: &Path) -> Option<Vec<(&'static str, u64)>> {
-    let b = fs::read(path).ok()?;
+    // A stats image is a few hundred bytes; read a bounded prefix of whatever is there.
+    let mut b = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(fs::File::open(path).ok()?, 1 << 20),
+        &mut b,
+    )
+    .ok()?;
     // Image: u32 magic (img), u32 magic (stats), then u32 size + protobuf entry.
     if b.len() < 12 {
         return None;

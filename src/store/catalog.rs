@@ -232,6 +232,22 @@ pub(crate) fn add_root(index: &mut Index, root: &Descriptor) {
 }
 
 /// Drops every descriptor of a snapshot; returns the tags it had.
+/// Points every descriptor of snapshot `id` (each tag and the untagged root) at
+/// the manifest `root` names instead, keeping the tags. Used when a snapshot's
+/// manifest is rewritten (a damaged one replaced by an equivalent, sound one).
+pub(crate) fn replace_root(index: &mut Index, id: &SnapshotId, root: &Descriptor) {
+    for d in index.manifests.iter_mut() {
+        if d.snapshot_id().as_ref() == Some(id) {
+            let tag = d.tag().map(String::from);
+            *d = root.clone();
+            d.annotations.remove(A_REF_NAME);
+            if let Some(t) = tag {
+                d.annotations.insert(A_REF_NAME.to_string(), t);
+            }
+        }
+    }
+}
+
 pub(crate) fn drop_snapshot(index: &mut Index, id: &SnapshotId) -> Vec<String> {
     let mut tags = Vec::new();
     index.manifests.retain(|d| {

@@ -2,8 +2,11 @@
 //! page while reading (and every whole file), looks pages up in the packs of the
 //! snapshots already in index.json, compresses only new pages (16 per zstd frame,
 //! in parallel), writes packs, re-reads each pack to verify it, then publishes in
-//! the order packs, page tables, files blob, config, manifest, index.json. It never
-//! modifies or deletes a published blob.
+//! the order packs, page tables, files blob, config, manifest, index.json. A pack
+//! is reused only after its whole content matched its digest during this ingest
+//! (pages of a damaged pack are stored again), so a new snapshot never references
+//! data that no longer matches its digest. It never modifies a published blob; it
+//! only replaces one whose content no longer matches its name (`blob::publish`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
@@ -14,7 +17,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use super::archive::{valid_name, ArchiveWriter};
-use super::blob::{hash_file, put_bytes, BlobWriter};
+use super::blob::{hash_file, put_bytes, BlobDir, BlobWriter};
 use super::catalog::{self, normalize_tag};
 use super::config::{self, ConfigJson, FileRecord, Sizes, SnapshotConfig};
 use super::error::{fault_point, format_err, io_err, Result, StoreError};
@@ -92,6 +95,9 @@ fn scan(dir: &Path) -> Result<Vec<ImageFile>> {
 pub(crate) struct DedupIndex {
     pub(crate) packs: Vec<(BlobDigest, u64)>,
     pub(crate) map: HashMap<PageDigest, u32>,
+    /// Per pack: not checked yet (None), or whether its whole content matched its
+    /// digest when this ingest first wanted one of its pages.
+    pub(crate) intact: Vec<Option<bool>>,
 }
 
 impl DedupIndex {
@@ -117,6 +123,7 @@ impl DedupIndex {
         let mut out = DedupIndex {
             packs: Vec::new(),
             map: HashMap::new(),
+            intact: Vec::new(),
         };
         for (d, size) in packs {
             let path = blobs.path(&d);
@@ -129,12 +136,56 @@ impl DedupIndex {
             };
             let no = out.packs.len() as u32;
             out.packs.push((d, size));
+            out.intact.push(None);
             out.map.reserve(idx.digests.len());
             for digest in idx.digests {
                 out.map.entry(digest).or_insert(no);
             }
         }
         Ok(out)
+    }
+
+    /// The pack holding page `d`, if that pack may be reused (checked intact).
+    fn reusable(&self, d: &PageDigest) -> Option<u32> {
+        self.map
+            .get(d)
+            .copied()
+            .filter(|&p| self.intact.get(p as usize) == Some(&Some(true)))
+    }
+
+    /// Hashes, in parallel, every pack not checked yet that holds one of
+    /// `digests`, and records whether it matches its digest. Returns the packs
+    /// found damaged. A pack is read whole once per ingest: a snapshot that
+    /// references it then relies on every byte of it.
+    fn check_packs_for(&mut self, digests: &[PageDigest], blobs: &BlobDir) -> Vec<BlobDigest> {
+        let todo: Vec<u32> = digests
+            .iter()
+            .filter_map(|d| self.map.get(d).copied())
+            .filter(|&p| self.intact.get(p as usize) == Some(&None))
+            .collect::<BTreeSet<u32>>()
+            .into_iter()
+            .collect();
+        if todo.is_empty() {
+            return Vec::new();
+        }
+        let packs = &self.packs;
+        let results = util::par_map(
+            &todo,
+            || (),
+            |_, &p| {
+                let (d, size) = packs[p as usize];
+                // Unreadable counts as damaged: its pages are simply stored again.
+                hash_file(&blobs.path(&d)).is_ok_and(|(got, n)| got == d && n == size)
+            },
+        );
+        let mut damaged = Vec::new();
+        for (&p, ok) in todo.iter().zip(results) {
+            self.intact[p as usize] = Some(ok);
+            if !ok {
+                damaged.push(self.packs[p as usize].0);
+            }
+        }
+        damaged
     }
 }
 
@@ -154,14 +205,18 @@ struct Packer<'s> {
     bytes_added: u64,
     pages_total: u64,
     pages_new: u64,
+    /// Packs found damaged while deduplicating (their pages were stored again).
+    damaged_packs: Vec<BlobDigest>,
 }
 
 impl Packer<'_> {
     /// Dedups one batch of pages and queues the new ones.
     fn add_pages(&mut self, data: &[u8], digests: &[PageDigest]) -> Result<()> {
+        let damaged = self.existing.check_packs_for(digests, &self.store.blobs());
+        self.damaged_packs.extend(damaged);
         for (i, d) in digests.iter().enumerate() {
             self.pages_total += 1;
-            if let Some(&p) = self.existing.map.get(d) {
+            if let Some(p) = self.existing.reusable(d) {
                 self.used_existing.insert(p);
             } else if self.seen_new.insert(*d) {
                 self.pages_new += 1;
@@ -276,6 +331,30 @@ impl Packer<'_> {
     }
 }
 
+/// Whether every blob of an existing snapshot (manifest, config, page tables,
+/// files blob, packs) still matches its digest, so that pointing a tag at it is
+/// safe. Packs this ingest already hashed or wrote are not read again.
+fn existing_is_sound(store: &Store, e: &catalog::Entry, packer: &Packer) -> bool {
+    let blobs = store.blobs();
+    let Ok(bytes) = blobs.read_verified(&e.manifest, Some(e.descriptor.size), "manifest") else {
+        return false;
+    };
+    let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return false;
+    };
+    std::iter::once(&m.config).chain(&m.layers).all(|l| {
+        let Some(d) = l.blob() else { return false };
+        let checked = packer.new_packs.iter().any(|(n, _)| *n == d)
+            || packer
+                .existing
+                .packs
+                .iter()
+                .zip(&packer.existing.intact)
+                .any(|((p, _), ok)| *p == d && *ok == Some(true));
+        checked || super::blob::is_intact(&blobs.path(&d), &d, l.size)
+    })
+}
+
 /// Reads until `buf` is full or the file ends.
 fn read_full(f: &mut File, buf: &mut [u8], path: &Path) -> Result<usize> {
     let mut n = 0;
@@ -387,6 +466,7 @@ pub(crate) fn ingest(
         bytes_added: 0,
         pages_total: 0,
         pages_new: 0,
+        damaged_packs: Vec::new(),
     };
 
     // 1. Pages -> packs (published as each fills up).
@@ -501,13 +581,20 @@ pub(crate) fn ingest(
         bytes_added,
         duration: start.elapsed(),
         existed,
+        damaged_packs: packer.damaged_packs.clone(),
     };
 
-    // The same content is already a snapshot: point the tags at it.
-    if let Some(e) = catalog::entries(&store.read_index()?)
+    // The same content is already a snapshot: point the tags at it, unless one
+    // of its blobs is damaged; then it gets a new manifest (below) naming this
+    // ingest's sound copies, and every descriptor of it moves there.
+    let existing = catalog::entries(&store.read_index()?)
         .into_iter()
-        .find(|e| e.id == id)
-    {
+        .find(|e| e.id == id);
+    let damaged_root = existing
+        .as_ref()
+        .filter(|e| !existing_is_sound(store, e, &packer))
+        .map(|e| e.descriptor.digest.clone());
+    if let Some(e) = existing.filter(|_| damaged_root.is_none()) {
         store.update_index(|index| {
             for t in &tags {
                 catalog::set_tag(index, &e.descriptor, t);
@@ -581,12 +668,15 @@ pub(crate) fn ingest(
     root.annotations = annotations;
     store.update_index(|index| {
         // A concurrent ingest of identical content may have won the race; keep its
-        // root and point our tags at it.
-        let root = catalog::entries(index)
-            .into_iter()
-            .find(|e| e.id == id)
-            .map(|e| e.descriptor)
-            .unwrap_or(root);
+        // root and point our tags at it. A damaged root of the same id is replaced.
+        let root = match catalog::entries(index).into_iter().find(|e| e.id == id) {
+            Some(e) if Some(&e.descriptor.digest) == damaged_root.as_ref() => {
+                catalog::replace_root(index, &id, &root);
+                root
+            }
+            Some(e) => e.descriptor,
+            None => root,
+        };
         if tags.is_empty() {
             catalog::add_root(index, &root);
         }

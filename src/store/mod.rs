@@ -28,6 +28,7 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod repair;
 mod staging;
 mod transfer;
 mod util;
@@ -44,8 +45,9 @@ pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use repair::RepairReport;
 pub use staging::Staging;
-pub use util::fault_point;
+pub use util::{fault_point, printable};
 pub use verify::{Finding, Level};
 
 use blob::BlobDir;
@@ -132,6 +134,10 @@ pub struct IngestReport {
     /// True when a snapshot with this id was already in the store: nothing new was
     /// written, the tags were pointed at the existing snapshot.
     pub existed: bool,
+    /// Packs of earlier snapshots whose content no longer matched their digest:
+    /// this snapshot stored their pages again instead of reusing them (the
+    /// snapshots that reference them need `stasis snapshot verify --repair`).
+    pub damaged_packs: Vec<BlobDigest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -352,6 +358,15 @@ impl Store {
         let mut findings = verify::verify_store(self, read_data)?;
         findings.extend(cache::verify_caches(self, read_data)?);
         Ok(findings)
+    }
+
+    /// Puts good copies back in place of the damaged or missing blobs of the
+    /// snapshots in index.json: from `archive` (an export holding them) and, for
+    /// packs, rebuilt from their intact frames plus the same pages in other packs.
+    /// Reports what was repaired and what was not (and why).
+    pub fn repair(&self, archive: Option<&Path>) -> std::result::Result<RepairReport, StoreError> {
+        let _lock = self.locks.shared()?;
+        repair::repair(self, archive)
     }
 
     /// Removes blobs not reachable from index.json, everything in tmp/ but

@@ -32,6 +32,8 @@ pub use statcache::{CacheTree, CachedFile, Mapped, StatCache, StatKey, STAT_CACH
 pub const DATA_FILE: &str = "fsdata-0.bin";
 pub const MANIFEST_FILE: &str = "fs-manifest.json";
 const ALIGN: u64 = 4096;
+/// Largest fs-manifest.json read into memory (the store refuses larger reads too).
+const MAX_MANIFEST: u64 = 256 << 20;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -425,9 +427,13 @@ impl Capture {
     /// before and after the copy on the open descriptor, still equals the key
     /// seen while frozen (so its bytes are the checkpoint-time bytes). Otherwise
     /// (the container wrote to it after the thaw) its checkpoint-time bytes come
-    /// from the previous snapshot's `fsdata-0.bin`, which `previous` materialises
-    /// verified from the store (called at most once, only when needed).
-    pub fn finish(&mut self, previous: &mut dyn FnMut() -> Result<PathBuf>) -> Result<()> {
+    /// from the previous snapshot's `fsdata-0.bin`, which `previous(false)`
+    /// provides (called only when needed; a cached copy will do). Every range
+    /// copied from it is hashed and must match the file's recorded sha256: on a
+    /// mismatch `previous(true)` is asked once for a copy materialised verified
+    /// from the store, and if that does not match either, `finish` fails rather
+    /// than capture bytes that are not the file's.
+    pub fn finish(&mut self, previous: &mut dyn FnMut(bool) -> Result<PathBuf>) -> Result<()> {
         use sha2::{Digest, Sha256};
         use std::os::unix::fs::FileExt;
         let data = OpenOptions::new()
@@ -439,17 +445,35 @@ impl Capture {
         let mut prev: Option<File> = None;
         for p in &self.pending {
             if !copy_live(p, &data, &self.data_path, &mut buf)? {
-                if prev.is_none() {
-                    let path = previous()?;
-                    prev = Some(File::open(&path).map_err(io("open", &path))?);
+                let mut fresh = false;
+                loop {
+                    if prev.is_none() {
+                        let path = previous(fresh)?;
+                        prev = Some(File::open(&path).map_err(io("open", &path))?);
+                    }
+                    let src = prev.as_ref().ok_or_else(|| WorkflowError::Io {
+                        op: "open previous snapshot data for",
+                        path: p.full.clone(),
+                        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                    })?;
+                    let got = copy_range(src, p.prev_offset, &data, p.offset, p.key.size, &mut buf)
+                        .map_err(io("copy from the previous snapshot", &p.full))?;
+                    if got == p.sha256 {
+                        break;
+                    }
+                    if fresh {
+                        return Err(WorkflowError::Io {
+                            op: "copy from the previous snapshot",
+                            path: p.full.clone(),
+                            source: std::io::Error::other(format!(
+                                "its bytes there have sha256 {got}, not the recorded {}: the previous snapshot's data is damaged (run `stasis snapshot verify --read-data`)",
+                                p.sha256
+                            )),
+                        });
+                    }
+                    fresh = true;
+                    prev = None;
                 }
-                let src = prev.as_ref().ok_or_else(|| WorkflowError::Io {
-                    op: "open previous snapshot data for",
-                    path: p.full.clone(),
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                })?;
-                copy_range(src, p.prev_offset, &data, p.offset, p.key.size, &mut buf)
-                    .map_err(io("copy from the previous snapshot", &p.full))?;
                 self.stats.files_from_previous += 1;
                 self.stats.bytes_from_previous += p.key.size;
             }
@@ -549,6 +573,7 @@ fn copy_live(p: &Pending, data: &File, data_path: &Path, buf: &mut [u8]) -> Resu
     Ok(same(&f))
 }
 
+/// Copies `len` bytes; returns the hex sha256 of what was copied.
 fn copy_range(
     src: &File,
     from: u64,
@@ -556,23 +581,26 @@ fn copy_range(
     to: u64,
     len: u64,
     buf: &mut [u8],
-) -> std::io::Result<()> {
+) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
     use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
     let mut done = 0u64;
     while done < len {
         let n = ((len - done) as usize).min(buf.len());
         src.read_exact_at(&mut buf[..n], from + done)?;
+        h.update(&buf[..n]);
         dst.write_all_at(&buf[..n], to + done)?;
         done += n as u64;
     }
-    Ok(())
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Walks `sources` and writes `fsdata-0.bin` and `fs-manifest.json` into `out`,
 /// reading every file (no stat cache).
 pub fn capture(sources: &[Source], out: &Path) -> Result<Manifest> {
     let mut c = capture_frozen(sources, out, &CaptureOptions::default())?;
-    c.finish(&mut || {
+    c.finish(&mut |_| {
         Err(WorkflowError::Io {
             op: "capture",
             path: out.to_path_buf(),
@@ -586,6 +614,16 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     let p = dir.join(MANIFEST_FILE);
     if !p.exists() {
         return Ok(None);
+    }
+    let len = fs::metadata(&p).map_err(io("stat", &p))?.len();
+    if len > MAX_MANIFEST {
+        return Err(WorkflowError::Io {
+            op: "read",
+            path: p,
+            source: std::io::Error::other(format!(
+                "{len} bytes, more than the {MAX_MANIFEST}-byte limit for a filesystem manifest"
+            )),
+        });
     }
     let bytes = fs::read(&p).map_err(io("read", &p))?;
     parse_manifest(&bytes, &p).map(Some)
@@ -720,6 +758,30 @@ fn bad_entry(dest: &Path, rel: &str, why: &str) -> WorkflowError {
     }
 }
 
+/// Every file's bytes must lie inside the data file, and the files of a tree
+/// (written at disjoint offsets by capture) cannot add up to more than it holds: a
+/// hostile manifest cannot make restore write more than its data file's size.
+fn check_extents(tree: &Tree, data_len: u64, data: &Path) -> Result<()> {
+    let mut total = 0u64;
+    for e in tree.entries.iter().filter(|e| e.kind == Kind::File) {
+        let end = e.offset.unwrap_or(0).checked_add(e.size);
+        total = total.saturating_add(e.size);
+        if end.is_none_or(|end| end > data_len) || total > data_len {
+            return Err(WorkflowError::Io {
+                op: "materialize",
+                path: data.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "filesystem manifest entry {:?} claims {} bytes at offset {}, beyond the {data_len}-byte data file",
+                    e.path,
+                    e.size,
+                    e.offset.unwrap_or(0)
+                )),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Rebuilds tree number `index` of `manifest` under `dest` from `data` (the
 /// verified `fsdata-0.bin`). Directories' metadata is applied last (deepest first)
 /// so mtimes and read-only modes stick.
@@ -735,6 +797,8 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
         source: std::io::Error::other(format!("no tree {index} in the manifest")),
     })?;
     let mut src = File::open(data).map_err(io("open", data))?;
+    let data_len = src.metadata().map_err(io("stat", data))?.len();
+    check_extents(tree, data_len, data)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut dirs = Vec::new();
     let mut made_dirs: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -923,7 +987,7 @@ mod tests {
         fs::create_dir_all(out).unwrap();
         let o = CaptureOptions { cache, ..quick() };
         let mut c = capture_frozen(&rootfs(src), out, &o).unwrap();
-        c.finish(&mut || Ok(previous.expect("no fallback expected").to_path_buf()))
+        c.finish(&mut |_| Ok(previous.expect("no fallback expected").to_path_buf()))
             .unwrap();
         c
     }
@@ -1060,7 +1124,7 @@ mod tests {
         fs::write(src.join("db"), vec![4u8; 9000]).unwrap();
         let prev = o1.join(DATA_FILE);
         let mut asked = 0;
-        c2.finish(&mut || {
+        c2.finish(&mut |_| {
             asked += 1;
             Ok(prev.clone())
         })
@@ -1070,6 +1134,57 @@ mod tests {
         assert_eq!(c2.stats.bytes_from_previous, 9000);
         assert_eq!(content(&c2, &o2, "db"), vec![3u8; 9000]);
         assert_eq!(content(&c2, &o2, "other"), b"x");
+    }
+
+    #[test]
+    fn damaged_previous_data_is_replaced_by_a_verified_copy_or_refused() {
+        let t = tempfile::tempdir().unwrap();
+        // A first capture (its data file is the previous snapshot's, `good`), a
+        // damaged copy of that data (`bad`, a cached image gone bad), and a second
+        // capture whose one file changes after the thaw, so it must come from
+        // the previous data.
+        let setup = |name: &str| {
+            let src = t.path().join(name);
+            fs::create_dir_all(&src).unwrap();
+            fs::write(src.join("db"), vec![3u8; 9000]).unwrap();
+            let o1 = t.path().join(format!("{name}-o1"));
+            let c1 = cap(&src, &o1, None, None);
+            let cache = c1.stat_cache("s");
+            let good = o1.join(DATA_FILE);
+            let bad = t.path().join(format!("{name}-bad.bin"));
+            let mut bytes = fs::read(&good).unwrap();
+            bytes[100] ^= 0x55;
+            fs::write(&bad, &bytes).unwrap();
+            let o2 = t.path().join(format!("{name}-o2"));
+            fs::create_dir_all(&o2).unwrap();
+            let c2 = capture_frozen(
+                &rootfs(&src),
+                &o2,
+                &CaptureOptions {
+                    cache: Some(&cache),
+                    ..quick()
+                },
+            )
+            .unwrap();
+            assert_eq!(c2.stats.files_unchanged, 1);
+            tick();
+            fs::write(src.join("db"), vec![4u8; 9000]).unwrap();
+            (c2, o2, good, bad)
+        };
+        // Cached copy damaged, store copy good: the good bytes are captured.
+        let (mut c2, o2, good, bad) = setup("a");
+        let mut asked = Vec::new();
+        c2.finish(&mut |fresh| {
+            asked.push(fresh);
+            Ok(if fresh { good.clone() } else { bad.clone() })
+        })
+        .unwrap();
+        assert_eq!(asked, vec![false, true]);
+        assert_eq!(content(&c2, &o2, "db"), vec![3u8; 9000]);
+        // Both damaged: refused, not captured wrong.
+        let (mut c3, _, _, bad) = setup("b");
+        let e = c3.finish(&mut |_| Ok(bad.clone())).unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
     }
 
     #[test]
@@ -1099,7 +1214,7 @@ mod tests {
             },
         )
         .unwrap();
-        c.finish(&mut || unreachable!()).unwrap();
+        c.finish(&mut |_| unreachable!()).unwrap();
         assert_eq!(c.stats.files_mapped, 1);
         assert!(c.stat_cache("s").trees[0].files.is_empty());
         let mut mapped = Mapped::default();

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{fstree, host, Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, CriuStats, RestoreOptions};
-use crate::runtime::Runtime;
+use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::{
     CacheBuild, CacheKind, CacheLookup, IngestOptions, IngestReport, SnapshotId, SnapshotInput,
     Store,
@@ -164,12 +164,18 @@ pub fn checkpoint_to_store(
     let mut capture: Option<fstree::Capture> = None;
     let mut capture_ms = 0;
     let prev_dir = staging.path().join("previous");
-    let previous = || -> Result<PathBuf> {
+    // `fresh`: the copy given before did not match a file's digest; materialise
+    // one verified from the store instead of using the cache.
+    let previous = |fresh: bool| -> Result<PathBuf> {
         let (_, sid) = cache.as_ref().ok_or_else(|| WorkflowError::Io {
             op: "capture the filesystem",
             path: img.clone(),
             source: std::io::Error::other("no previous snapshot for unchanged files"),
         })?;
+        if fresh {
+            let _ = fs::remove_dir_all(&prev_dir);
+            return Ok(store.materialize_file(sid, fstree::DATA_FILE, &prev_dir)?);
+        }
         previous_fs_data(store, sid, &prev_dir)
     };
     // Without --leave-running the container is stopping (CRIU killed its tasks)
@@ -190,7 +196,7 @@ pub fn checkpoint_to_store(
     };
     let mut open_files = serde_json::Value::Array(Vec::new());
     let t0 = Instant::now();
-    let stats = rt.checkpoint_with(&opts, &mut |cs| {
+    let stats = rt.checkpoint_with(&opts, &mut |cs, _| {
         if t.ignore_rootfs {
             let mut paths = super::openfiles::list(&cs.rootfs, &container_pids(cs.pid));
             if paths.is_empty() {
@@ -214,7 +220,7 @@ pub fn checkpoint_to_store(
         let c = capture.insert(c);
         if finish_early {
             let a0 = Instant::now();
-            c.finish(&mut || previous()).map_err(|e| {
+            c.finish(&mut |fresh| previous(fresh)).map_err(|e| {
                 early_err = Some(e.to_string());
                 crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
             })?;
@@ -244,7 +250,7 @@ pub fn checkpoint_to_store(
             // With --leave-running (the only way here) the container runs on, so
             // the image is not kept: the staging directory (RAM, on /dev/shm)
             // goes with everything in it.
-            c.finish(&mut || previous()).map_err(|e| WorkflowError::Io {
+            c.finish(&mut |fresh| previous(fresh)).map_err(|e| WorkflowError::Io {
                 op: "copying unchanged files after the dump failed (the container runs on; nothing was stored) for container",
                 path: PathBuf::from(id),
                 source: std::io::Error::other(e.to_string()),
@@ -291,6 +297,8 @@ pub fn checkpoint_to_store(
         // fs_assemble: copying unchanged files and hashing, after the thaw.
         "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
     });
+    // Tests park here to look at the staging directory holding the dump.
+    crate::runtime::fault_point("checkpoint.before-ingest");
     let t1 = Instant::now();
     let report = store
         .ingest(
@@ -768,10 +776,12 @@ fn private_fs(
     } else {
         rt.root().join(".copies")
     };
-    fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
+    // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
+    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
+    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
     let owned = copies.join(id);
     // Not create_dir_all: the directory is ours only if we created it.
-    fs::create_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
+    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
         owned.join("upper"),
         owned.join("work"),
@@ -1071,6 +1081,30 @@ fn restore_copies<T: Send>(
     out
 }
 
+/// The ids of `restore --from`'s copies: `id` alone, or `PREFIX-0 .. PREFIX-(N-1)`
+/// (`PREFIX` is `name_prefix`, else `id`) with several copies or a prefix. Each is
+/// validated here, so a bad one is refused before anything is materialised or
+/// created.
+pub fn copy_ids(id: &str, copies: usize, name_prefix: Option<&str>) -> Result<Vec<String>> {
+    if copies == 0 || copies > MAX_COPIES {
+        return Err(WorkflowError::CopiesOutOfRange {
+            copies,
+            max: MAX_COPIES,
+        });
+    }
+    let n = copies;
+    let ids: Vec<String> = if n == 1 && name_prefix.is_none() {
+        vec![id.to_string()]
+    } else {
+        let prefix = name_prefix.unwrap_or(id);
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    for id in &ids {
+        crate::runtime::validate_id(id)?;
+    }
+    Ok(ids)
+}
+
 /// `restore --from NAME NEWID [--copies N]`: prepare once, restore each copy (in
 /// parallel), drop staging, wait when not detached (one copy only).
 pub fn restore_from_store(
@@ -1078,12 +1112,8 @@ pub fn restore_from_store(
     store: &Store,
     r: &RestoreFrom,
 ) -> Result<RestoreFromResult> {
-    if r.copies == 0 || r.copies > MAX_COPIES {
-        return Err(WorkflowError::CopiesOutOfRange {
-            copies: r.copies,
-            max: MAX_COPIES,
-        });
-    }
+    let ids = copy_ids(&r.restore.id, r.copies, r.name_prefix.as_deref())?;
+    let n = ids.len();
     // The snapshot stays in the store until the copies run: `snapshot rm`, gc
     // and prune wait for the pin instead of removing the image under CRIU.
     let pin = store.pin()?;
@@ -1106,22 +1136,12 @@ pub fn restore_from_store(
         fs::metadata(ns).map_err(io_err("open network namespace", ns))?;
     }
     let generation = new_generation();
-    let n = r.copies;
     if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {
         return Err(WorkflowError::Snapshot {
             snapshot: p.sid.short(),
             reason: "--lazy-pages with --work-path and several copies would give every copy's lazy-pages daemon the same socket; leave out --work-path (each copy then works in its own state directory)".into(),
         });
     }
-    let ids: Vec<String> = if n == 1 && r.name_prefix.is_none() {
-        vec![r.restore.id.clone()]
-    } else {
-        let prefix = r
-            .name_prefix
-            .clone()
-            .unwrap_or_else(|| r.restore.id.clone());
-        (0..n).map(|i| format!("{prefix}-{i}")).collect()
-    };
     let t1 = Instant::now();
     let results = restore_copies(&ids, |i, id| {
         let mut o = r.restore.clone();

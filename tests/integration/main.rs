@@ -7,8 +7,8 @@
 //! (runtime-spec options checked from inside the container), `errors` (illegal
 //! transitions and bad input: one stderr line, nothing left behind), `runc_compat`
 //! (the same bundle through runc and stasis, outputs compared field by field),
-//! `faults_store` (the store's staging and caches under kills, full disks and
-//! signals).
+//! `exec_security` (what an exec'd process may do, against runc), `faults_store`
+//! (the store's staging and caches under kills, full disks and signals).
 
 #[macro_use]
 mod common;
@@ -16,11 +16,15 @@ mod common;
 mod clients;
 mod copies;
 mod cr;
+mod damaged_store;
 mod databases;
 mod errors;
+mod exec_security;
+mod faults_checkpoint;
 mod faults_store;
 mod lifecycle;
 mod runc_compat;
+mod security;
 mod spec_options;
 mod store_flows;
 mod warm;

@@ -4,6 +4,7 @@
 //! gc/crash/concurrency, export/import, catalog.
 
 mod catalog;
+mod damaged;
 mod gc_crash;
 mod integrity;
 mod roundtrip;

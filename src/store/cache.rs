@@ -207,8 +207,7 @@ fn check_entry(dir: &Path, kind: CacheKind, sid: &SnapshotId, deep: bool) -> Opt
     None
 }
 
-/// The entry's lock, waiting for it (`block`) or not (None when held).
-fn lock_entry(dir: &Path, block: bool) -> Result<Option<Flock<File>>> {
+fn open_lock(dir: &Path) -> Result<(File, PathBuf)> {
     let path = dir.join(LOCK);
     let f = OpenOptions::new()
         .create(true)
@@ -216,16 +215,19 @@ fn lock_entry(dir: &Path, block: bool) -> Result<Option<Flock<File>>> {
         .write(true)
         .open(&path)
         .map_err(io_err("open lock", &path))?;
-    let arg = if block {
-        FlockArg::LockExclusive
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
-    match Flock::lock(f, arg) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) if !block => Ok(None),
-        Err((_, e)) => Err(io_err("flock", &path)(e.into())),
-    }
+    Ok((f, path))
+}
+
+/// The entry's lock, waiting while another process builds the entry.
+fn lock_entry(dir: &Path) -> Result<Flock<File>> {
+    let (f, path) = open_lock(dir)?;
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| io_err("flock", &path)(e.into()))
+}
+
+/// The entry's lock if nobody holds it (None: being built right now).
+fn try_lock_entry(dir: &Path) -> Option<Flock<File>> {
+    let (f, _) = open_lock(dir).ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 /// Removes the temp entries of dead builders; the caller holds the entry lock.
@@ -324,12 +326,7 @@ impl Store {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));
         }
         fs::create_dir_all(&dir).map_err(io_err("create cache directory", &dir))?;
-        let Some(lock) = lock_entry(&dir, true)? else {
-            return Err(StoreError::Invalid(format!(
-                "lock {} could not be taken",
-                dir.display()
-            )));
-        };
+        let lock = lock_entry(&dir)?;
         if check_entry(&dir, kind, sid, false).is_none() {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));
         }
@@ -401,7 +398,7 @@ impl Store {
                 if !e.file_type().is_ok_and(|t| t.is_dir()) {
                     continue;
                 }
-                let Ok(Some(_lock)) = lock_entry(&dir, false) else {
+                let Some(_lock) = try_lock_entry(&dir) else {
                     continue; // being built right now
                 };
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -445,8 +442,8 @@ impl Store {
 /// snapshot's). Temp entries of dead builders, incomplete and damaged entries are
 /// removed (the next restore rebuilds them) and reported as warnings.
 pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Finding>> {
+    let mut out = staging_findings(store);
     let live: Vec<String> = store.list()?.iter().map(|s| s.id.full()).collect();
-    let mut out = Vec::new();
     for kind in CacheKind::ALL {
         let base = store.paths.cache().join(kind.dir());
         for e in fs::read_dir(&base).into_iter().flatten().flatten() {
@@ -455,7 +452,7 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let Ok(Some(_lock)) = lock_entry(&dir, false) else {
+            let Some(_lock) = try_lock_entry(&dir) else {
                 continue; // being built right now
             };
             for p in remove_temps(&dir, false) {
@@ -479,7 +476,11 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
             };
             let mut problem = check_entry(&dir, kind, &sid, true);
             if problem.is_none() && read_data && kind == CacheKind::Image {
-                problem = check_image_data(store, &sid, &dir.join(kind.entry()))?;
+                // A snapshot whose config cannot be read is reported by the
+                // store's own checks; its cache is left as it is.
+                problem = check_image_data(store, &sid, &dir.join(kind.entry()))
+                    .ok()
+                    .flatten();
             }
             let Some(problem) = problem else { continue };
             if problem == "not built" {
@@ -493,7 +494,18 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
                 });
                 continue;
             }
-            clear_entry(&dir, kind)?;
+            if let Err(e) = clear_entry(&dir, kind) {
+                out.push(Finding {
+                    level: Level::Error,
+                    what: format!(
+                        "cached {} of snapshot {} is damaged ({problem}) and could not be removed: {e}",
+                        kind.entry(),
+                        sid.short()
+                    ),
+                    hint: format!("remove {} by hand", dir.display()),
+                });
+                continue;
+            }
             out.push(Finding {
                 level: Level::Warning,
                 what: format!(
@@ -506,6 +518,21 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
         }
     }
     Ok(out)
+}
+
+/// Kept staging directories: the images of stopped containers whose ingest
+/// failed, which nothing removes automatically.
+fn staging_findings(store: &Store) -> Vec<Finding> {
+    store
+        .kept_staging()
+        .into_iter()
+        .map(|d| {
+            warning(
+                format!("the CRIU image of a stopped container whose checkpoint could not be stored is kept at {}", d.join("image").display()),
+                &format!("restore it with `stasis restore --image-path {} --bundle BUNDLE ID` (the failed checkpoint's error names both), then remove {}", d.join("image").display(), d.display()),
+            )
+        })
+        .collect()
 }
 
 fn warning(what: String, hint: &str) -> Finding {
@@ -625,6 +652,45 @@ mod tests {
         let p = build(&store, CacheKind::Rootfs, &id);
         fs::remove_file(p.join("bin/sh")).unwrap();
         build(&store, CacheKind::Rootfs, &id);
+    }
+
+    #[test]
+    fn verify_read_data_finds_a_cached_image_that_differs_from_its_snapshot() {
+        let fx = crate::store::tests::Fixture::new();
+        let r = fx.ingest(&fx.image("a", 1, 8), &["a"]);
+        let CacheLookup::Build(b) = fx.store.cache_lookup(CacheKind::Image, &r.id).unwrap() else {
+            panic!("expected a build")
+        };
+        fx.store.materialize(&r.id, b.path(), false).unwrap();
+        let image = b.commit().unwrap();
+        let cached = |f: &Finding| f.what.contains("cached image");
+        assert!(!fx.store.verify(true).unwrap().iter().any(cached));
+        // A byte changed and the marker rewritten to match: a change the
+        // lookup's size and ctime check cannot see.
+        let pages = image.join("pages-1.img");
+        let mut bytes = fs::read(&pages).unwrap();
+        bytes[100] ^= 0xff;
+        fs::write(&pages, &bytes).unwrap();
+        let dir = image.parent().unwrap();
+        let marker = Marker {
+            version: MARKER_VERSION,
+            snapshot: r.id.full(),
+            files: list_tree(&image).unwrap(),
+        };
+        fs::write(
+            marker_path(dir, CacheKind::Image),
+            serde_json::to_vec(&marker).unwrap(),
+        )
+        .unwrap();
+        assert!(fx.store.cache_ready(CacheKind::Image, &r.id).is_some());
+        assert!(!fx.store.verify(false).unwrap().iter().any(cached));
+        let found = fx.store.verify(true).unwrap();
+        let f = found.iter().find(|f| cached(f)).expect("a finding");
+        assert_eq!(f.level, Level::Warning);
+        assert!(f.what.contains("pages-1.img does not match"), "{f}");
+        // Removed: the next restore rebuilds it.
+        assert!(fx.store.cache_ready(CacheKind::Image, &r.id).is_none());
+        assert!(!image.exists());
     }
 
     #[test]

@@ -112,6 +112,19 @@ impl Drop for Bg {
     }
 }
 
+/// The staging directory an error message names (`.../stasis-staging-XXXX`).
+fn kept_staging(stderr: &str) -> Option<PathBuf> {
+    let at = stderr.find("stasis-staging-")?;
+    let start = stderr[..at]
+        .rfind(|c: char| c.is_whitespace())
+        .map_or(0, |i| i + 1);
+    let end = at
+        + stderr[at..]
+            .find(|c: char| c == '/' || c.is_whitespace())
+            .unwrap_or(stderr.len() - at);
+    Some(PathBuf::from(&stderr[start..end]))
+}
+
 /// Removes a directory when dropped (a kept staging directory in /dev/shm).
 struct RmDir(Option<PathBuf>);
 
@@ -456,6 +469,8 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
     let g = sx.run_d(&b, &id);
     let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
     let out = sx.run_in(&store, &["checkpoint", "--tag", "full", &id]);
+    // Removed at the end even when an assertion fails.
+    let kept = RmDir(kept_staging(&out.stderr));
     assert_fails(&out, &["No space left on device", "--bundle"]);
     // `stasis restore --image-path IMAGE --bundle BUNDLE ID`, then remove DIR.
     let cmd = out
@@ -463,11 +478,11 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
         .split('`')
         .nth(1)
         .expect("a command in backticks");
-    let kept = RmDir(
-        out.stderr
-            .rsplit_once("then remove ")
-            .map(|(_, d)| PathBuf::from(d.trim())),
-    );
+    let named = out
+        .stderr
+        .rsplit_once("then remove ")
+        .map(|(_, d)| PathBuf::from(d.trim()));
+    assert_eq!(named, kept.0, "{out:#?}");
     let words: Vec<&str> = cmd.split_whitespace().collect();
     assert_eq!(&words[..2], ["stasis", "restore"], "{cmd}");
     assert_eq!(words.last(), Some(&id.as_str()), "{cmd}");

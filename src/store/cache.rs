@@ -58,7 +58,9 @@ const MARKER_VERSION: u32 = 1;
 const LOCK: &str = ".lock";
 const TEMP_PREFIXES: [&str; 2] = [".tmp-", ".old-"];
 
-/// `.complete-<name>`: what a finished entry holds.
+/// `.complete-<name>`: a finished entry, and the files a lookup checks (an
+/// image: all; a rootfs: its top level, so a restore does not read a listing of
+/// thousands of files). `.files-<name>` lists every file, for verify.
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
     version: u32,
@@ -66,7 +68,7 @@ struct Marker {
     files: Vec<MarkedFile>,
 }
 
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct MarkedFile {
     /// Relative to the entry (`image/`, `rootfs/`).
     path: String,
@@ -124,22 +126,23 @@ impl CacheBuild {
         super::fault_point("cache.before-commit");
         fs::rename(&self.tmp, &target).map_err(io_err("publish cached", &target))?;
         self.done = true;
+        let all = list_tree(&target)?;
+        let quick: Vec<MarkedFile> = match self.kind {
+            CacheKind::Image => all.clone(),
+            CacheKind::Rootfs => all
+                .iter()
+                .filter(|f| !f.path.contains('/'))
+                .cloned()
+                .collect(),
+        };
+        // The listing first, the marker last: a marker always has its listing.
+        write_json(&self.dir, &listing_path(&self.dir, self.kind), &all)?;
         let marker = Marker {
             version: MARKER_VERSION,
             snapshot: self.sid.full(),
-            files: list_tree(&target)?,
+            files: quick,
         };
-        let bytes = serde_json::to_vec(&marker).map_err(|source| StoreError::Json {
-            op: "serialize",
-            path: marker_path(&self.dir, self.kind),
-            source,
-        })?;
-        let part = self
-            .dir
-            .join(format!(".complete-{}.part", self.kind.entry()));
-        fs::write(&part, bytes).map_err(io_err("write", &part))?;
-        let done = marker_path(&self.dir, self.kind);
-        fs::rename(&part, &done).map_err(io_err("mark complete", &done))?;
+        write_json(&self.dir, &marker_path(&self.dir, self.kind), &marker)?;
         Ok(target)
     }
 }
@@ -154,6 +157,40 @@ impl Drop for CacheBuild {
 
 fn marker_path(dir: &Path, kind: CacheKind) -> PathBuf {
     dir.join(format!(".complete-{}", kind.entry()))
+}
+
+fn listing_path(dir: &Path, kind: CacheKind) -> PathBuf {
+    dir.join(format!(".files-{}", kind.entry()))
+}
+
+/// Writes `value` as JSON to `path` atomically (a `.tmp-` file in `dir`, which
+/// gc and verify remove if we die, then rename).
+fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Json {
+        op: "serialize",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let part = dir.join(format!(".tmp{name}-{}", std::process::id()));
+    fs::write(&part, bytes).map_err(io_err("write", &part))?;
+    fs::rename(&part, path).map_err(io_err("mark complete", path))
+}
+
+/// Whether every file in `files` still has its recorded size and ctime.
+fn check_files(target: &Path, files: &[MarkedFile]) -> Option<String> {
+    for f in files {
+        let p = target.join(&f.path);
+        match fs::symlink_metadata(&p) {
+            Ok(md) if MarkedFile::of(f.path.clone(), &md) == *f => {}
+            Ok(_) => return Some(format!("{} was changed after it was built", p.display())),
+            Err(_) => return Some(format!("{} is missing", p.display())),
+        }
+    }
+    None
 }
 
 /// Every entry under `root` (sorted, depth first), with size and ctime.
@@ -195,16 +232,20 @@ fn check_entry(dir: &Path, kind: CacheKind, sid: &SnapshotId, deep: bool) -> Opt
     if !target.is_dir() {
         return Some(format!("{} is missing", kind.entry()));
     }
-    let all = deep || kind == CacheKind::Image;
-    for f in m.files.iter().filter(|f| all || !f.path.contains('/')) {
-        let p = target.join(&f.path);
-        match fs::symlink_metadata(&p) {
-            Ok(md) if MarkedFile::of(f.path.clone(), &md) == *f => {}
-            Ok(_) => return Some(format!("{} was changed after it was built", p.display())),
-            Err(_) => return Some(format!("{} is missing", p.display())),
-        }
+    if let Some(p) = check_files(&target, &m.files) {
+        return Some(p);
     }
-    None
+    if !deep {
+        return None;
+    }
+    let all: Vec<MarkedFile> = match fs::read(listing_path(dir, kind))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(all) => all,
+        None => return Some("its file listing is missing or unreadable".into()),
+    };
+    check_files(&target, &all)
 }
 
 fn open_lock(dir: &Path) -> Result<(File, PathBuf)> {
@@ -257,6 +298,7 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
 /// Removes an entry's tree and marker (not the directory and its lock).
 fn clear_entry(dir: &Path, kind: CacheKind) -> Result<()> {
     let _ = fs::remove_file(marker_path(dir, kind));
+    let _ = fs::remove_file(listing_path(dir, kind));
     let target = dir.join(kind.entry());
     if target.exists() {
         let old = dir.join(format!(".old-{}-{}", kind.entry(), std::process::id()));
@@ -682,6 +724,11 @@ mod tests {
             serde_json::to_vec(&marker).unwrap(),
         )
         .unwrap();
+        fs::write(
+            listing_path(dir, CacheKind::Image),
+            serde_json::to_vec(&marker.files).unwrap(),
+        )
+        .unwrap();
         assert!(fx.store.cache_ready(CacheKind::Image, &r.id).is_some());
         assert!(!fx.store.verify(false).unwrap().iter().any(cached));
         let found = fx.store.verify(true).unwrap();
@@ -691,6 +738,25 @@ mod tests {
         // Removed: the next restore rebuilds it.
         assert!(fx.store.cache_ready(CacheKind::Image, &r.id).is_none());
         assert!(!image.exists());
+    }
+
+    #[test]
+    fn a_rootfs_changed_below_its_top_level_is_found_by_verify() {
+        let fx = crate::store::tests::Fixture::new();
+        let r = fx.ingest(&fx.image("a", 2, 4), &["a"]);
+        let p = build(&fx.store, CacheKind::Rootfs, &r.id);
+        // Only the top level is checked at lookup (a listing of every file is
+        // for verify): a rewritten /bin/sh passes the lookup.
+        fs::write(p.join("bin/sh"), b"#!/bin/evil").unwrap();
+        assert!(fx.store.cache_ready(CacheKind::Rootfs, &r.id).is_some());
+        let found = fx.store.verify(false).unwrap();
+        assert!(
+            found
+                .iter()
+                .any(|f| f.what.contains("cached rootfs") && f.what.contains("bin/sh")),
+            "{found:?}"
+        );
+        assert!(fx.store.cache_ready(CacheKind::Rootfs, &r.id).is_none());
     }
 
     #[test]

@@ -20,7 +20,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::common::{cgroups_named, unique_id, wait_stopped_at_fault, Out};
-use crate::store_flows::{assert_fails, names_in, run_cmd, Sx, CMD, COUNTER};
+use crate::store_flows::{
+    assert_fails, left_in_root, mounts_under, names_in, run_cmd, Sx, CMD, COUNTER,
+};
 
 /// `Sx::setup` with the test's name; returns from the test when it skips.
 macro_rules! setup {
@@ -360,6 +362,60 @@ fn copies_out_of_range_are_refused_and_leave_nothing() {
         "{:?}",
         names_in(&sx.env.root)
     );
+}
+
+/// Removes a cgroup directory when dropped (once its processes are gone).
+struct RmCgroup(PathBuf);
+
+impl Drop for RmCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn many_copies_restore_in_a_pids_limited_cgroup() {
+    let sx = setup!();
+    let _g = tagged_counter(&sx, "fs-pids", "m");
+    let cg = Path::new("/sys/fs/cgroup/pids").join(unique_id("stasis-test-pids"));
+    fs::create_dir(&cg).unwrap();
+    let _cg = RmCgroup(cg.clone());
+    fs::write(cg.join("pids.max"), "30").unwrap();
+    let prefix = unique_id("fs-many");
+    let ids: Vec<String> = (0..12).map(|i| format!("{prefix}-{i}")).collect();
+    let guards: Vec<_> = ids.iter().map(|i| sx.guard(i)).collect();
+    let real = sx.command(
+        Some(&sx.store),
+        &[
+            "restore",
+            "-d",
+            "--from",
+            "m",
+            "--copies",
+            "12",
+            "--name-prefix",
+            &prefix,
+        ],
+    );
+    let script = format!("echo $$ > {}/cgroup.procs && exec \"$@\"", cg.display());
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh"])
+        .arg(real.get_program())
+        .args(real.get_args());
+    let out = crate::store_flows::Proc::spawn(cmd, false).wait(CMD);
+    // Restored 4 at a time, all fit (unbounded, 5 of 12 failed with EAGAIN
+    // spawning CRIU; with more copies, spawning threads panicked).
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    for id in &ids {
+        assert_eq!(sx.state(id).expect(id)["status"], "running", "{id}");
+    }
+    drop(guards);
+    let left: Vec<String> = left_in_root(&sx)
+        .into_iter()
+        .filter(|n| n.contains(&prefix))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(mounts_under(&sx.env.root).is_empty());
 }
 
 // ---------------------------------------------------------------------------

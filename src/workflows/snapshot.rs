@@ -312,6 +312,9 @@ pub fn checkpoint_to_store(
             &IngestOptions {
                 compress_level: t.compress_level,
                 progress: t.progress,
+                // The captured file contents, page-aligned per file: deduplicated
+                // per page like memory.
+                page_stored: vec![fstree::DATA_FILE.to_string()],
             },
         )
         .map_err(|e| {

@@ -55,9 +55,17 @@ use error::Result;
 use layout::{Index, Paths};
 use lock::{Flock, Locks};
 
-/// How long lock waits last before failing, unless `Store::set_lock_timeout` says
-/// otherwise.
+/// How long lock waits last before failing, unless `$STASIS_LOCK_TIMEOUT`
+/// (seconds) or `Store::set_lock_timeout` says otherwise.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `$STASIS_LOCK_TIMEOUT` (whole seconds), else `DEFAULT_LOCK_TIMEOUT`.
+fn lock_timeout_from_env() -> Duration {
+    std::env::var("STASIS_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_LOCK_TIMEOUT, Duration::from_secs)
+}
 
 /// Default zstd level for new pages (STORE.md: level 3 is 3.02x at ~0.46 GB/s).
 pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
@@ -78,6 +86,10 @@ pub struct IngestOptions {
     pub compress_level: i32,
     /// Show a progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Names of image files to store page by page (deduplicated per 4 KiB
+    /// page, like CRIU's `pages-N.img`, which always are) instead of in the
+    /// files blob: large, page-aligned data of the caller's own.
+    pub page_stored: Vec<String>,
 }
 
 impl Default for IngestOptions {
@@ -85,8 +97,18 @@ impl Default for IngestOptions {
         IngestOptions {
             compress_level: DEFAULT_COMPRESS_LEVEL,
             progress: false,
+            page_stored: Vec::new(),
         }
     }
+}
+
+/// One file of a snapshot, as its config records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub name: String,
+    pub size: u64,
+    /// Stored page by page (a page table and packs), not in the files blob.
+    pub page_stored: bool,
 }
 
 /// The store's shared lock, held until dropped (see `Store::pin`).
@@ -194,7 +216,7 @@ impl Store {
             locks: Locks {
                 store: root.join(layout::LOCK),
                 index: root.join(layout::INDEX_LOCK),
-                timeout: DEFAULT_LOCK_TIMEOUT,
+                timeout: lock_timeout_from_env(),
             },
             shm: PathBuf::from(staging::DEFAULT_SHM),
         })
@@ -277,6 +299,22 @@ impl Store {
             path: self.paths.root.clone(),
             source,
         })
+    }
+
+    /// The files of a snapshot (every file of its image directory), from its
+    /// verified config blob.
+    pub fn files(&self, id: &SnapshotId) -> std::result::Result<Vec<SnapshotFile>, StoreError> {
+        let _lock = self.locks.shared()?;
+        let (cfg, _) = self.snapshot_config(id)?;
+        Ok(cfg
+            .files
+            .into_iter()
+            .map(|f| SnapshotFile {
+                page_stored: f.kind == config::KIND_PAGES,
+                name: f.name,
+                size: f.size,
+            })
+            .collect())
     }
 
     /// The container's config.json bytes exactly as ingested, checked against their

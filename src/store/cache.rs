@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -136,7 +136,14 @@ impl CacheBuild {
         let part = self
             .dir
             .join(format!(".complete-{}.part", self.kind.entry()));
-        fs::write(&part, bytes).map_err(io_err("write", &part))?;
+        OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(super::util::PRIVATE_FILE)
+            .open(&part)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(io_err("write", &part))?;
         let done = marker_path(&self.dir, self.kind);
         fs::rename(&part, &done).map_err(io_err("mark complete", &done))?;
         Ok(target)
@@ -213,6 +220,7 @@ fn lock_entry(dir: &Path, block: bool) -> Result<Option<Flock<File>>> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(super::util::PRIVATE_FILE)
         .open(&path)
         .map_err(io_err("open lock", &path))?;
     let arg = if block {

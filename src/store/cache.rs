@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -176,7 +176,14 @@ fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let part = dir.join(format!(".tmp{name}-{}", std::process::id()));
-    fs::write(&part, bytes).map_err(io_err("write", &part))?;
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(super::util::PRIVATE_FILE)
+        .open(&part)
+        .and_then(|mut f| f.write_all(&bytes))
+        .map_err(io_err("write", &part))?;
     fs::rename(&part, path).map_err(io_err("mark complete", path))
 }
 
@@ -254,6 +261,7 @@ fn open_lock(dir: &Path) -> Result<(File, PathBuf)> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(super::util::PRIVATE_FILE)
         .open(&path)
         .map_err(io_err("open lock", &path))?;
     Ok((f, path))

@@ -122,6 +122,52 @@ pub enum ExportFormat {
     Podman,
 }
 
+/// `snapshot verify [--read-data] [--repair [--from ARCHIVE]]`: repairs first,
+/// then verifies; fails when verify finds errors or something was left damaged.
+fn verify(
+    store: &Store,
+    out: &mut impl Write,
+    read_data: bool,
+    repair: bool,
+    from: Option<&std::path::Path>,
+) -> Result<()> {
+    let mut unrepaired = 0;
+    if repair {
+        let r = store.repair(from)?;
+        for l in &r.repaired {
+            writeln!(out, "repaired {l}")?;
+        }
+        for l in &r.unrepaired {
+            writeln!(out, "could not repair {l}")?;
+        }
+        if r.repaired.is_empty() && r.unrepaired.is_empty() {
+            writeln!(out, "nothing to repair")?;
+        }
+        unrepaired = r.unrepaired.len();
+    }
+    let findings = store.verify(read_data)?;
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    for f in &findings {
+        writeln!(out, "{f}")?;
+    }
+    if errors > 0 {
+        bail!(
+            "verify found {errors} error(s) in store {}",
+            store.root().display()
+        );
+    }
+    if unrepaired > 0 {
+        bail!(
+            "{unrepaired} damaged or missing blob(s) in store {} could not be repaired: \
+             import an export that holds them (`stasis snapshot verify --repair --from EXPORT.tar`), \
+             or remove the snapshots named above with `stasis snapshot rm`",
+            store.root().display()
+        );
+    }
+    writeln!(out, "no errors found")?;
+    Ok(())
+}
+
 fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -209,32 +255,7 @@ pub fn run(
             read_data,
             repair,
             from,
-        } => {
-            if *repair {
-                let r = store.repair(from.as_deref())?;
-                for l in &r.repaired {
-                    writeln!(out, "repaired {l}")?;
-                }
-                for l in &r.unrepaired {
-                    writeln!(out, "could not repair {l}")?;
-                }
-                if r.repaired.is_empty() && r.unrepaired.is_empty() {
-                    writeln!(out, "nothing to repair")?;
-                }
-            }
-            let findings = store.verify(*read_data)?;
-            let errors = findings.iter().filter(|f| f.level == Level::Error).count();
-            for f in &findings {
-                writeln!(out, "{f}")?;
-            }
-            if errors > 0 {
-                bail!(
-                    "verify found {errors} error(s) in store {}",
-                    store.root().display()
-                );
-            }
-            writeln!(out, "no errors found")?;
-        }
+        } => verify(store, &mut out, *read_data, *repair, from.as_deref())?,
         SnapshotCmd::Diff { format, a, b } => {
             let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);
             let d = store.diff(&ia, &ib)?;

@@ -115,3 +115,66 @@ fn checkpoint_over_a_damaged_pack_commits_a_snapshot_that_restores() {
         "{v:#?}"
     );
 }
+
+#[test]
+fn reimport_and_verify_repair_put_good_copies_back() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("ds-repair");
+    let _g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    let first =
+        printed_snapshot_id(&sx.ok(&["checkpoint", "--leave-running", "--tag", "first", &id]));
+    let tar = sx.path("first.tar");
+    sx.ok(&["snapshot", "export", "first", "-o", tar.to_str().unwrap()]);
+    let pack = first_pack(&sx.store, "first:latest");
+    let damaged = |what: &str| {
+        let v = sx.run(&["snapshot", "verify", "--read-data"]);
+        assert_ne!(v.code, Some(0), "{what}: verify passed: {v:#?}");
+        assert!(v.stdout.contains(&hex_of(&pack)), "{what}: {v:#?}");
+        assert!(
+            v.stdout.contains("verify --repair"),
+            "{what}: no hint: {v:#?}"
+        );
+    };
+
+    // Re-importing a good export replaces the damaged pack.
+    flip_in_frames(&pack);
+    damaged("flipped");
+    let out = sx.ok(&["snapshot", "import", tar.to_str().unwrap()]);
+    assert!(out.stdout.contains("imported"), "{out:#?}");
+    sx.ok(&["snapshot", "verify", "--read-data"]);
+
+    // So does verify --repair --from the export.
+    flip_in_frames(&pack);
+    damaged("flipped again");
+    let out = sx.ok(&[
+        "snapshot",
+        "verify",
+        "--repair",
+        "--from",
+        tar.to_str().unwrap(),
+    ]);
+    assert!(
+        out.stdout
+            .contains(&format!("repaired pack sha256:{}", hex_of(&pack))),
+        "{out:#?}"
+    );
+    sx.ok(&["snapshot", "verify", "--read-data"]);
+
+    // Without an archive and with no other copy of the pages, it says so.
+    flip_in_frames(&pack);
+    let out = sx.run(&["snapshot", "verify", "--repair"]);
+    assert_ne!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("could not repair pack") && out.stdout.contains(&first),
+        "{out:#?}"
+    );
+    // A later checkpoint stores the pages again; then the pack is rebuilt.
+    sx.ok(&["checkpoint", "--tag", "second", &id]);
+    let out = sx.ok(&["snapshot", "verify", "--repair", "--read-data"]);
+    assert!(out.stdout.contains("repaired pack"), "{out:#?}");
+    let id2 = unique_id("ds-repair2");
+    let _g2 = sx.restore_from("first", &id2, &[]);
+    sx.assert_carries_on(&id2, &before);
+}

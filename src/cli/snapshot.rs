@@ -58,6 +58,11 @@ pub enum SnapshotCmd {
         /// With --repair: an export (`snapshot export`) holding good copies
         #[arg(long, value_name = "ARCHIVE", requires = "repair")]
         from: Option<PathBuf>,
+        /// Rebuild a missing or unparseable index.json from the snapshot
+        /// manifests in blobs/ (tags as recorded when each was checkpointed;
+        /// the damaged file is kept as index.json.damaged)
+        #[arg(long)]
+        rebuild_index: bool,
     },
     /// Compare two snapshots: files and pages changed
     Diff {
@@ -255,7 +260,29 @@ pub fn run(
             read_data,
             repair,
             from,
-        } => verify(store, &mut out, *read_data, *repair, from.as_deref())?,
+            rebuild_index,
+        } => {
+            if *rebuild_index {
+                let r = store.rebuild_index()?;
+                if let Some(p) = &r.kept_damaged {
+                    writeln!(out, "kept the damaged index as {}", p.display())?;
+                }
+                writeln!(
+                    out,
+                    "rebuilt index.json: {} snapshot(s) found in blobs/",
+                    r.snapshots.len()
+                )?;
+                for (id, tags) in &r.snapshots {
+                    let tags = if tags.is_empty() {
+                        "untagged".to_string()
+                    } else {
+                        tags.join(", ")
+                    };
+                    writeln!(out, "  {} ({tags})", id.short())?;
+                }
+            }
+            verify(store, &mut out, *read_data, *repair, from.as_deref())?
+        }
         SnapshotCmd::Diff { format, a, b } => {
             let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);
             let d = store.diff(&ia, &ib)?;

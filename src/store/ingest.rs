@@ -645,13 +645,19 @@ pub(crate) fn ingest(
         layout::A_ADDED_BYTES.to_string(),
         packer.bytes_added.to_string(),
     );
+    // The tags given at ingest, for `verify --rebuild-index` after a lost
+    // index.json (the manifest only: index.json is where tags live).
+    let mut m_annotations = annotations.clone();
+    if !tags.is_empty() {
+        m_annotations.insert(layout::A_TAGS.to_string(), tags.join(","));
+    }
     let manifest = Manifest {
         schema_version: 2,
         media_type: layout::MT_MANIFEST.into(),
         artifact_type: Some(layout::ARTIFACT_TYPE.into()),
         config: Descriptor::new(layout::MT_CONFIG, &cfg_digest, cfg_len),
         layers,
-        annotations: annotations.clone(),
+        annotations: m_annotations,
     };
     let m_bytes = serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Json {
         op: "serialize manifest for",

@@ -27,6 +27,7 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod rebuild;
 mod repair;
 mod transfer;
 mod util;
@@ -42,6 +43,7 @@ pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use rebuild::RebuildReport;
 pub use repair::RepairReport;
 pub use util::fault_point;
 pub use verify::{Finding, Level};
@@ -350,6 +352,14 @@ impl Store {
     pub fn repair(&self, archive: Option<&Path>) -> std::result::Result<RepairReport, StoreError> {
         let _lock = self.locks.shared()?;
         repair::repair(self, archive)
+    }
+
+    /// Rebuilds a missing or unparseable index.json from the snapshot manifests
+    /// in blobs/ (tags as recorded at ingest; the damaged file is kept as
+    /// `index.json.damaged`). Refuses when index.json reads fine.
+    pub fn rebuild_index(&self) -> std::result::Result<RebuildReport, StoreError> {
+        let _lock = self.locks.exclusive()?;
+        rebuild::rebuild_index(self)
     }
 
     /// Removes blobs not reachable from index.json and everything in tmp/.

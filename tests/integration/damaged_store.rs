@@ -189,7 +189,8 @@ fn lost_index_json_is_reported_gc_refuses_and_rebuild_index_restores_it() {
     let first =
         printed_snapshot_id(&sx.ok(&["checkpoint", "--leave-running", "--tag", "first", &id]));
     let before = sx.wait_counter(&id, "readable", |_| true);
-    let second = printed_snapshot_id(&sx.ok(&["checkpoint", "--tag", "second:v2", &id]));
+    let second =
+        printed_snapshot_id(&sx.ok(&["checkpoint", "--leave-running", "--tag", "second:v2", &id]));
     let blobs = || fs::read_dir(sx.store.join("blobs/sha256")).unwrap().count();
     let n = blobs();
 
@@ -205,6 +206,15 @@ fn lost_index_json_is_reported_gc_refuses_and_rebuild_index_restores_it() {
     assert!(gc.stderr.contains("--rebuild-index"), "{gc:#?}");
     assert_eq!(blobs(), n, "gc deleted blobs");
     assert!(!sx.store.join("index.json").exists());
+    // A checkpoint refuses before it touches the container.
+    let ck = sx.run(&["checkpoint", "--tag", "third", &id]);
+    assert_ne!(
+        ck.code,
+        Some(0),
+        "checkpoint into a store without index: {ck:#?}"
+    );
+    assert!(ck.stderr.contains("--rebuild-index"), "{ck:#?}");
+    assert_eq!(sx.state(&id).expect("container gone")["status"], "running");
 
     let out = sx.ok(&["snapshot", "verify", "--rebuild-index", "--read-data"]);
     assert!(out.stdout.contains("2 snapshot(s)"), "{out:#?}");

@@ -12,7 +12,7 @@ use crate::runtime::checkpoint::{
 use crate::runtime::Runtime;
 use crate::store::Store;
 use crate::workflows::snapshot::{
-    checkpoint_to_store, restore_from_store, CopyOptions, RestoreFrom, TaggedCheckpoint,
+    checkpoint_to_store, copy_ids, restore_from_store, CopyOptions, RestoreFrom, TaggedCheckpoint,
 };
 use crate::workflows::WorkflowError;
 
@@ -304,6 +304,8 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
         lazy_daemon: false,
     };
     if let Some(from) = &a.from {
+        // Bad ids are refused before the store is opened (and maybe created).
+        copy_ids(&opts.id, a.copies, a.name_prefix.as_deref())?;
         let store = Store::open(store)?;
         opts.image_path = PathBuf::new();
         // The image is the store's: with --lazy-pages stasis runs the daemon.
@@ -341,7 +343,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
             }
         }
         for w in &r.warnings {
-            eprintln!("stasis: warning: {w}");
+            eprintln!("stasis: warning: {}", crate::store::printable(w));
         }
         if a.shared.print_stats && a.detach {
             let mut stats = r.stats.clone();

@@ -253,8 +253,14 @@ where
 }
 
 /// The error and its causes on one line, skipping a cause whose text the message
-/// already contains (our error types quote their source in their message).
+/// already contains (our error types quote their source in their message), with
+/// control characters escaped: an error may quote bytes of a hostile file, and
+/// those must not reach the terminal as escape sequences.
 fn error_chain(e: &anyhow::Error) -> String {
+    crate::store::printable(&raw_error_chain(e))
+}
+
+fn raw_error_chain(e: &anyhow::Error) -> String {
     let mut msg = e.to_string();
     for cause in e.chain().skip(1) {
         let c = cause.to_string();

@@ -454,7 +454,10 @@ fn fs_summary(
             serde_json::json!(new * 4096),
         ),
         Err(e) => {
-            eprintln!("stasis: warning: cannot count the new pages of {id}'s filesystem data: {e}");
+            eprintln!(
+                "stasis: warning: cannot count the new pages of {id}'s filesystem data: {}",
+                crate::store::printable(&e.to_string())
+            );
             let null = serde_json::Value::Null;
             (null.clone(), null.clone(), null)
         }

@@ -15,7 +15,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use protobuf::EnumOrUnknown;
 
-use super::state::{self, ContainerState, Op, Status};
+use super::state::{self, Checkpointer, ContainerState, Op, Status};
 use super::{core, foreground, netns, Result, Runtime, RuntimeError};
 use crate::criu::{self, rpc, Call, Criu, CriuError, Notify};
 
@@ -407,6 +407,17 @@ fn mkdir_private(p: &Path) -> Result<()> {
         })
 }
 
+/// Whether a checkpoint that stops the container can leave its tasks to CRIU's
+/// leave-running and kill them itself after storing the image. Not with
+/// `--tcp-established`: at the end of a leave-running dump CRIU takes the
+/// sockets out of repair mode and unlocks the network, so killing the tasks
+/// afterwards would reset the connections the image holds; CRIU kills them
+/// while they are still locked. Not with lazy pages or a pre-dump either (the
+/// dumped tasks serve the pages / keep running anyway).
+fn defers_stop(o: &CheckpointOptions) -> bool {
+    !o.leave_running && !o.pre_dump && !o.flags.tcp_established && !o.flags.lazy_pages
+}
+
 fn read_stats(path: &Path) -> CriuStats {
     CriuStats {
         entries: criu::read_stats(path).unwrap_or_default(),
@@ -428,25 +439,44 @@ impl Runtime {
     /// Without `leave_running` the container is stopped and removed only after the
     /// dump succeeded; a failed checkpoint leaves it running and untouched.
     pub fn checkpoint(&self, o: &CheckpointOptions) -> Result<CriuStats> {
-        self.checkpoint_with(o, &mut |_| Ok(()))
+        self.checkpoint_inner(o, &mut |_, _| Ok(()), false)
     }
 
-    /// `checkpoint`, calling `after_dump` with the container's state once CRIU
-    /// succeeded and before the container is thawed (with `leave_running`) or
-    /// removed: its filesystem is then consistent with the dumped memory. An
-    /// error from `after_dump` fails the checkpoint.
+    /// `checkpoint`, calling `after_dump` with the container's state and CRIU's
+    /// statistics once CRIU succeeded, while the container is still frozen
+    /// (before it is thawed with `leave_running`, or stopped and removed without
+    /// it): its filesystem is then consistent with the dumped memory. An error
+    /// from `after_dump` fails the checkpoint and the container runs on.
+    ///
+    /// Without `leave_running` the container is stopped only after `after_dump`
+    /// succeeded (it stores the image): CRIU dumps with its own leave-running
+    /// and the tasks stay frozen until then, so a checkpointer that dies before
+    /// leaves a frozen container that the next command thaws (`Runtime::load`),
+    /// never a lost one. With `--tcp-established` or lazy pages CRIU still stops
+    /// the tasks itself (see `defers_stop`).
     pub fn checkpoint_with(
         &self,
         o: &CheckpointOptions,
-        after_dump: &mut dyn FnMut(&ContainerState) -> Result<()>,
+        after_dump: &mut dyn FnMut(&ContainerState, &CriuStats) -> Result<()>,
     ) -> Result<CriuStats> {
-        let _lock = self.lock(&o.id)?;
-        let st = self.load(&o.id)?;
+        self.checkpoint_inner(o, after_dump, true)
+    }
+
+    fn checkpoint_inner(
+        &self,
+        o: &CheckpointOptions,
+        after_dump: &mut dyn FnMut(&ContainerState, &CriuStats) -> Result<()>,
+        defer_stop: bool,
+    ) -> Result<CriuStats> {
+        let lock = self.lock(&o.id)?;
+        let (mut st, _) = self.load_locked(&o.id, &lock)?;
         let status = self.check(&st, Op::Checkpoint)?;
+        let defer_stop = defer_stop && defers_stop(o);
         wait_lazy_pages(&self.dir(&o.id))?;
         let spec = load_spec(&st.bundle)?;
         let criu = self.criu();
-        criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
+        // A dot name: no id starts with '.', so no container's lock file is this cache.
+        criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
         if o.pre_dump || o.flags.lazy_pages {
             let (mem_track, lazy) = criu.features()?;
             if o.pre_dump && !mem_track {
@@ -488,7 +518,7 @@ impl Runtime {
         let mut opts = criu::Opts::new();
         opts.pid = Some(pid);
         opts.root = Some(st.rootfs.display().to_string());
-        opts.leave_running = Some(o.leave_running || o.pre_dump);
+        opts.leave_running = Some(o.leave_running || o.pre_dump || defer_stop);
         opts.manage_cgroups = Some(true);
         opts.manage_cgroups_mode = Some(EnumOrUnknown::new(o.flags.manage_cgroups_mode.to_rpc()));
         opts.notify_scripts = Some(true);
@@ -551,19 +581,34 @@ impl Runtime {
             opts.external.push(format!("net[{ino}]:{EXT_NETNS_KEY}"));
         }
 
-        // Freeze through the cgroup freezer first: CRIU then finds the tree frozen
-        // and skips its own (slow) ptrace-based freezing.
         // Freeze through the cgroup freezer at CRIU's `pre-dump` notification,
         // right before it collects the tree: CRIU then finds the cgroup frozen and
         // skips its freezer poll (100 ms steps), and its own start-up (kernel
-        // probing) stays outside the frozen window.
+        // probing) stays outside the frozen window. A container the user paused
+        // is frozen already and stays so.
         let freeze_wanted = status == Status::Running;
         let froze = std::cell::Cell::new(false);
         let cdir = self.dir(&o.id);
+        // Record the checkpointer (and, once spawned, its CRIU) before anything is
+        // frozen: if this process dies, the next command thaws the container.
+        st.checkpointer = Some(Checkpointer::this_process(freeze_wanted));
+        st.save(&cdir)?;
+        let mut on_spawn = |criu_pid: i32| -> Result<(), String> {
+            let mut rec = st.clone();
+            if let Some(c) = rec.checkpointer.as_mut() {
+                c.criu_pid = criu_pid;
+                c.criu_start_time = state::process_start_time(criu_pid).unwrap_or(0);
+            }
+            rec.save(&cdir)
+                .map_err(|e| format!("record the checkpointing CRIU: {e}"))
+        };
         let mut on_notify = |n: Notify| -> Result<(), String> {
-            if freeze_wanted && !froze.get() && n.script == "pre-dump" {
-                core::set_frozen(&cdir, &o.id, true).map_err(|e| e.to_string())?;
-                froze.set(true);
+            if n.script == "pre-dump" {
+                if freeze_wanted && !froze.get() {
+                    core::set_frozen(&cdir, &o.id, true).map_err(|e| e.to_string())?;
+                    froze.set(true);
+                }
+                super::fault_point("checkpoint.frozen");
             }
             Ok(())
         };
@@ -576,7 +621,7 @@ impl Runtime {
             images_dir: &o.image_path,
             log_file: DUMP_LOG,
             keep_fds: &keep,
-            on_spawn: None,
+            on_spawn: Some(&mut on_spawn),
         };
         let res = if o.pre_dump {
             criu.pre_dump(opts, call, &mut on_notify)
@@ -584,37 +629,61 @@ impl Runtime {
             criu.dump(opts, call, &mut on_notify)
         };
         let froze = froze.get();
+        // CRIU writes pre-dump statistics to `stats-dump` too.
+        let stats = read_stats(&work.join("stats-dump"));
         let res = res.map_err(RuntimeError::from).and_then(|_| {
+            super::fault_point("checkpoint.after-dump");
             if o.pre_dump {
                 Ok(())
             } else {
-                after_dump(&st)
+                after_dump(&st, &stats)
             }
         });
+        if res.is_ok() && !o.leave_running && !o.pre_dump {
+            // Stored (or CRIU killed the tasks): stop and remove it as runc does.
+            self.remove_checkpointed(&st, defer_stop)?;
+            return Ok(stats);
+        }
         if froze {
-            // Thaw in every case: on success with --leave-running the container goes
-            // on; without it CRIU killed the tasks, which die once thawed; on failure
-            // it must keep running.
-            let thaw = core::set_frozen(&self.dir(&o.id), &o.id, false);
-            if res.is_ok() && (o.leave_running || o.pre_dump) {
+            // Thaw: on success with --leave-running the container goes on; on
+            // failure it must keep running (CRIU re-froze the cgroup it found
+            // frozen when it rolled back).
+            let thaw = core::set_frozen(&cdir, &o.id, false);
+            if res.is_ok() {
                 thaw?;
             }
         }
+        st.checkpointer = None;
+        let cleared = st.save(&cdir);
         res?;
-        // CRIU writes pre-dump statistics to `stats-dump` too.
-        let stats = read_stats(&work.join("stats-dump"));
-        if !o.leave_running && !o.pre_dump {
-            // CRIU killed the container's processes; remove it as runc does.
-            let dir = self.dir(&o.id);
-            core::delete(&dir, &o.id, true)?;
-            super::unmount_under(&dir);
-            let _ = fs::remove_dir_all(&dir);
-            if let Some(owned) = &st.owned_dir {
-                super::unmount_under(owned);
-                let _ = fs::remove_dir_all(owned);
+        cleared?;
+        Ok(stats)
+    }
+
+    /// Stops and removes a container after its checkpoint: its tasks were killed
+    /// by CRIU, or (`frozen_tasks`) they are still there, frozen, and are killed
+    /// now, before the thaw, so none runs another instruction.
+    fn remove_checkpointed(&self, st: &ContainerState, frozen_tasks: bool) -> Result<()> {
+        let dir = self.dir(&st.id);
+        if frozen_tasks {
+            for pid in core::pids(&dir, &st.id)? {
+                // A task that is already gone needs no signal.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
-        Ok(stats)
+        // Killed tasks in a frozen cgroup die once thawed.
+        let _ = core::set_frozen(&dir, &st.id, false);
+        core::delete(&dir, &st.id, true)?;
+        super::unmount_under(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        if let Some(owned) = &st.owned_dir {
+            super::unmount_under(owned);
+            let _ = fs::remove_dir_all(owned);
+        }
+        Ok(())
     }
 
     /// `restore`: brings a container back from a CRIU image directory under `id`
@@ -637,7 +706,8 @@ impl Runtime {
                 )));
             }
             let criu = self.criu();
-            criu.require_version_cached(&self.root.join(".locks").join("criu-version"))?;
+            // A dot name: no id starts with '.', so no container's lock file is this cache.
+            criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
             if o.flags.lazy_pages && !criu.features()?.1 {
                 return Err(CriuError::MissingFeature {
                     feature: "userfaultfd lazy pages, needed by --lazy-pages",
@@ -805,7 +875,14 @@ impl Runtime {
         // Descriptors CRIU must hand to the restored tree: our stdio pipes in place
         // of the ones recorded at dump, and an external network namespace.
         let mut held: Vec<OwnedFd> = Vec::new();
-        let descriptors: Vec<String> = fs::read(o.image_path.join(DESCRIPTORS_FILE))
+        // descriptors.json comes from the snapshot: read a bounded prefix (a real
+        // one is three short strings); anything larger does not parse and is ignored.
+        let descriptors: Vec<String> = fs::File::open(o.image_path.join(DESCRIPTORS_FILE))
+            .and_then(|f| {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut b)?;
+                Ok(b)
+            })
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -966,12 +1043,16 @@ impl Runtime {
             annotations: bundle.annotations.clone(),
             cgroup_path: cgroup_path.clone(),
             owned_dir: o.owned_dir.clone(),
+            checkpointer: None,
         };
         st.save(dir)?;
         if let Some(pf) = &o.pid_file {
             state::write_atomic(pf, pid.to_string().as_bytes())?;
         }
-        let _ = core::run_hooks("poststart", spec, id, &bundle.path, pid);
+        // A failing poststart hook is a warning (runtime spec), not a failed restore.
+        if let Err(e) = core::run_hooks("poststart", spec, id, &bundle.path, pid) {
+            eprintln!("stasis: warning: {e}");
+        }
         Ok((pid, read_stats(&work.join("stats-restore"))))
     }
 }

@@ -1,5 +1,5 @@
-//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only file
-//! that names its types. It turns our options into libcontainer builders and calls,
+//! The boundary to libcontainer (youki's library, pinned at =0.7.0): the only
+//! module that names its types (with its submodule `core/hooks.rs`). It turns our options into libcontainer builders and calls,
 //! and turns libcontainer errors into `RuntimeError` strings with their causes.
 //! It must not keep state of its own: `mod.rs` owns our state file and transitions.
 
@@ -13,14 +13,23 @@ use libcgroups::common::{
 };
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::seccomp::initialize_seccomp;
 use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
 use oci_spec::runtime::{
     LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
     Spec,
 };
 
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+
+mod hooks;
+pub use hooks::run_hooks;
+use hooks::{run_each, take_hooks, warn, HookKind};
 
 /// Renders an error with its chain of causes, deduplicating repeated messages.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -215,9 +224,29 @@ fn load(dir: &Path, id: &str) -> Result<Container> {
     Container::load(dir.to_path_buf()).map_err(core_err("load", id))
 }
 
+/// `Container::start`, with the poststart hooks run by us afterwards: each one
+/// runs even when an earlier one failed, and a failure is a warning on stderr, not
+/// a failed start (runtime spec: "If any poststart hook fails, the runtime MUST log
+/// a warning, but the remaining hooks and lifecycle continue as if the hook had
+/// succeeded"). libcontainer 0.7 stops at the first failing hook and fails `start`
+/// with the process already running. runc 1.1 kills the container instead; crun
+/// and the spec warn.
 pub fn start(dir: &Path, id: &str) -> Result<()> {
     let _pipe = SigpipeToEpipe::install();
-    load(dir, id)?.start().map_err(core_err("start", id))
+    let mut c = load(dir, id)?;
+    let taken = take_hooks(dir, id, HookKind::Poststart)?;
+    let r = c.start().map_err(core_err("start", id));
+    // The record keeps every hook it had (whatever `start` did), as `create` wrote it.
+    let restored = taken.as_ref().map_or(Ok(()), |t| t.restore());
+    r?;
+    restored?;
+    if let Some(t) = &taken {
+        // libcontainer runs poststart hooks in the container directory.
+        for w in run_each(HookKind::Poststart, &t.hooks, &c.state, Some(dir)) {
+            warn(id, &w);
+        }
+    }
+    Ok(())
 }
 
 /// While alive, SIGPIPE runs a no-op handler, so a write to a closed pipe returns
@@ -262,12 +291,36 @@ pub fn kill(dir: &Path, id: &str, sig: i32, all: bool) -> Result<()> {
         .map_err(core_err("kill", id))
 }
 
+/// `Container::delete`, with the poststop hooks run by us once the container is
+/// gone: each one runs even when an earlier one failed, and a failure is a warning
+/// (runtime spec: "If any poststop hook fails, the runtime MUST log a warning, but
+/// the remaining hooks and lifecycle continue"). libcontainer 0.7 stops at the
+/// first failing hook before it removes the container directory, which made the
+/// container undeletable: every `delete --force` ran the hook and failed again.
 pub fn delete(dir: &Path, id: &str, force: bool) -> Result<()> {
+    let taken = take_hooks(dir, id, HookKind::Poststop)?;
+    let state = Container::load(dir.to_path_buf()).ok().map(|c| c.state);
     match delete_retrying_cgroup(dir, force) {
-        Some(r) => r.map_err(core_err("delete", id)),
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            // Not deleted: a later delete must still run the hooks.
+            if let Some(t) = &taken {
+                if dir.exists() {
+                    let _ = t.restore();
+                }
+            }
+            return Err(core_err("delete", id)(e));
+        }
         // No libcontainer state: nothing was started, only the directory remains.
-        None => Ok(()),
+        None => return Ok(()),
     }
+    if let (Some(t), Some(mut st)) = (taken, state) {
+        st.status = libcontainer::container::ContainerStatus::Stopped;
+        for w in run_each(HookKind::Poststop, &t.hooks, &st, None) {
+            warn(id, &w);
+        }
+    }
+    Ok(())
 }
 
 pub fn pause(dir: &Path, id: &str) -> Result<()> {
@@ -309,32 +362,21 @@ pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
     Ok(pids)
 }
 
+/// `exec`: the process is the container's own (config.json's `process`) with the
+/// flags or the `--process` file laid over it (`exec.rs`), handed to libcontainer's
+/// tenant builder as a process file, so user, groups, rlimits, capabilities,
+/// no_new_privs and labels are the container's unless overridden. The container's
+/// seccomp filter is loaded by `ExecUnderSeccomp` (libcontainer 0.7's tenant
+/// builder drops linux.seccomp; youki's HEAD of 2026-08 still does).
 pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
     let id = opts.id.as_str();
-    let mut env = HashMap::new();
-    for kv in &opts.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| RuntimeError::Invalid(format!("--env {kv:?}: expected KEY=VALUE")))?;
-        env.insert(k.to_string(), v.to_string());
-    }
-    let (user, group) = match opts.user {
-        Some((u, g)) => (Some(u), g),
-        None => (None, None),
-    };
-    if let Some(p) = &opts.process {
-        if !p.is_file() {
-            return Err(RuntimeError::Invalid(format!(
-                "--process {}: no such file",
-                p.display()
-            )));
-        }
-    } else if opts.args.is_empty() {
-        return Err(RuntimeError::Invalid(
-            "exec needs a command after the container id, or --process FILE".into(),
-        ));
-    }
+    super::exec::check_request(opts)?;
+    let config = load(&root.join(id), id)?.bundle().join("config.json");
+    let prepared = super::exec::prepare(&config, opts)?;
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(ExecUnderSeccomp {
+            filter: prepared.filter,
+        })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
         .with_console_socket(opts.console_socket.as_ref())
@@ -345,18 +387,47 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
         .map_err(core_err("exec in", id))?
         .as_tenant()
         .with_detach(opts.detach)
-        .with_cwd(opts.cwd.as_ref())
-        .with_env(env)
-        .with_process(opts.process.as_ref())
-        .with_no_new_privs(opts.no_new_privs)
-        .with_container_args(opts.args.clone())
-        .with_additional_gids(opts.additional_gids.clone())
-        .with_user(user)
-        .with_group(group)
-        .with_capabilities(opts.caps.clone())
+        .with_process(Some(prepared.file.path()))
         .build()
         .map_err(core_err("exec in", id))?;
     Ok(pid.as_raw())
+}
+
+/// libcontainer's default executor (execvp of process.args), preceded by loading
+/// the container's seccomp filter. It runs in the exec'd process as the last step
+/// before execve: after namespaces, cgroup, user, capabilities and no_new_privs are
+/// set, where runc loads the filter too when no_new_privs is set (without it, see
+/// `exec::keep_cap_to_load_filter`).
+#[derive(Clone)]
+struct ExecUnderSeccomp {
+    filter: Option<oci_spec::runtime::LinuxSeccomp>,
+}
+
+impl Executor for ExecUnderSeccomp {
+    fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        if let Some(filter) = &self.filter {
+            // Notify filters were refused before (exec::exec_seccomp), so there is
+            // no listener fd to hand on.
+            initialize_seccomp(filter).map_err(|e| {
+                ExecutorError::Other(format!(
+                    "load the container's seccomp filter: {}",
+                    chain(&e)
+                ))
+            })?;
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &Spec) -> std::result::Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+
+    fn setup_envs(
+        &self,
+        envs: HashMap<String, String>,
+    ) -> std::result::Result<(), ExecutorSetEnvsError> {
+        DefaultExecutor {}.setup_envs(envs)
+    }
 }
 
 /// Builds the resources to apply from runc's `--resources` JSON (may be empty)
@@ -576,39 +647,6 @@ fn chain_dyn(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
-}
-
-/// Runs the spec's hooks of one kind (`prestart`, `createRuntime`, `poststart`,
-/// `poststop`) with the OCI state of container `id` (init `pid`).
-pub fn run_hooks(kind: &str, spec: &Spec, id: &str, bundle: &Path, pid: i32) -> Result<()> {
-    use libcontainer::container::{ContainerStatus, State};
-    let _pipe = SigpipeToEpipe::install();
-    let Some(h) = spec.hooks().as_ref() else {
-        return Ok(());
-    };
-    let list = match kind {
-        "prestart" => h.prestart(),
-        "createRuntime" => h.create_runtime(),
-        "poststart" => h.poststart(),
-        "poststop" => h.poststop(),
-        _ => &None,
-    };
-    if list.as_ref().is_none_or(|l| l.is_empty()) {
-        return Ok(());
-    }
-    let status = if kind == "poststop" {
-        ContainerStatus::Stopped
-    } else {
-        ContainerStatus::Created
-    };
-    let st = State::new(id, status, Some(pid), bundle.to_path_buf());
-    libcontainer::hooks::run_hooks(list.as_ref(), Some(&st), None, None, None).map_err(|e| {
-        RuntimeError::Core {
-            op: "run hooks of",
-            id: id.to_string(),
-            detail: format!("{kind}: {}", chain_dyn(&e)),
-        }
-    })
 }
 
 /// Freezes (`true`) or thaws the container's cgroup directly, without changing any

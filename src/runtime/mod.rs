@@ -4,11 +4,12 @@
 //!
 //! The mechanics of creating processes inside namespaces (pivot_root, mounts,
 //! cgroups, seccomp, hooks, capabilities) come from libcontainer, youki's library,
-//! and are used only in `core.rs`; nothing outside this module names a libcontainer
+//! and are used only in `core`; nothing outside this module names a libcontainer
 //! type, so the core can be replaced later.
 
 pub mod checkpoint;
 mod core;
+mod exec;
 mod foreground;
 pub mod info;
 pub mod netns;
@@ -44,6 +45,35 @@ pub fn fault_point(name: &str) {
             let _ = raise(sig);
         }
     }
+}
+
+/// Creates `dir` and its missing parents as 0700 at mkdir(2) time (whatever the
+/// umask): `--root` and the directories of restored copies hold root filesystems
+/// (setuid binaries, device nodes) that no other user may reach.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `dir` as 0700; fails when it exists (the directory is ours only if we
+/// made it).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(0o700).create(dir)
+}
+
+/// Takes group and other permissions off an existing directory (one made 0755
+/// by an older stasis); one stat when it is already private.
+pub fn tighten_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = fs::symlink_metadata(dir)?;
+    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// How long a command waits for another command on the same container.
@@ -83,6 +113,12 @@ pub enum RuntimeError {
         path: PathBuf,
         waited: Duration,
     },
+    #[error("container {id:?}: the CRIU process (pid {criu_pid}) of an interrupted checkpoint still runs after {waited:?}; wait until it exits (or kill it) and retry")]
+    CheckpointerBusy {
+        id: String,
+        criu_pid: i32,
+        waited: Duration,
+    },
     #[error("unknown signal {0:?}: use a name like TERM, SIGKILL or a number 1-64")]
     BadSignal(String),
     #[error("{op} container {id:?}: {detail}")]
@@ -93,6 +129,8 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("--process {path}: {reason}")]
+    ProcessFile { path: PathBuf, reason: String },
     #[error(transparent)]
     Criu(crate::criu::CriuError),
     #[error("--systemd-cgroup is not supported yet: stasis manages cgroupfs paths directly; drop the flag")]
@@ -163,8 +201,27 @@ impl Runtime {
             return Err(RuntimeError::SystemdUnsupported);
         }
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| RuntimeError::Io {
-            op: "create state root",
+        // Parents as the system makes them, the root itself private (and made
+        // private if an older stasis left it 0755).
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|source| RuntimeError::Io {
+                op: "create parent of state root",
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        match create_private_dir(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::Io {
+                    op: "create state root",
+                    path: root.clone(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        tighten_dir(&root).map_err(|source| RuntimeError::Io {
+            op: "make private (chmod 0700) state root",
             path: root.clone(),
             source,
         })?;
@@ -198,8 +255,8 @@ impl Runtime {
         ContainerLock::acquire(&self.root, id, LOCK_TIMEOUT)
     }
 
-    /// Loads the state of an existing container.
-    pub fn load(&self, id: &str) -> Result<ContainerState> {
+    /// Loads the state of an existing container as it is on disk.
+    fn load_raw(&self, id: &str) -> Result<ContainerState> {
         validate_id(id)?;
         let dir = self.dir(id);
         if !ContainerState::path(&dir).exists() {
@@ -209,6 +266,75 @@ impl Runtime {
             });
         }
         ContainerState::load(&dir)
+    }
+
+    /// Loads the state of an existing container for a command that does not hold
+    /// its lock (state, list, ps, events, workflows). A checkpoint whose stasis
+    /// died is recovered (`recover`) when the lock is free at this moment;
+    /// otherwise the state is returned as recorded.
+    pub fn load(&self, id: &str) -> Result<ContainerState> {
+        let st = self.load_raw(id)?;
+        match &st.checkpointer {
+            Some(c) if !c.stasis_alive() => {}
+            _ => return Ok(st),
+        }
+        let Ok(lock) = ContainerLock::acquire(&self.root, id, Duration::ZERO) else {
+            return Ok(st);
+        };
+        match self.load_locked(id, &lock) {
+            Ok((st, _)) => Ok(st),
+            // Recovery is best effort here: a command holding the lock retries it.
+            Err(_) => self.load_raw(id),
+        }
+    }
+
+    /// Loads the state of a container whose lock `_lock` this command holds,
+    /// first recovering from an interrupted checkpoint. Returns the state and
+    /// whether a dead checkpointer's freeze was undone.
+    fn load_locked(&self, id: &str, _lock: &ContainerLock) -> Result<(ContainerState, bool)> {
+        let mut st = self.load_raw(id)?;
+        let recovered = self.recover(&mut st)?;
+        Ok((st, recovered))
+    }
+
+    /// Undoes what a checkpointer that died left behind (the caller holds the
+    /// container's lock): once its CRIU has exited too (CRIU rolls a dump back
+    /// when stasis stops answering and re-freezes the cgroup it found frozen),
+    /// thaws the container if the checkpointer froze it (a container the user
+    /// paused stays paused) and clears the record. Returns true when it thawed.
+    fn recover(&self, st: &mut ContainerState) -> Result<bool> {
+        let Some(c) = st.checkpointer.clone() else {
+            return Ok(false);
+        };
+        // Under the lock a live recorded checkpointer can only be this process,
+        // whose checkpoint is over (it released the lock).
+        if c.stasis_alive() && c.pid != std::process::id() as i32 {
+            return Ok(false);
+        }
+        let t0 = std::time::Instant::now();
+        while c.criu_alive() {
+            if t0.elapsed() >= LOCK_TIMEOUT {
+                return Err(RuntimeError::CheckpointerBusy {
+                    id: st.id.clone(),
+                    criu_pid: c.criu_pid,
+                    waited: LOCK_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dir = self.dir(&st.id);
+        let thaw = c.freezes && st.status == Status::Running;
+        if thaw {
+            if let Err(e) = core::set_frozen(&dir, &st.id, false) {
+                // A container whose tasks are gone has nothing to thaw.
+                if st.live_status() != Status::Stopped {
+                    return Err(e);
+                }
+            }
+        }
+        st.checkpointer = None;
+        st.save(&dir)?;
+        Ok(thaw)
     }
 
     /// Checks `op` against the state machine; returns the current live status.
@@ -285,6 +411,7 @@ impl Runtime {
             annotations: bundle.annotations,
             cgroup_path: created.cgroup_path,
             owned_dir: None,
+            checkpointer: None,
         };
         if let Err(e) = st.save(&dir) {
             core::cleanup_failed(&self.root, &opts.id);
@@ -295,8 +422,8 @@ impl Runtime {
 
     /// `start`: runs the user process of a created container.
     pub fn start(&self, id: &str) -> Result<()> {
-        let _lock = self.lock(id)?;
-        let mut st = self.load(id)?;
+        let lock = self.lock(id)?;
+        let (mut st, _) = self.load_locked(id, &lock)?;
         self.check(&st, Op::Start)?;
         core::start(&self.dir(id), id)?;
         st.status = Status::Running;
@@ -386,7 +513,7 @@ impl Runtime {
             if validate_id(&name).is_err() || name.starts_with('.') {
                 continue;
             }
-            if let Ok(st) = ContainerState::load(&e.path()) {
+            if let Ok(st) = self.load(&name) {
                 out.push(self.oci_state(&st));
             }
         }
@@ -396,8 +523,8 @@ impl Runtime {
 
     pub fn kill(&self, id: &str, signal: &str, all: bool) -> Result<()> {
         let sig = parse_signal(signal)?;
-        let _lock = self.lock(id)?;
-        let st = self.load(id)?;
+        let lock = self.lock(id)?;
+        let (st, _) = self.load_locked(id, &lock)?;
         let status = st.live_status();
         if status == Status::Stopped && all {
             // runc allows `kill --all` on a stopped container to reap leftovers.
@@ -412,8 +539,8 @@ impl Runtime {
     pub fn delete(&self, id: &str, force: bool) -> Result<()> {
         let lock = self.lock(id)?;
         let dir = self.dir(id);
-        let st = match self.load(id) {
-            Ok(st) => Some(st),
+        let st = match self.load_locked(id, &lock) {
+            Ok((st, _)) => Some(st),
             Err(RuntimeError::NotFound { .. }) if force => {
                 // Maybe a half-created (or half-restored) container without our
                 // state: clean its directory and its private filesystem.
@@ -429,6 +556,10 @@ impl Runtime {
                 return Ok(());
             }
             Err(RuntimeError::StateCorrupt { .. }) if force => None,
+            // A failed recovery must not keep `delete --force` from removing it.
+            Err(RuntimeError::CheckpointerBusy { .. } | RuntimeError::Core { .. }) if force => {
+                Some(self.load_raw(id)?)
+            }
             Err(e) => return Err(e),
         };
         if let Some(st) = &st {
@@ -458,17 +589,21 @@ impl Runtime {
     }
 
     pub fn pause(&self, id: &str) -> Result<()> {
-        let _lock = self.lock(id)?;
-        let mut st = self.load(id)?;
+        let lock = self.lock(id)?;
+        let (mut st, _) = self.load_locked(id, &lock)?;
         self.check(&st, Op::Pause)?;
         core::pause(&self.dir(id), id)?;
         st.status = Status::Paused;
         st.save(&self.dir(id))
     }
 
+    /// `resume`: thaws a paused container, or one a killed checkpoint left frozen.
     pub fn resume(&self, id: &str) -> Result<()> {
-        let _lock = self.lock(id)?;
-        let mut st = self.load(id)?;
+        let lock = self.lock(id)?;
+        let (mut st, recovered) = self.load_locked(id, &lock)?;
+        if recovered && st.live_status() == Status::Running {
+            return Ok(());
+        }
         self.check(&st, Op::Resume)?;
         core::resume(&self.dir(id), id)?;
         st.status = Status::Running;
@@ -494,8 +629,8 @@ impl Runtime {
     pub fn exec(&self, opts: &ExecOptions) -> Result<i32> {
         let early = (!opts.detach).then(foreground::EarlySignals::catch);
         let pid = {
-            let _lock = self.lock(&opts.id)?;
-            let st = self.load(&opts.id)?;
+            let lock = self.lock(&opts.id)?;
+            let (st, _) = self.load_locked(&opts.id, &lock)?;
             self.check(&st, Op::Exec)?;
             core::exec(&self.root, opts)?
         };
@@ -516,8 +651,8 @@ impl Runtime {
         resources_json: &[u8],
         overrides: &ResourceOverrides,
     ) -> Result<()> {
-        let _lock = self.lock(id)?;
-        let st = self.load(id)?;
+        let lock = self.lock(id)?;
+        let (st, _) = self.load_locked(id, &lock)?;
         self.check(&st, Op::Update)?;
         core::update(&self.dir(id), id, resources_json, overrides)
     }

@@ -19,8 +19,24 @@ use super::RuntimeError;
 pub const STATE_FILE: &str = "stasis.json";
 const LOCK_DIR: &str = ".locks";
 
-/// Validates a container id with runc's rule: `^[\w+\-.]+$`, not `.` or `..`, at
-/// most 1024 bytes. A valid id is always a single path component below `--root`.
+/// The longest name stasis makes from an id: CRIU's log of a failed checkpoint,
+/// kept as `$TMPDIR/stasis-checkpoint-<id>.log`. Other names are shorter: the
+/// directories `<id>` (under `--root`, `--root/.copies`, the store's
+/// `cache/copies`), the lock `--root/.locks/<id>`, the cgroup `:youki:<id>`
+/// (libcontainer's name when the spec sets no cgroupsPath) and the stat cache
+/// `<id>.json`.
+const LONGEST_ID_NAME: &str = "stasis-checkpoint-.log";
+/// NAME_MAX of Linux filesystems: the longest single path component.
+const NAME_MAX: usize = 255;
+/// Longest id: every name made from it must fit in NAME_MAX.
+pub const MAX_ID_LEN: usize = NAME_MAX - LONGEST_ID_NAME.len();
+
+/// Validates a container id with runc's rule, `^[\w+\-.]+$` and not `.` or `..`,
+/// plus two of our own: no leading `.` (stasis keeps its private entries in
+/// `--root` under dot names: `.locks`, `.copies`), and at most [`MAX_ID_LEN`] bytes
+/// so that every file, directory and cgroup named after it fits NAME_MAX (runc has
+/// no limit of its own and fails in mkdir with "file name too long"). A valid id
+/// is always a single path component below `--root` that names no private entry.
 pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     let bad = |reason: &str| RuntimeError::InvalidId {
         id: id.to_string(),
@@ -32,8 +48,16 @@ pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     if id == "." || id == ".." {
         return Err(bad("it is a relative path component"));
     }
-    if id.len() > 1024 {
-        return Err(bad("it is longer than 1024 bytes"));
+    if id.len() > MAX_ID_LEN {
+        return Err(RuntimeError::InvalidId {
+            // The whole id would bury the reason: name its start and length.
+            id: format!("{}...", id.chars().take(32).collect::<String>()),
+            reason: format!(
+                "it is {} bytes long; ids are at most {MAX_ID_LEN} bytes (stasis names files \
+                 after them, and a file name is at most {NAME_MAX} bytes)",
+                id.len()
+            ),
+        });
     }
     if let Some(c) = id
         .chars()
@@ -42,6 +66,12 @@ pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
         return Err(bad(&format!(
             "character {c:?} is not allowed (use letters, digits, '_', '+', '-', '.')"
         )));
+    }
+    if id.starts_with('.') {
+        return Err(bad(
+            "it starts with '.', which stasis reserves for its own entries in --root \
+             (.locks, .copies); start it with a letter, digit, '_', '+' or '-'",
+        ));
     }
     Ok(())
 }
@@ -150,6 +180,53 @@ pub struct ContainerState {
     /// restored copy) that `delete` unmounts and removes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owned_dir: Option<PathBuf>,
+    /// The stasis command checkpointing the container right now, recorded before
+    /// it freezes the container and cleared when it is done: when that command
+    /// died, the next command on the container thaws it (`Runtime::recover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointer: Option<Checkpointer>,
+}
+
+/// Who is checkpointing a container: the stasis process and the CRIU it spawned,
+/// each as pid + start time (field 22 of /proc/PID/stat) so a reused pid is never
+/// taken for them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointer {
+    pub pid: i32,
+    pub start_time: u64,
+    /// CRIU, once spawned (0 before): it outlives a killed stasis until its next
+    /// notification, and re-freezes the container when it rolls back.
+    #[serde(default)]
+    pub criu_pid: i32,
+    #[serde(default)]
+    pub criu_start_time: u64,
+    /// True when stasis freezes the container for the dump (it was running);
+    /// false when the user had paused it, which must stay paused.
+    pub freezes: bool,
+}
+
+impl Checkpointer {
+    /// This process, about to checkpoint a container (`freezes`: see the field).
+    pub fn this_process(freezes: bool) -> Self {
+        let pid = std::process::id() as i32;
+        Self {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            criu_pid: 0,
+            criu_start_time: 0,
+            freezes,
+        }
+    }
+
+    /// Whether the checkpointing stasis process still runs.
+    pub fn stasis_alive(&self) -> bool {
+        process_alive(self.pid, self.start_time)
+    }
+
+    /// Whether its CRIU still runs (it may still thaw or re-freeze the container).
+    pub fn criu_alive(&self) -> bool {
+        process_alive(self.criu_pid, self.criu_start_time)
+    }
 }
 
 impl ContainerState {
@@ -261,55 +338,50 @@ pub fn process_alive(pid: i32, start_time: u64) -> bool {
 
 /// An exclusive `flock(2)` on `--root/.locks/<id>`, held for the length of one
 /// command on one container. The kernel drops it when the holder dies, so it never
-/// goes stale.
+/// goes stale. The file exists only while its container does (or a command holds
+/// it): the holder removes it when it lets go and there is no container `<id>`, so
+/// a failed `create` or a `kill` of a missing id leaves nothing.
 pub struct ContainerLock {
     file: File,
     path: PathBuf,
+    /// The container's directory: when it is gone at release, so is the lock file.
+    container_dir: PathBuf,
 }
 
 impl ContainerLock {
     pub fn acquire(root: &Path, id: &str, timeout: Duration) -> Result<Self, RuntimeError> {
         let dir = root.join(LOCK_DIR);
-        fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
-            op: "create lock directory",
-            path: dir.clone(),
-            source,
-        })?;
         let path = dir.join(id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| RuntimeError::Io {
-                op: "open lock file",
-                path: path.clone(),
-                source,
-            })?;
         let deadline = Instant::now() + timeout;
         loop {
-            // SAFETY: flock on a valid, owned file descriptor; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                return Ok(Self { file, path });
-            }
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(RuntimeError::Io {
-                    op: "lock",
+            fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+                op: "create lock directory",
+                path: dir.clone(),
+                source,
+            })?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|source| RuntimeError::Io {
+                    op: "open lock file",
+                    path: path.clone(),
+                    source,
+                })?;
+            flock_until(&file, &path, id, deadline, timeout)?;
+            // The holder we waited for may have removed the file (its container
+            // was gone) before it let go: our lock is then on a file nobody else
+            // will open, and a newcomer may hold one on a new file at `path`.
+            // Only a lock on the file that `path` names now counts.
+            if same_file(&file, &path) {
+                return Ok(Self {
+                    file,
                     path,
-                    source: err,
+                    container_dir: root.join(id),
                 });
             }
-            if Instant::now() >= deadline {
-                return Err(RuntimeError::LockTimeout {
-                    id: id.to_string(),
-                    path,
-                    waited: timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -319,8 +391,54 @@ impl ContainerLock {
     }
 }
 
+/// Takes an exclusive flock on `file`, retrying until `deadline`.
+fn flock_until(
+    file: &File,
+    path: &Path,
+    id: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    loop {
+        // SAFETY: flock on a valid, owned file descriptor; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(RuntimeError::Io {
+                op: "lock",
+                path: path.to_path_buf(),
+                source: err,
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::LockTimeout {
+                id: id.to_string(),
+                path: path.to_path_buf(),
+                waited: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `path` names the open `file` (same device and inode).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl Drop for ContainerLock {
     fn drop(&mut self) {
+        // Still holding the lock: no other command is between its check and use.
+        if !self.container_dir.exists() {
+            self.remove_file();
+        }
         // SAFETY: unlocking our own valid descriptor; closing it would unlock too.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
@@ -335,8 +453,21 @@ mod tests {
         for ok in ["a", "abc-123", "a.b_c+d", "A9"] {
             assert!(validate_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "../x", "a b", "x\0y", "é"] {
+        for bad in [
+            "", ".", "..", "a/b", "../x", "a b", "x\0y", "é", ".copies", ".locks", ".x",
+        ] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        // Every name stasis makes from the longest id fits NAME_MAX; one byte more
+        // is refused, naming the limit.
+        let longest = "a".repeat(MAX_ID_LEN);
+        assert!(validate_id(&longest).is_ok());
+        assert!(format!("stasis-checkpoint-{longest}.log").len() <= 255);
+        for n in [MAX_ID_LEN + 1, 256, 1024, 1025] {
+            let err = validate_id(&"a".repeat(n)).unwrap_err().to_string();
+            assert!(err.contains(&format!("{n} bytes")), "{err}");
+            assert!(err.contains(&MAX_ID_LEN.to_string()), "{err}");
+            assert!(err.len() < 300, "{err}");
         }
         let err = validate_id("a/b").unwrap_err().to_string();
         assert_eq!(
@@ -383,6 +514,58 @@ mod tests {
         assert!(process_alive(me, t));
         assert!(!process_alive(me, t + 1));
         assert!(!process_alive(0, 0));
+    }
+
+    #[test]
+    fn lock_file_lives_only_as_long_as_its_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock_file = dir.path().join(LOCK_DIR).join("c1");
+        // No container c1: the file goes with the lock.
+        let l = ContainerLock::acquire(dir.path(), "c1", Duration::from_secs(1)).unwrap();
+        assert!(lock_file.exists());
+        drop(l);
+        assert!(!lock_file.exists());
+        // A container c1: the file stays.
+        fs::create_dir(dir.path().join("c1")).unwrap();
+        drop(ContainerLock::acquire(dir.path(), "c1", Duration::from_secs(1)).unwrap());
+        assert!(lock_file.exists());
+    }
+
+    #[test]
+    fn a_lock_on_a_removed_file_is_not_taken() {
+        // A waiter that opened the file before the holder removed it must not
+        // come away holding a lock on the unlinked file while another command
+        // locks the new one.
+        let dir = tempfile::tempdir().unwrap();
+        let first = ContainerLock::acquire(dir.path(), "c1", Duration::from_secs(1)).unwrap();
+        let root = dir.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            ContainerLock::acquire(&root, "c1", Duration::from_secs(5)).map(|l| {
+                let ok = same_file(&l.file, &l.path);
+                drop(l);
+                ok
+            })
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(first); // no container: removes the file, then unlocks
+        assert!(matches!(waiter.join().unwrap(), Ok(true)));
+    }
+
+    #[test]
+    fn checkpointer_record_is_optional_and_tells_dead_from_alive() {
+        // A state file written before the record existed still loads.
+        let old = r#"{"id":"c","status":"running","pid":1,"pid_start_time":0,"bundle":"/b",
+            "rootfs":"/b/rootfs","created":"2026-01-01T00:00:00Z","owner":"root"}"#;
+        let st: ContainerState = serde_json::from_str(old).unwrap();
+        assert!(st.checkpointer.is_none());
+        let me = Checkpointer::this_process(true);
+        assert!(me.stasis_alive());
+        assert!(!me.criu_alive(), "no CRIU recorded yet");
+        let dead = Checkpointer {
+            start_time: me.start_time + 1,
+            ..me.clone()
+        };
+        assert!(!dead.stasis_alive(), "a reused pid is not the checkpointer");
     }
 
     #[test]

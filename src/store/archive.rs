@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 
 use super::error::{format_err, Result};
-use super::format::{self, FILES_MAGIC, PREFIX_LEN};
+use super::format::{self, limits::MAX_SMALL_FILE, FILES_MAGIC, PREFIX_LEN};
 
 const WHAT: &str = "files blob";
 /// Longest file name accepted (a single path component).
@@ -43,6 +43,15 @@ impl<W: Write> ArchiveWriter<W> {
                 format!("bad file name {name:?}"),
             ));
         }
+        if bytes.len() as u64 > MAX_SMALL_FILE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "file {name} is {} bytes, more than the {MAX_SMALL_FILE}-byte limit for a file kept in the files blob",
+                    bytes.len()
+                ),
+            ));
+        }
         self.enc.write_all(&(name.len() as u16).to_le_bytes())?;
         self.enc.write_all(name.as_bytes())?;
         self.enc.write_all(&(bytes.len() as u64).to_le_bytes())?;
@@ -59,6 +68,8 @@ pub(crate) struct ArchiveReader<'p, R: Read> {
     dec: zstd::stream::read::Decoder<'static, io::BufReader<R>>,
     remaining: u32,
     path: &'p Path,
+    /// The previous entry's name: names must be strictly increasing.
+    last: Option<String>,
 }
 
 impl<'p, R: Read> ArchiveReader<'p, R> {
@@ -76,6 +87,7 @@ impl<'p, R: Read> ArchiveReader<'p, R> {
             dec,
             remaining: u32::from_le_bytes(c),
             path,
+            last: None,
         })
     }
 
@@ -116,10 +128,33 @@ impl<'p, R: Read> ArchiveReader<'p, R> {
             .ok()
             .filter(|n| valid_name(n))
             .ok_or_else(|| format_err(WHAT, self.path, "entry with an invalid file name"))?;
-        Ok(Some((name, u64::from_le_bytes(s))))
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|l| l.as_bytes() >= name.as_bytes())
+        {
+            return Err(format_err(
+                WHAT,
+                self.path,
+                format!("entry {name:?} is out of order or repeated"),
+            ));
+        }
+        let size = u64::from_le_bytes(s);
+        if size > MAX_SMALL_FILE {
+            return Err(format_err(
+                WHAT,
+                self.path,
+                format!(
+                    "entry {name:?} claims {size} bytes, more than the {MAX_SMALL_FILE}-byte limit"
+                ),
+            ));
+        }
+        self.last = Some(name.clone());
+        Ok(Some((name, size)))
     }
 
-    /// A reader over the current entry's bytes (the caller checks it got `size`).
+    /// A reader over the current entry's bytes (the caller checks it got `size`;
+    /// `size` is at most `MAX_SMALL_FILE`, and the caller streams it).
     pub(crate) fn content(&mut self, size: u64) -> impl Read + '_ {
         (&mut self.dec).take(size)
     }
@@ -131,9 +166,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
+        // Entries in name order, as FORMAT.md requires and ingest writes them.
         let mut w = ArchiveWriter::new(Vec::new(), 3, 2).expect("new");
-        w.add("inventory.img", b"inv").expect("add");
         w.add("core-1.img", &[7u8; 10000]).expect("add");
+        w.add("inventory.img", b"inv").expect("add");
         assert!(w.add("../x", b"").is_err());
         let bytes = w.finish().expect("finish");
         let p = Path::new("f");
@@ -145,7 +181,42 @@ mod tests {
             got.push((name, b));
         }
         assert_eq!(got.len(), 2);
-        assert_eq!(got[1].0, "core-1.img");
-        assert_eq!(got[1].1, vec![7u8; 10000]);
+        assert_eq!(got[0].0, "core-1.img");
+        assert_eq!(got[0].1, vec![7u8; 10000]);
+    }
+
+    #[test]
+    fn refuses_unordered_repeated_and_oversized_entries() {
+        let p = Path::new("f");
+        let first_error = |bytes: &[u8]| -> String {
+            let mut r = ArchiveReader::new(bytes, p).expect("reader");
+            loop {
+                match r.next_entry() {
+                    Ok(Some((_, size))) => {
+                        io::copy(&mut r.content(size), &mut io::sink()).expect("content");
+                    }
+                    Ok(None) => return String::new(),
+                    Err(e) => return e.to_string(),
+                }
+            }
+        };
+        for names in [["b", "a"], ["a", "a"]] {
+            let mut w = ArchiveWriter::new(Vec::new(), 3, 2).expect("new");
+            for n in names {
+                w.add(n, b"x").expect("add");
+            }
+            let e = first_error(&w.finish().expect("finish"));
+            assert!(e.contains("out of order or repeated"), "{names:?}: {e}");
+        }
+        // An entry header claiming 10 GiB is refused before a byte is read.
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        raw.extend_from_slice(&1u16.to_le_bytes());
+        raw.extend_from_slice(b"a");
+        raw.extend_from_slice(&(10u64 << 30).to_le_bytes());
+        let mut blob = format::prefix(FILES_MAGIC).to_vec();
+        blob.extend(zstd::bulk::compress(&raw, 3).expect("compress"));
+        let e = first_error(&blob);
+        assert!(e.contains("more than the 1073741824-byte limit"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 //! This module never deletes a published blob; only `gc` does.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use super::error::{io_err, Result, StoreError};
+use super::format::limits::MAX_JSON;
 use super::ids::BlobDigest;
 
 /// A directory of blobs named by their hex sha256 (`blobs/sha256` of a store, or an
@@ -46,8 +47,9 @@ impl BlobDir {
         })
     }
 
-    /// Reads a whole blob and checks its digest (and, when given, its size).
-    /// `what` names the blob kind in the error ("manifest", "config", ...).
+    /// Reads a whole JSON blob (manifest, config) and checks its digest (and, when
+    /// given, its size). `what` names the blob kind in the error ("manifest", ...).
+    /// Blobs larger than `limits::MAX_JSON` are refused before a byte is read.
     pub(crate) fn read_verified(
         &self,
         d: &BlobDigest,
@@ -55,18 +57,14 @@ impl BlobDir {
         what: &'static str,
     ) -> Result<Vec<u8>> {
         let p = self.path(d);
-        let mut f = self.open(d)?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(io_err("read", &p))?;
-        if let Some(n) = expect_size {
-            if buf.len() as u64 != n {
-                return Err(StoreError::Format {
-                    what,
-                    path: p,
-                    reason: format!("{} bytes, its descriptor says {n}", buf.len()),
-                });
-            }
-        }
+        let f = self.open(d)?;
+        let len = f.metadata().map_err(io_err("stat", &p))?.len();
+        check_len(&p, what, len, expect_size, Some(MAX_JSON))?;
+        let mut buf = Vec::with_capacity(len as usize);
+        f.take(MAX_JSON + 1)
+            .read_to_end(&mut buf)
+            .map_err(io_err("read", &p))?;
+        check_len(&p, what, buf.len() as u64, expect_size, Some(MAX_JSON))?;
         let got = BlobDigest::of(&buf);
         if got != *d {
             return Err(StoreError::Format {
@@ -77,6 +75,56 @@ impl BlobDir {
         }
         Ok(buf)
     }
+
+    /// Opens a blob of any size, checks its size (when given) and its digest by
+    /// streaming it once, and returns it positioned at its start, for readers that
+    /// decode it as a stream (page tables, files blobs).
+    pub(crate) fn open_verified(
+        &self,
+        d: &BlobDigest,
+        expect_size: Option<u64>,
+        what: &'static str,
+    ) -> Result<File> {
+        let p = self.path(d);
+        let f = self.open(d)?;
+        let len = f.metadata().map_err(io_err("stat", &p))?.len();
+        check_len(&p, what, len, expect_size, None)?;
+        let mut r = HashingReader::new(&f);
+        io::copy(&mut r, &mut io::sink()).map_err(io_err("read", &p))?;
+        let got = BlobDigest::from_hasher(r.hasher);
+        if got != *d || r.count != len {
+            return Err(StoreError::Format {
+                what,
+                path: p,
+                reason: format!("content digest is {got}, not {d}"),
+            });
+        }
+        let mut f = f;
+        f.seek(io::SeekFrom::Start(0)).map_err(io_err("seek", &p))?;
+        Ok(f)
+    }
+}
+
+/// A blob's length against its descriptor's size and a limit.
+fn check_len(
+    p: &Path,
+    what: &'static str,
+    len: u64,
+    expect: Option<u64>,
+    max: Option<u64>,
+) -> Result<()> {
+    let reason = match (expect, max) {
+        (Some(n), _) if len != n => format!("{len} bytes, its descriptor says {n}"),
+        (_, Some(m)) if len > m => {
+            format!("{len} bytes, more than the {m}-byte limit for a {what}")
+        }
+        _ => return Ok(()),
+    };
+    Err(StoreError::Format {
+        what,
+        path: p.to_path_buf(),
+        reason,
+    })
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -95,7 +143,7 @@ pub(crate) fn create_temp(tmp_dir: &Path, kind: &str) -> Result<(File, PathBuf)>
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(super::util::PRIVATE_FILE)
             .open(&path)
         {
             Ok(f) => return Ok((f, path)),
@@ -198,9 +246,10 @@ impl PendingBlob {
         self.tmp.as_deref()
     }
 
-    /// Makes the blob visible: chmod 0444, rename to `blobs/sha256/<hex>`, fsync the
-    /// directory. Returns true when the blob was written (it was not in the store,
-    /// or the copy there was damaged and has been replaced by this one).
+    /// Makes the blob visible: chmod 0400 (read-only, root's alone), rename to
+    /// `blobs/sha256/<hex>`, fsync the directory. Returns true when the blob was
+    /// written (it was not in the store, or the copy there was damaged and has
+    /// been replaced by this one).
     pub(crate) fn publish(mut self, blobs: &BlobDir) -> Result<bool> {
         let Some(tmp) = self.tmp.take() else {
             return Err(StoreError::Invalid("blob published twice".into()));
@@ -210,7 +259,7 @@ impl PendingBlob {
             fs::remove_file(&tmp).map_err(io_err("remove", &tmp))?;
             return Ok(false);
         }
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o400))
             .map_err(io_err("chmod", &tmp))?;
         fs::rename(&tmp, &target).map_err(io_err("rename into place", &target))?;
         sync_dir(&blobs.dir)?;

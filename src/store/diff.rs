@@ -55,12 +55,80 @@ pub struct DiffReport {
     pub pages: PageDiff,
 }
 
-fn page_table(store: &Store, rec: &FileRecord) -> Result<Vec<PageDigest>> {
+/// The streamed page table of a pages file (None: the record names no table, read
+/// as an empty file).
+fn page_table(
+    store: &Store,
+    rec: &FileRecord,
+) -> Result<Option<pagetable::TableReader<std::fs::File>>> {
     let Some(d) = rec.page_table.as_deref().and_then(BlobDigest::parse) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
-    let bytes = store.blobs().read_verified(&d, None, "page table")?;
-    Ok(pagetable::decode(&bytes, &store.blobs().path(&d))?.digests)
+    pagetable::open(&store.blobs(), &d).map(Some)
+}
+
+/// Compares two page tables position by position, streaming both (memory: two
+/// chunks, whatever the tables claim).
+fn compare(
+    ta: Option<pagetable::TableReader<std::fs::File>>,
+    tb: Option<pagetable::TableReader<std::fs::File>>,
+    all_a: &HashSet<PageDigest>,
+) -> Result<PageDiff> {
+    let mut p = PageDiff::default();
+    let (mut ta, mut tb) = (ta, tb);
+    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+    let (mut ia, mut ib) = (0usize, 0usize);
+    loop {
+        if ia == ca.len() {
+            ia = 0;
+            if !next(&mut ta, &mut ca)? {
+                ta = None;
+            }
+        }
+        if ib == cb.len() {
+            ib = 0;
+            if !next(&mut tb, &mut cb)? {
+                tb = None;
+            }
+        }
+        match (ca.get(ia), cb.get(ib)) {
+            (None, None) => break,
+            (Some(_), None) => {
+                p.pages_a += 1;
+                p.removed += 1;
+                ia += 1;
+            }
+            (None, Some(b)) => {
+                p.pages_b += 1;
+                p.added += 1;
+                p.new_content += u64::from(!all_a.contains(b));
+                ib += 1;
+            }
+            (Some(a), Some(b)) => {
+                p.pages_a += 1;
+                p.pages_b += 1;
+                p.changed += u64::from(a != b);
+                p.new_content += u64::from(!all_a.contains(b));
+                ia += 1;
+                ib += 1;
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The next chunk of a table into `out` (emptied at its end).
+fn next(
+    t: &mut Option<pagetable::TableReader<std::fs::File>>,
+    out: &mut Vec<PageDigest>,
+) -> Result<bool> {
+    match t {
+        Some(r) => r.next_chunk(out),
+        None => {
+            out.clear();
+            Ok(false)
+        }
+    }
 }
 
 pub(crate) fn diff(store: &Store, a: &SnapshotId, b: &SnapshotId) -> Result<DiffReport> {
@@ -90,21 +158,13 @@ pub(crate) fn diff(store: &Store, a: &SnapshotId, b: &SnapshotId) -> Result<Diff
         if ra.is_none_or(|r| r.kind == KIND_PAGES) && rb.is_none_or(|r| r.kind == KIND_PAGES) {
             let ta = match ra {
                 Some(r) => page_table(store, r)?,
-                None => Vec::new(),
+                None => None,
             };
             let tb = match rb {
                 Some(r) => page_table(store, r)?,
-                None => Vec::new(),
+                None => None,
             };
-            let common = ta.len().min(tb.len());
-            let p = PageDiff {
-                pages_a: ta.len() as u64,
-                pages_b: tb.len() as u64,
-                changed: (0..common).filter(|&i| ta[i] != tb[i]).count() as u64,
-                added: tb.len().saturating_sub(ta.len()) as u64,
-                removed: ta.len().saturating_sub(tb.len()) as u64,
-                new_content: tb.iter().filter(|d| !all_a.contains(d)).count() as u64,
-            };
+            let p = compare(ta, tb, &all_a)?;
             report.pages.pages_a += p.pages_a;
             report.pages.pages_b += p.pages_b;
             report.pages.changed += p.changed;
@@ -126,8 +186,15 @@ pub(crate) fn diff(store: &Store, a: &SnapshotId, b: &SnapshotId) -> Result<Diff
 
 fn all_pages(store: &Store, c: &SnapshotConfig) -> Result<HashSet<PageDigest>> {
     let mut set = HashSet::new();
+    // Distinct digests only: each one not the zero page is backed by a page in a
+    // pack, so the set is bounded by the store's real bytes, not by the tables' claims.
     for r in c.files.iter().filter(|r| r.kind == KIND_PAGES) {
-        set.extend(page_table(store, r)?);
+        if let Some(t) = page_table(store, r)? {
+            t.for_each(|_, d| {
+                set.insert(*d);
+                Ok(())
+            })?;
+        }
     }
     Ok(set)
 }
@@ -145,7 +212,6 @@ pub(crate) fn new_pages(store: &Store, id: &SnapshotId, name: &str) -> Result<(u
     else {
         return Ok((0, 0));
     };
-    let mine = page_table(store, rec)?;
     let this = store.entry(id)?;
     let mut older: HashSet<PageDigest> = HashSet::new();
     for e in super::catalog::entries(&store.read_index()?) {
@@ -156,9 +222,16 @@ pub(crate) fn new_pages(store: &Store, id: &SnapshotId, name: &str) -> Result<(u
         older.extend(all_pages(store, &c)?);
     }
     let zero = super::materialize::zero_page_digest();
-    let fresh: HashSet<&PageDigest> = mine
-        .iter()
-        .filter(|d| **d != zero && !older.contains(d))
-        .collect();
-    Ok((mine.len() as u64, fresh.len() as u64))
+    let mut fresh: HashSet<PageDigest> = HashSet::new();
+    let mut count = 0u64;
+    if let Some(t) = page_table(store, rec)? {
+        t.for_each(|_, d| {
+            count += 1;
+            if *d != zero && !older.contains(d) {
+                fresh.insert(*d);
+            }
+            Ok(())
+        })?;
+    }
+    Ok((count, fresh.len() as u64))
 }

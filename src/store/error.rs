@@ -93,6 +93,11 @@ pub enum StoreError {
     #[error("store {} is damaged: {reason} (run `stasis snapshot verify`)", path.display())]
     Damaged { path: PathBuf, reason: String },
 
+    /// A cached root filesystem must be rebuilt but overlays of running copies
+    /// use it as their lower layer.
+    #[error("cached root filesystem {} is damaged ({reason}) and running copies use it as their base: delete the copies restored from this snapshot, then retry", path.display())]
+    CacheInUse { path: PathBuf, reason: String },
+
     #[error("{0}")]
     Invalid(String),
 

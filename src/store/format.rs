@@ -17,6 +17,25 @@ pub(crate) const PACK_MAGIC: &[u8; 8] = b"STASPACK";
 pub(crate) const PAGE_TABLE_MAGIC: &[u8; 8] = b"STASPTBL";
 pub(crate) const FILES_MAGIC: &[u8; 8] = b"STASFILE";
 
+/// Limits on what stored data may claim (FORMAT.md "Limits"). Everything read from
+/// a blob or an archive is checked against these and against the real size of what
+/// holds it before any memory is sized by it, so a hostile blob cannot make a reader
+/// allocate more than a constant.
+pub(crate) mod limits {
+    /// Largest JSON document (manifest, config blob, index.json, oci-layout) read
+    /// into memory and parsed. Real ones are a few KiB to a few MiB.
+    pub(crate) const MAX_JSON: u64 = 16 << 20;
+    /// Largest file kept in the files blob (CRIU's small images, fs-manifest.json);
+    /// its content is streamed, never buffered whole.
+    pub(crate) const MAX_SMALL_FILE: u64 = 1 << 30;
+    /// Largest small file `Store::read_file` returns in memory.
+    pub(crate) const MAX_READ_FILE: u64 = 256 << 20;
+    /// Largest pages file a page table may describe.
+    pub(crate) const MAX_PAGES_FILE: u64 = 1 << 40;
+    /// Most blobs one import archive may hold (a 1 TiB snapshot has ~16k packs).
+    pub(crate) const MAX_IMPORT_BLOBS: usize = 1 << 17;
+}
+
 /// `magic[8] | version u32 LE (major << 16 | minor) | flags u32 LE (0)`.
 pub(crate) fn prefix(magic: &[u8; 8]) -> [u8; PREFIX_LEN] {
     let mut p = [0u8; PREFIX_LEN];

@@ -155,6 +155,12 @@ pub(crate) fn gc_locked(store: &Store, dry_run: bool) -> Result<GcReport> {
     if let Ok(rd) = fs::read_dir(&tmp) {
         for e in rd.flatten() {
             let path = e.path();
+            // The image of a stopped container whose ingest failed, kept for
+            // the user (and a live staging directory, though its pin keeps gc
+            // from running at all).
+            if super::staging::is_kept(&path) || super::staging::is_live(&path) {
+                continue;
+            }
             let meta = match fs::symlink_metadata(&path) {
                 Ok(m) => m,
                 Err(_) => continue,

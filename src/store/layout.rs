@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::blob::{create_temp, sync_dir};
 use super::error::{io_err, Result, StoreError};
 use super::ids::{BlobDigest, SnapshotId};
+use super::util::{create_private_dir, create_private_dir_all, tighten_dir};
 
 pub(crate) const OCI_LAYOUT: &str = "oci-layout";
 pub(crate) const INDEX_JSON: &str = "index.json";
@@ -160,7 +161,16 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(root).map_err(io_err("create store directory", root))?;
+            // Parents as the system makes them, the store itself private.
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent).map_err(io_err("create parent directory", parent))?;
+            }
+            match create_private_dir(root) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_err("create store directory", root)(e))
+                }
+                _ => {}
+            }
             Vec::new()
         }
         Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
@@ -188,8 +198,9 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
         && !(root.join(OCI_LAYOUT).exists() && p.index().exists())
         && !has_blobs(&p)
     {
+        tighten(&p)?;
         for d in [p.blobs(), p.tmp(), p.cache()] {
-            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+            create_private_dir_all(&d).map_err(io_err("create directory", &d))?;
         }
         // Two processes may create the same store at once: only one writes.
         let _lock = index_lock(root)?;
@@ -230,9 +241,10 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
     }
     for d in [p.blobs(), p.tmp(), p.cache()] {
         if !d.is_dir() {
-            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+            create_private_dir_all(&d).map_err(io_err("create directory", &d))?;
         }
     }
+    tighten(&p)?;
     match fs::metadata(p.index()) {
         Ok(_) => {
             // An unparseable index.json is damage that verify reports and
@@ -271,6 +283,22 @@ pub(crate) fn has_blobs(p: &Paths) -> bool {
 /// The hint every reader gives for a missing or unparseable index.json.
 pub(crate) const REBUILD_HINT: &str =
     "`stasis snapshot verify --rebuild-index` rebuilds it from the snapshot manifests in blobs/";
+
+/// Makes the store's top-level directories private (0700) when an older stasis
+/// left them 0755: a few stats on every open, a chmod only the first time. What
+/// lies below needs no walk: nobody else can reach it through a 0700 directory.
+fn tighten(p: &Paths) -> Result<()> {
+    let blobs = p.root.join("blobs");
+    for d in [&p.root, &blobs, &p.blobs(), &p.tmp(), &p.cache()] {
+        match tighten_dir(d) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("make private (chmod 0700)", d)(e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 fn index_lock(root: &Path) -> Result<super::lock::Flock> {
     super::lock::Flock::acquire(
@@ -329,8 +357,6 @@ fn write_atomic(p: &Paths, path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).map_err(io_err("write", &tmp))?;
         f.sync_all().map_err(io_err("fsync", &tmp))?;
         super::error::fault_point("index-rename")?;
-        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .map_err(io_err("chmod", &tmp))?;
         fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
         sync_dir(&p.root)
     })();

@@ -39,7 +39,7 @@ impl Flock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(super::util::PRIVATE_FILE)
             .open(path)
         {
             Ok(f) => f,

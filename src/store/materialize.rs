@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -17,15 +17,13 @@ use sha2::{Digest, Sha256};
 use super::archive::ArchiveReader;
 use super::config::{FileRecord, SnapshotConfig, KIND_FILE, KIND_PAGES};
 use super::error::{io_err, Result, StoreError};
+use super::format::limits::MAX_READ_FILE;
 use super::ids::{BlobDigest, PageDigest, SnapshotId};
 use super::layout::{self, Manifest};
 use super::pack::{self, PackIndex, PAGE_SIZE};
 use super::pagetable;
-use super::util;
+use super::util::{self, create_private_dir_all, PRIVATE_FILE};
 use super::Store;
-
-/// Pages assembled per step (4 MiB).
-const BATCH_PAGES: usize = 1024;
 
 /// The packs of one snapshot, opened, with their indexes and a digest -> location map.
 pub(crate) struct PackSet {
@@ -151,7 +149,7 @@ fn prepare_dest(dest: &Path) -> Result<bool> {
     };
     match fs::symlink_metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+            create_private_dir_all(dest).map_err(io_err("create directory", dest))?;
             Ok(true)
         }
         Err(e) => Err(io_err("stat", dest)(e)),
@@ -200,7 +198,7 @@ fn write_all(
     for rec in cfg.files.iter().filter(|r| r.kind == KIND_PAGES) {
         write_pages_file(store, id, rec, &packs, dest, &bar)?;
     }
-    write_small_files(store, id, cfg, manifest, dest, &bar)?;
+    write_small_files(store, id, cfg, manifest, dest, None, &bar)?;
     for rec in &cfg.files {
         if rec.kind != KIND_PAGES && rec.kind != KIND_FILE {
             return Err(StoreError::Format {
@@ -237,11 +235,7 @@ fn write_pages_file(
         .as_deref()
         .and_then(BlobDigest::parse)
         .ok_or_else(|| corrupt(0, "-".into(), "the config has no page table for it".into()))?;
-    let table_path = store.blobs().path(&table_digest);
-    let table_bytes = store
-        .blobs()
-        .read_verified(&table_digest, None, "page table")?;
-    let table = pagetable::decode(&table_bytes, &table_path)?;
+    let mut table = pagetable::open(&store.blobs(), &table_digest)?;
     if table.file_size != rec.size {
         return Err(corrupt(
             0,
@@ -257,6 +251,7 @@ fn write_pages_file(
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_FILE)
         .open(&partial)
         .map_err(io_err("create", &partial))?;
 
@@ -305,13 +300,7 @@ fn write_pages_file(
             Ok(())
         });
         let produced = produce(
-            packs,
-            &table.digests,
-            rec.size,
-            &to_hash,
-            &free_rx,
-            bar,
-            &corrupt,
+            packs, &mut table, rec.size, &to_hash, &free_rx, bar, &corrupt,
         );
         drop(to_hash);
         let hashed = match hasher.join() {
@@ -351,7 +340,7 @@ struct Batch {
 /// Assembles the file batch by batch and sends the bytes to the hasher.
 fn produce(
     packs: &PackSet,
-    digests: &[PageDigest],
+    table: &mut pagetable::TableReader<File>,
     size: u64,
     tx: &mpsc::SyncSender<Batch>,
     free: &mpsc::Receiver<Batch>,
@@ -361,8 +350,10 @@ fn produce(
     let mut cache: HashMap<FrameKey, Arc<std::result::Result<DecodedFrame, String>>> =
         HashMap::new();
     let zero = zero_page_digest();
-    for (b, batch) in digests.chunks(BATCH_PAGES).enumerate() {
-        let base = (b * BATCH_PAGES) as u64;
+    let mut batch = Vec::with_capacity(pagetable::CHUNK);
+    let mut base = 0u64;
+    while table.next_chunk(&mut batch)? {
+        let batch = &batch[..];
         let mut locs = Vec::with_capacity(batch.len());
         let mut need: Vec<FrameKey> = Vec::new();
         let mut next: HashMap<FrameKey, Arc<std::result::Result<DecodedFrame, String>>> =
@@ -439,6 +430,7 @@ fn produce(
             out.extend_from_slice(&fr.data[s as usize * PAGE_SIZE..s as usize * PAGE_SIZE + len]);
         }
         bar.inc(out.len() as u64);
+        base += batch.len() as u64;
         if tx.send(b).is_err() {
             // The writer failed; its error is reported by the caller.
             return Ok(());
@@ -447,19 +439,27 @@ fn produce(
     Ok(())
 }
 
+/// Writes the files of the files blob into `dest` (all of them, or the one named
+/// `only`), each streamed and checked against its size and sha256.
 fn write_small_files(
     store: &Store,
     id: &SnapshotId,
     cfg: &SnapshotConfig,
     manifest: &Manifest,
     dest: &Path,
+    only: Option<&str>,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let wanted: HashMap<&str, &FileRecord> = cfg
+    let listed: HashMap<&str, &FileRecord> = cfg
         .files
         .iter()
         .filter(|r| r.kind == KIND_FILE)
         .map(|r| (r.name.as_str(), r))
+        .collect();
+    let wanted: HashMap<&str, &FileRecord> = listed
+        .iter()
+        .filter(|(n, _)| only.is_none_or(|o| o == **n))
+        .map(|(n, r)| (*n, *r))
         .collect();
     let layer = manifest
         .layers
@@ -481,10 +481,10 @@ fn write_small_files(
         reason: format!("snapshot {id}: malformed files blob digest"),
     })?;
     let path = store.blobs().path(&d);
-    let bytes = store
+    let f = store
         .blobs()
-        .read_verified(&d, Some(layer.size), "files blob")?;
-    let mut ar = ArchiveReader::new(&bytes[..], &path)?;
+        .open_verified(&d, Some(layer.size), "files blob")?;
+    let mut ar = ArchiveReader::new(f, &path)?;
     let mut done = 0usize;
     while let Some((name, size)) = ar.next_entry()? {
         let corrupt = |what: String| StoreError::Corrupt {
@@ -495,9 +495,14 @@ fn write_small_files(
             what,
         };
         let Some(rec) = wanted.get(name.as_str()) else {
-            return Err(corrupt(
-                "the files blob holds a file the config does not list".into(),
-            ));
+            if !listed.contains_key(name.as_str()) {
+                return Err(corrupt(
+                    "the files blob holds a file the config does not list".into(),
+                ));
+            }
+            io::copy(&mut ar.content(size), &mut io::sink())
+                .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+            continue;
         };
         if size != rec.size {
             return Err(corrupt(format!(
@@ -506,20 +511,16 @@ fn write_small_files(
             )));
         }
         let partial = partial_path(dest, &name);
-        let mut out = fs::OpenOptions::new()
+        let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(PRIVATE_FILE)
             .open(&partial)
             .map_err(io_err("create", &partial))?;
-        let mut content = Vec::with_capacity(size.min(1 << 24) as usize);
-        ar.content(size)
-            .read_to_end(&mut content)
-            .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
-        if content.len() as u64 != size || hex::encode(Sha256::digest(&content)) != rec.sha256 {
+        let (n, sha) = copy_hashed(ar.content(size), out, &partial, &corrupt)?;
+        if n != size || hex::encode(sha) != rec.sha256 {
             return Err(corrupt("file digest mismatch".into()));
         }
-        out.write_all(&content).map_err(io_err("write", &partial))?;
-        drop(out);
         fs::rename(&partial, dest.join(&name)).map_err(io_err("rename", &partial))?;
         bar.inc(size);
         done += 1;
@@ -539,6 +540,33 @@ fn write_small_files(
         });
     }
     Ok(())
+}
+
+/// Streams an entry of the files blob into `out`, hashing it: (bytes, sha256).
+/// Memory stays one buffer whatever the entry's size.
+fn copy_hashed(
+    mut src: impl Read,
+    out: File,
+    path: &Path,
+    corrupt: &dyn Fn(String) -> StoreError,
+) -> Result<(u64, [u8; 32])> {
+    let mut w = io::BufWriter::with_capacity(1 << 20, out);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let k = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(corrupt(format!("cannot decompress: {e}"))),
+        };
+        h.update(&buf[..k]);
+        w.write_all(&buf[..k]).map_err(io_err("write", path))?;
+        n += k as u64;
+    }
+    w.flush().map_err(io_err("write", path))?;
+    Ok((n, h.finalize().into()))
 }
 
 /// The record of file `name` of a snapshot, or an error naming both.
@@ -573,11 +601,6 @@ pub(crate) fn read_small_file(store: &Store, id: &SnapshotId, name: &str) -> Res
         path: store.paths.root.clone(),
         reason: format!("snapshot {id}: malformed files blob digest"),
     })?;
-    let path = store.blobs().path(&d);
-    let bytes = store
-        .blobs()
-        .read_verified(&d, Some(layer.size), "files blob")?;
-    let mut ar = ArchiveReader::new(&bytes[..], &path)?;
     let corrupt = |what: String| StoreError::Corrupt {
         snapshot: id.to_string(),
         file: name.to_string(),
@@ -585,14 +608,38 @@ pub(crate) fn read_small_file(store: &Store, id: &SnapshotId, name: &str) -> Res
         blob: d.to_string(),
         what,
     };
+    if rec.size > MAX_READ_FILE {
+        return Err(corrupt(format!(
+            "its config records {} bytes, more than the {MAX_READ_FILE}-byte limit for a file read into memory",
+            rec.size
+        )));
+    }
+    let path = store.blobs().path(&d);
+    let f = store
+        .blobs()
+        .open_verified(&d, Some(layer.size), "files blob")?;
+    let mut ar = ArchiveReader::new(f, &path)?;
     while let Some((n, size)) = ar.next_entry()? {
-        let mut content = Vec::new();
+        if n != name {
+            if !cfg.files.iter().any(|r| r.name == n && r.kind == KIND_FILE) {
+                return Err(corrupt(format!(
+                    "the files blob holds {n:?}, which the config does not list"
+                )));
+            }
+            io::copy(&mut ar.content(size), &mut io::sink())
+                .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
+            continue;
+        }
+        if size != rec.size {
+            return Err(corrupt(format!(
+                "{size} bytes in the files blob, {} in the config",
+                rec.size
+            )));
+        }
+        let mut content = Vec::with_capacity(size as usize);
         ar.content(size)
             .read_to_end(&mut content)
             .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
-        if n != name {
-            continue;
-        }
         if content.len() as u64 != rec.size || hex::encode(Sha256::digest(&content)) != rec.sha256 {
             return Err(corrupt("file digest mismatch".into()));
         }
@@ -612,17 +659,15 @@ pub(crate) fn materialize_one(
 ) -> Result<PathBuf> {
     let (cfg, manifest) = store.snapshot_config(id)?;
     let rec = file_record(id, &cfg, name)?;
-    fs::create_dir_all(dest).map_err(io_err("create directory", dest))?;
+    create_private_dir_all(dest).map_err(io_err("create directory", dest))?;
     let out = dest.join(name);
     if rec.kind == KIND_PAGES {
         let packs = PackSet::open(store, &manifest)?;
         let bar = indicatif::ProgressBar::hidden();
         write_pages_file(store, id, rec, &packs, dest, &bar)?;
     } else {
-        let bytes = read_small_file(store, id, name)?;
-        let partial = partial_path(dest, name);
-        fs::write(&partial, &bytes).map_err(io_err("write", &partial))?;
-        fs::rename(&partial, &out).map_err(io_err("rename", &partial))?;
+        let bar = indicatif::ProgressBar::hidden();
+        write_small_files(store, id, &cfg, &manifest, dest, Some(name), &bar)?;
     }
     Ok(out)
 }

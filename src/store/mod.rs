@@ -14,6 +14,7 @@
 
 mod archive;
 mod blob;
+mod cache;
 mod catalog;
 mod config;
 mod diff;
@@ -29,6 +30,7 @@ mod pack;
 mod pagetable;
 mod rebuild;
 mod repair;
+mod staging;
 mod transfer;
 mod util;
 mod verify;
@@ -39,13 +41,15 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use cache::{CacheBuild, CacheGcReport, CacheKind, CacheLookup};
 pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
 pub use rebuild::RebuildReport;
 pub use repair::RepairReport;
-pub use util::fault_point;
+pub use staging::Staging;
+pub use util::{fault_point, printable};
 pub use verify::{Finding, Level};
 
 use blob::BlobDir;
@@ -66,6 +70,8 @@ pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
 pub struct Store {
     paths: Paths,
     locks: Locks,
+    /// The shared-memory tmpfs where `staging` prefers to put directories.
+    shm: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +165,7 @@ impl Store {
                 index: root.join(layout::INDEX_LOCK),
                 timeout: DEFAULT_LOCK_TIMEOUT,
             },
+            shm: PathBuf::from(staging::DEFAULT_SHM),
         })
     }
 
@@ -342,7 +349,13 @@ impl Store {
     /// every page and every file digest.
     pub fn verify(&self, read_data: bool) -> std::result::Result<Vec<Finding>, StoreError> {
         let _lock = self.locks.shared()?;
-        verify::verify_store(self, read_data)
+        let mut findings = verify::verify_store(self, read_data)?;
+        // Caches are checked against the snapshots in index.json: with index.json
+        // lost or unparseable (reported above) there is nothing to check them by.
+        if self.read_index().is_ok() {
+            findings.extend(cache::verify_caches(self, read_data)?);
+        }
+        Ok(findings)
     }
 
     /// Puts good copies back in place of the damaged or missing blobs of the
@@ -362,10 +375,15 @@ impl Store {
         rebuild::rebuild_index(self)
     }
 
-    /// Removes blobs not reachable from index.json and everything in tmp/.
+    /// Removes blobs not reachable from index.json, everything in tmp/ but
+    /// staging kept for the user, and staging directories whose owner died.
     pub fn gc(&self, dry_run: bool) -> std::result::Result<GcReport, StoreError> {
         let _lock = self.locks.exclusive()?;
-        gc::gc_locked(self, dry_run)
+        let (dirs, bytes) = self.remove_dead_staging(dry_run);
+        let mut r = gc::gc_locked(self, dry_run)?;
+        r.tmp_removed += dirs;
+        r.bytes_freed += bytes;
+        Ok(r)
     }
 
     /// Retention per container id: keeps the newest `keep_last` snapshots and those

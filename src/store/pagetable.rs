@@ -2,18 +2,17 @@
 //! file order (the last partial page zero-padded). Owns encoding and decoding them;
 //! which pack holds a page is the packs' business, not the table's.
 
-use std::io::Read;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
 
+use super::blob::BlobDir;
 use super::error::{format_err, Result};
-use super::format::{self, Cursor, PAGE_TABLE_MAGIC, PREFIX_LEN};
-use super::ids::PageDigest;
+use super::format::{self, limits::MAX_PAGES_FILE, Cursor, PAGE_TABLE_MAGIC, PREFIX_LEN};
+use super::ids::{BlobDigest, PageDigest};
 use super::pack::PAGE_SIZE;
 
 const WHAT: &str = "page table";
-/// Largest pages file a table may describe (bounds what a hostile table can make
-/// us allocate).
-const MAX_FILE_SIZE: u64 = 1 << 40;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PageTable {
@@ -38,60 +37,137 @@ pub(crate) fn encode(t: &PageTable, level: i32) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<PageTable> {
-    format::check_prefix(bytes, PAGE_TABLE_MAGIC, WHAT, path)?;
-    let mut dec = zstd::stream::read::Decoder::new(&bytes[PREFIX_LEN..])
-        .map_err(|e| format_err(WHAT, path, format!("zstd: {e}")))?;
-    let mut head = [0u8; 16];
-    dec.read_exact(&mut head)
-        .map_err(|e| format_err(WHAT, path, format!("cannot decompress: {e}")))?;
-    let mut c = Cursor::new(&head);
-    let (Some(file_size), Some(count)) = (c.u64(), c.u64()) else {
-        return Err(format_err(WHAT, path, "short header"));
-    };
-    if file_size > MAX_FILE_SIZE {
-        return Err(format_err(
-            WHAT,
-            path,
-            format!("file size {file_size} is beyond the 1 TiB limit"),
-        ));
+/// Streams a page table's digests in file order, a bounded chunk at a time: the
+/// header's count is checked against the 1 TiB limit and the file size, and then
+/// only ever trusted as far as the decompressed stream really holds digests, so a
+/// table announcing a huge file costs time proportional to what it holds, never
+/// memory.
+pub(crate) struct TableReader<R: Read> {
+    dec: zstd::stream::read::Decoder<'static, BufReader<R>>,
+    pub(crate) file_size: u64,
+    pub(crate) count: u64,
+    left: u64,
+    buf: Vec<u8>,
+    path: PathBuf,
+}
+
+/// Digests handed out per `next_chunk` at most (32 KiB of digests).
+pub(crate) const CHUNK: usize = 1024;
+
+impl<R: Read> TableReader<R> {
+    pub(crate) fn new(mut r: R, path: &Path) -> Result<Self> {
+        let mut p = [0u8; PREFIX_LEN];
+        r.read_exact(&mut p)
+            .map_err(|e| format_err(WHAT, path, format!("cannot read prefix: {e}")))?;
+        format::check_prefix(&p, PAGE_TABLE_MAGIC, WHAT, path)?;
+        let mut dec = zstd::stream::read::Decoder::new(r)
+            .map_err(|e| format_err(WHAT, path, format!("zstd: {e}")))?;
+        let mut head = [0u8; 16];
+        dec.read_exact(&mut head)
+            .map_err(|e| format_err(WHAT, path, format!("cannot decompress header: {e}")))?;
+        let mut c = Cursor::new(&head);
+        let (Some(file_size), Some(count)) = (c.u64(), c.u64()) else {
+            return Err(format_err(WHAT, path, "short header"));
+        };
+        if file_size > MAX_PAGES_FILE {
+            return Err(format_err(
+                WHAT,
+                path,
+                format!("file size {file_size} is beyond the {MAX_PAGES_FILE}-byte (1 TiB) limit"),
+            ));
+        }
+        if count != pages_for(file_size) {
+            return Err(format_err(
+                WHAT,
+                path,
+                format!("{count} pages cannot describe a file of {file_size} bytes"),
+            ));
+        }
+        Ok(TableReader {
+            dec,
+            file_size,
+            count,
+            left: count,
+            buf: Vec::new(),
+            path: path.to_path_buf(),
+        })
     }
-    if count != pages_for(file_size) {
-        return Err(format_err(
-            WHAT,
-            path,
-            format!("{count} pages cannot describe a file of {file_size} bytes"),
-        ));
-    }
-    // Read what the header announces, never more: a hostile table cannot make us
-    // allocate beyond its own decompressed size.
-    let mut body = Vec::new();
-    (&mut dec)
-        .take(count.saturating_mul(32))
-        .read_to_end(&mut body)
-        .map_err(|e| format_err(WHAT, path, format!("cannot decompress: {e}")))?;
-    if body.len() as u64 != count * 32 {
-        return Err(format_err(
-            WHAT,
-            path,
-            format!(
-                "{count} pages announced, {} digests present",
-                body.len() / 32
-            ),
-        ));
-    }
-    let mut extra = [0u8; 1];
-    if matches!(dec.read(&mut extra), Ok(n) if n > 0) {
-        return Err(format_err(WHAT, path, "trailing data after the digests"));
-    }
-    let digests = body
-        .chunks_exact(32)
-        .map(|c| {
+
+    /// Replaces `out` with the next (at most `CHUNK`) digests; returns false once
+    /// every digest was handed out and the stream is checked to end there.
+    pub(crate) fn next_chunk(&mut self, out: &mut Vec<PageDigest>) -> Result<bool> {
+        out.clear();
+        if self.left == 0 {
+            let mut extra = [0u8; 1];
+            return match self.dec.read(&mut extra) {
+                Ok(0) => Ok(false),
+                Ok(_) => Err(format_err(
+                    WHAT,
+                    &self.path,
+                    "trailing data after the digests",
+                )),
+                Err(e) => Err(format_err(
+                    WHAT,
+                    &self.path,
+                    format!("cannot decompress: {e}"),
+                )),
+            };
+        }
+        let n = self.left.min(CHUNK as u64) as usize;
+        self.buf.resize(n * 32, 0);
+        if let Err(e) = self.dec.read_exact(&mut self.buf) {
+            let have = self.count - self.left;
+            return Err(format_err(
+                WHAT,
+                &self.path,
+                format!(
+                    "{} pages announced, fewer present (cut short after {have}): {e}",
+                    self.count
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        out.extend(self.buf.chunks_exact(32).map(|c| {
             let mut d = [0u8; 32];
             d.copy_from_slice(c);
             PageDigest(d)
-        })
-        .collect();
+        }));
+        Ok(true)
+    }
+
+    /// Calls `f(page index, digest)` for every digest in order.
+    pub(crate) fn for_each(
+        mut self,
+        mut f: impl FnMut(u64, &PageDigest) -> Result<()>,
+    ) -> Result<()> {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut i = 0u64;
+        while self.next_chunk(&mut chunk)? {
+            for d in &chunk {
+                f(i, d)?;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens page-table blob `d`, checks its digest (streaming) and starts reading it.
+pub(crate) fn open(blobs: &BlobDir, d: &BlobDigest) -> Result<TableReader<File>> {
+    let f = blobs.open_verified(d, None, WHAT)?;
+    TableReader::new(f, &blobs.path(d))
+}
+
+/// The whole table in memory: tests only (readers stream with `TableReader`).
+#[cfg(test)]
+pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<PageTable> {
+    let mut r = TableReader::new(bytes, path)?;
+    let file_size = r.file_size;
+    let mut digests = Vec::new();
+    let mut chunk = Vec::new();
+    while r.next_chunk(&mut chunk)? {
+        digests.extend_from_slice(&chunk);
+    }
     Ok(PageTable { file_size, digests })
 }
 
@@ -108,6 +184,12 @@ mod tests {
         let b = encode(&t, 3).expect("encode");
         let p = Path::new("t");
         assert_eq!(decode(&b, p).expect("decode"), t);
+        let huge = PageTable {
+            file_size: 1 << 41,
+            digests: Vec::new(),
+        };
+        let e = decode(&encode(&huge, 3).expect("encode"), p).expect_err("too big");
+        assert!(e.to_string().contains("1 TiB"), "{e}");
         let bad = PageTable {
             file_size: 4096,
             ..t.clone()

@@ -9,14 +9,17 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::blob::{is_intact, sync_dir, BlobDir, HashingReader};
 use super::catalog::{self, normalize_tag};
 use super::error::{io_err, Result, StoreError};
+use super::format::limits::{MAX_IMPORT_BLOBS, MAX_JSON};
 use super::ids::{BlobDigest, SnapshotId};
 use super::layout::{self, Descriptor, Index, Manifest};
+use super::util::{create_private_dir, printable, PRIVATE_FILE};
 use super::verify::{Checker, Level};
 use super::Store;
 
@@ -56,9 +59,11 @@ pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> 
         ".{file_name}.stasis-partial-{}",
         std::process::id()
     ));
+    // The archive holds process memory: root's alone, like the store.
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(PRIVATE_FILE)
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
     let res = (|| -> Result<()> {
@@ -185,7 +190,11 @@ impl Drop for Staging {
 
 static STAGING: AtomicU64 = AtomicU64::new(0);
 
-const MAX_JSON: u64 = 64 << 20;
+/// A tar error as text: the tar crate quotes header fields it cannot parse, which
+/// in a file that is not a tar (a zstd file, say) are raw binary bytes.
+fn tar_error(e: &io::Error) -> String {
+    printable(&e.to_string())
+}
 
 pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
     let reject = |reason: String| StoreError::ImportRejected {
@@ -197,7 +206,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         std::process::id(),
         STAGING.fetch_add(1, Ordering::Relaxed)
     ));
-    fs::create_dir(&dir).map_err(io_err("create directory", &dir))?;
+    create_private_dir(&dir).map_err(io_err("create directory", &dir))?;
     let staging = Staging(dir);
     let staged = BlobDir::new(staging.0.clone());
 
@@ -207,11 +216,20 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
     let mut layout_json: Option<Vec<u8>> = None;
     let mut index_json: Option<Vec<u8>> = None;
     let mut sizes: HashMap<BlobDigest, u64> = HashMap::new();
+    // Raw entries: GNU long names, pax headers and sparse files are not part of
+    // the export format; in raw mode they arrive as entries of their own type and
+    // are refused below instead of being buffered whole by the tar crate.
     let entries = ar
         .entries()
-        .map_err(|e| reject(format!("not a tar file: {e}")))?;
+        .map_err(|e| reject(format!("not a tar file: {}", tar_error(&e))))?
+        .raw(true);
     for entry in entries {
-        let mut entry = entry.map_err(|e| reject(format!("truncated or malformed tar: {e}")))?;
+        let mut entry = entry.map_err(|e| {
+            reject(format!(
+                "not a tar file, or a truncated or malformed one: {}",
+                tar_error(&e)
+            ))
+        })?;
         let raw = entry.path_bytes().into_owned();
         let path =
             String::from_utf8(raw).map_err(|_| reject("an entry name is not UTF-8".into()))?;
@@ -240,17 +258,19 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         let size = entry
             .header()
             .size()
-            .map_err(|e| reject(format!("entry {path:?}: bad size: {e}")))?;
+            .map_err(|e| reject(format!("entry {path:?}: bad size: {}", tar_error(&e))))?;
         match kind {
             EntryKind::Layout | EntryKind::Index => {
                 if size > MAX_JSON {
                     return Err(reject(format!("{path} is {size} bytes, too large")));
                 }
                 let mut b = Vec::with_capacity(size as usize);
-                (&mut entry)
-                    .take(size)
-                    .read_to_end(&mut b)
-                    .map_err(|e| reject(format!("truncated or malformed tar at {path}: {e}")))?;
+                (&mut entry).take(size).read_to_end(&mut b).map_err(|e| {
+                    reject(format!(
+                        "truncated or malformed tar at {path}: {}",
+                        tar_error(&e)
+                    ))
+                })?;
                 if b.len() as u64 != size {
                     return Err(reject(format!("truncated: {path} is cut short")));
                 }
@@ -267,10 +287,16 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
                 if sizes.contains_key(&d) {
                     return Err(reject(format!("blob {d} appears twice")));
                 }
+                if sizes.len() >= MAX_IMPORT_BLOBS {
+                    return Err(reject(format!(
+                        "more than {MAX_IMPORT_BLOBS} blobs; no snapshot has that many"
+                    )));
+                }
                 let target = staged.path(&d);
                 let out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(PRIVATE_FILE)
                     .open(&target)
                     .map_err(io_err("create", &target))?;
                 let mut w = BufWriter::with_capacity(1 << 20, out);
@@ -278,9 +304,10 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
                 io::copy(&mut r, &mut w).map_err(|e| match e.kind() {
                     io::ErrorKind::UnexpectedEof
                     | io::ErrorKind::InvalidData
-                    | io::ErrorKind::InvalidInput => {
-                        reject(format!("truncated or malformed tar in blob {d}: {e}"))
-                    }
+                    | io::ErrorKind::InvalidInput => reject(format!(
+                        "truncated or malformed tar in blob {d}: {}",
+                        tar_error(&e)
+                    )),
                     _ => io_err("write", &target)(e),
                 })?;
                 if r.count != size {
@@ -322,8 +349,12 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
     }
     let index_bytes =
         index_json.ok_or_else(|| reject("index.json is missing (truncated archive?)".into()))?;
-    let index: Index = serde_json::from_slice(&index_bytes)
-        .map_err(|e| reject(format!("index.json is not a valid OCI index: {e}")))?;
+    let index: Index = serde_json::from_slice(&index_bytes).map_err(|e| {
+        reject(format!(
+            "index.json is not a valid OCI index: {}",
+            printable(&e.to_string())
+        ))
+    })?;
     if index.manifests.is_empty() {
         return Err(reject("index.json lists no snapshot".into()));
     }
@@ -391,7 +422,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         let md = d.blob().ok_or_else(|| reject("malformed digest".into()))?;
         let m: Manifest =
             serde_json::from_slice(&staged.read_verified(&md, Some(d.size), "manifest")?)
-                .map_err(|e| reject(format!("manifest {md}: {e}")))?;
+                .map_err(|e| reject(format!("manifest {md}: {}", printable(&e.to_string()))))?;
         for rank in [layout::MT_PACK, layout::MT_PAGE_TABLE, layout::MT_FILES] {
             order.extend(
                 m.layers
@@ -416,7 +447,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
         if is_intact(&dst, &d, sizes.get(&d).copied().unwrap_or(0)) {
             continue;
         }
-        fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .map_err(io_err("chmod", &src))?;
         fs::rename(&src, &dst).map_err(io_err("rename into place", &dst))?;
     }

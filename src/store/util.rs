@@ -1,8 +1,43 @@
 //! Small helpers shared by the store's modules: scoped-thread parallel map (the
 //! machines this runs on have few cores; hashing and zstd are the hot loops), the
-//! progress bar, and the RFC 3339 clock.
+//! progress bar, the RFC 3339 clock, and private (0700) directory creation.
 
-use std::io::IsTerminal;
+use std::fs;
+use std::io::{self, IsTerminal};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+/// Mode of every directory the store creates: snapshots hold process memory and
+/// root filesystems, so nobody but root may read them or reach into them.
+pub(crate) const PRIVATE_DIR: u32 = 0o700;
+/// Mode of every file the store creates (blobs are made read-only: 0400).
+pub(crate) const PRIVATE_FILE: u32 = 0o600;
+
+/// Creates `dir` (and missing parents inside the store) as 0700 at mkdir(2) time,
+/// never readable in between; an existing directory is left as it is. The mode
+/// does not depend on the umask (which can only clear bits).
+pub(crate) fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR)
+        .create(dir)
+}
+
+/// Creates `dir` as 0700 and fails if it exists (for directories that are ours
+/// only when we made them).
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(PRIVATE_DIR).create(dir)
+}
+
+/// Takes group and other permissions off an existing directory (a store made by
+/// an older stasis with 0755). One stat when it is already private.
+pub(crate) fn tighten_dir(dir: &Path) -> io::Result<()> {
+    let m = fs::symlink_metadata(dir)?;
+    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR))?;
+    }
+    Ok(())
+}
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -76,6 +111,22 @@ pub(crate) fn progress(enabled: bool, total: u64, msg: &str) -> ProgressBar {
     }
     bar.set_message(msg.to_string());
     bar
+}
+
+/// `s` with every character that could drive a terminal (C0/C1 controls such as
+/// ESC, and the invisible bidi and zero-width formatting characters) written as a
+/// `\u{..}` escape, for error messages that quote bytes read from a file.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let format_char = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if c.is_control() || format_char {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Now, as RFC 3339 UTC with milliseconds (sorts lexically).

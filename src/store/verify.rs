@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use super::archive::ArchiveReader;
 use super::blob::{hash_file, BlobDir};
 use super::config::{SnapshotConfig, KIND_FILE, KIND_PAGES};
+use super::format::limits::MAX_JSON;
 use super::ids::{BlobDigest, PageDigest};
 use super::layout::{self, Descriptor, Manifest};
 use super::pack::{self, PackIndex, PAGE_SIZE};
@@ -98,6 +99,20 @@ impl<'a> Checker<'a> {
         hint: &str,
     ) -> Option<Vec<u8>> {
         let path = self.blobs.path(d);
+        // JSON blobs only: refuse a size no real one has before reading it.
+        if let Ok(m) = fs::metadata(&path) {
+            if m.len() > MAX_JSON {
+                self.push(
+                    Level::Error,
+                    format!(
+                        "{label}: {what} {d} is {} bytes, more than the {MAX_JSON}-byte limit",
+                        m.len()
+                    ),
+                    hint.to_string(),
+                );
+                return None;
+            }
+        }
         let b = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -152,6 +167,51 @@ impl<'a> Checker<'a> {
                 None
             }
         }
+    }
+
+    /// Checks a blob of any size by streaming it (size, then digest; re-hashed once
+    /// on a mismatch) and returns it opened at its start.
+    fn blob_file(
+        &mut self,
+        d: &BlobDigest,
+        size: u64,
+        what: &str,
+        label: &str,
+        hint: &str,
+    ) -> Option<File> {
+        let path = self.blobs.path(d);
+        let problem = match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => format!("{what} {d} is missing"),
+            Err(e) => format!("cannot read {what} {d}: {e}"),
+            Ok(f) => {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let hashed = hash_file(&path).map(|(g, _)| g);
+                match hashed {
+                    _ if len != size => {
+                        format!("{what} {d} is {len} bytes, its descriptor says {size}")
+                    }
+                    Ok(g) if g == *d => return Some(f),
+                    Err(e) => format!("cannot read {what} {d}: {e}"),
+                    Ok(g) => {
+                        if hash_file(&path).map(|(g, _)| g).ok() == Some(*d) {
+                            self.push(
+                                Level::Warning,
+                                format!("{label}: {what} {d} read back wrong once and right the second time"),
+                                "the disk or memory may be failing; run verify again".into(),
+                            );
+                            return Some(f);
+                        }
+                        format!("{what} {d} is corrupt (its content digest is {g})")
+                    }
+                }
+            }
+        };
+        self.push(
+            Level::Error,
+            format!("{label}: {problem}"),
+            hint.to_string(),
+        );
+        None
     }
 
     fn check_pack(&mut self, d: &BlobDigest, size: u64) -> &PackResult {
@@ -321,16 +381,18 @@ impl<'a> Checker<'a> {
         }
 
         // Layers.
-        let mut tables: Vec<(String, BlobDigest, pagetable::PageTable)> = Vec::new();
+        // Page tables: (digest, file size) of each whose digest and header are good;
+        // their digests are streamed below, never held.
+        let mut tables: Vec<(BlobDigest, u64)> = Vec::new();
         let mut pack_indexes: Vec<Option<Arc<PackIndex>>> = Vec::new();
-        let mut files_blob: Option<(BlobDigest, Vec<u8>)> = None;
+        let mut files_blob: Option<(BlobDigest, File)> = None;
         for l in &m.layers {
             let Some(d) = l.blob() else { continue };
             match l.media_type.as_str() {
                 layout::MT_PAGE_TABLE => {
-                    if let Some(b) = self.blob_bytes(&d, Some(l.size), "page table", label, &hint) {
-                        match pagetable::decode(&b, &self.blobs.path(&d)) {
-                            Ok(t) => tables.push((l.annotation(layout::A_FILE).to_string(), d, t)),
+                    if let Some(f) = self.blob_file(&d, l.size, "page table", label, &hint) {
+                        match pagetable::TableReader::new(f, &self.blobs.path(&d)) {
+                            Ok(t) => tables.push((d, t.file_size)),
                             Err(e) => {
                                 self.push(Level::Error, format!("{label}: {e}"), hint.clone())
                             }
@@ -338,8 +400,8 @@ impl<'a> Checker<'a> {
                     }
                 }
                 layout::MT_FILES => {
-                    if let Some(b) = self.blob_bytes(&d, Some(l.size), "files blob", label, &hint) {
-                        files_blob = Some((d, b));
+                    if let Some(f) = self.blob_file(&d, l.size, "files blob", label, &hint) {
+                        files_blob = Some((d, f));
                     }
                 }
                 layout::MT_PACK => {
@@ -360,8 +422,7 @@ impl<'a> Checker<'a> {
         let Some(cfg) = cfg else { return };
 
         // Files against the config.
-        let mut all_pages: Option<HashSet<PageDigest>> = if pack_indexes.iter().all(|i| i.is_some())
-        {
+        let all_pages: Option<HashSet<PageDigest>> = if pack_indexes.iter().all(|i| i.is_some()) {
             Some(
                 pack_indexes
                     .iter()
@@ -373,9 +434,9 @@ impl<'a> Checker<'a> {
             None
         };
         for rec in cfg.files.iter().filter(|r| r.kind == KIND_PAGES) {
-            let Some((_, td, t)) = tables
+            let Some(&(td, file_size)) = tables
                 .iter()
-                .find(|(_, d, _)| Some(d.to_string()) == rec.page_table)
+                .find(|(d, _)| Some(d.to_string()) == rec.page_table)
             else {
                 if !layer_digests
                     .iter()
@@ -392,31 +453,19 @@ impl<'a> Checker<'a> {
                 }
                 continue;
             };
-            if t.file_size != rec.size {
+            if file_size != rec.size {
                 self.push(
                     Level::Error,
                     format!(
-                        "{label}: page table {td} of {} describes {} bytes, the config says {}",
-                        rec.name, t.file_size, rec.size
+                        "{label}: page table {td} of {} describes {file_size} bytes, the config says {}",
+                        rec.name, rec.size
                     ),
                     hint.clone(),
                 );
+                continue;
             }
-            if let Some(pages) = all_pages.as_mut() {
-                let missing: Vec<usize> = t
-                    .digests
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, d)| !pages.contains(d))
-                    .map(|(i, _)| i)
-                    .collect();
-                if let Some(first) = missing.first() {
-                    self.push(
-                        Level::Error,
-                        format!("{label}: {} page(s) of {} are in none of the snapshot's packs (first at offset {})", missing.len(), rec.name, *first as u64 * PAGE_SIZE as u64),
-                        hint.clone(),
-                    );
-                }
+            if let Err(e) = self.scan_table(&td, all_pages.as_ref(), &rec.name, label, &hint) {
+                self.push(Level::Error, format!("{label}: {e}"), hint.clone());
             }
         }
         let small: BTreeMap<&str, &super::config::FileRecord> = cfg
@@ -426,9 +475,7 @@ impl<'a> Checker<'a> {
             .map(|r| (r.name.as_str(), r))
             .collect();
         match files_blob {
-            Some((d, bytes)) if self.read_data => {
-                self.check_files_blob(&d, &bytes, &small, label, &hint)
-            }
+            Some((d, f)) if self.read_data => self.check_files_blob(&d, f, &small, label, &hint),
             None if !small.is_empty()
                 && !m.layers.iter().any(|l| l.media_type == layout::MT_FILES) =>
             {
@@ -442,10 +489,43 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Streams page table `td` (its digest already checked) to its end, checking
+    /// that every page is in `pages` (the snapshot's packs) when those could all be
+    /// read.
+    fn scan_table(
+        &mut self,
+        td: &BlobDigest,
+        pages: Option<&HashSet<PageDigest>>,
+        name: &str,
+        label: &str,
+        hint: &str,
+    ) -> super::error::Result<()> {
+        let path = self.blobs.path(td);
+        let f = File::open(&path).map_err(super::error::io_err("open", &path))?;
+        let (mut missing, mut first) = (0u64, None);
+        pagetable::TableReader::new(f, &path)?.for_each(|i, d| {
+            if let Some(p) = pages {
+                if !p.contains(d) {
+                    missing += 1;
+                    first.get_or_insert(i);
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(first) = first {
+            self.push(
+                Level::Error,
+                format!("{label}: {missing} page(s) of {name} are in none of the snapshot's packs (first at offset {})", first * PAGE_SIZE as u64),
+                hint.to_string(),
+            );
+        }
+        Ok(())
+    }
+
     fn check_files_blob(
         &mut self,
         d: &BlobDigest,
-        bytes: &[u8],
+        bytes: File,
         wanted: &BTreeMap<&str, &super::config::FileRecord>,
         label: &str,
         hint: &str,
@@ -463,6 +543,14 @@ impl<'a> Checker<'a> {
                         break;
                     }
                     Ok(Some((name, size))) => {
+                        if !wanted.contains_key(name.as_str()) {
+                            // Not a file of the snapshot: stop here rather than walk
+                            // however many entries a hostile blob holds.
+                            problems.push(format!(
+                                "files blob {d} holds {name:?}, which the config does not list"
+                            ));
+                            break;
+                        }
                         let mut h = super::blob::HashingReader::new(ar.content(size));
                         if let Err(e) = io::copy(&mut h, &mut io::sink()) {
                             problems

@@ -32,6 +32,8 @@ pub use statcache::{CacheTree, CachedFile, Mapped, StatCache, StatKey, STAT_CACH
 pub const DATA_FILE: &str = "fsdata-0.bin";
 pub const MANIFEST_FILE: &str = "fs-manifest.json";
 const ALIGN: u64 = 4096;
+/// Largest fs-manifest.json read into memory (the store refuses larger reads too).
+const MAX_MANIFEST: u64 = 256 << 20;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -613,6 +615,16 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     if !p.exists() {
         return Ok(None);
     }
+    let len = fs::metadata(&p).map_err(io("stat", &p))?.len();
+    if len > MAX_MANIFEST {
+        return Err(WorkflowError::Io {
+            op: "read",
+            path: p,
+            source: std::io::Error::other(format!(
+                "{len} bytes, more than the {MAX_MANIFEST}-byte limit for a filesystem manifest"
+            )),
+        });
+    }
     let bytes = fs::read(&p).map_err(io("read", &p))?;
     parse_manifest(&bytes, &p).map(Some)
 }
@@ -746,6 +758,30 @@ fn bad_entry(dest: &Path, rel: &str, why: &str) -> WorkflowError {
     }
 }
 
+/// Every file's bytes must lie inside the data file, and the files of a tree
+/// (written at disjoint offsets by capture) cannot add up to more than it holds: a
+/// hostile manifest cannot make restore write more than its data file's size.
+fn check_extents(tree: &Tree, data_len: u64, data: &Path) -> Result<()> {
+    let mut total = 0u64;
+    for e in tree.entries.iter().filter(|e| e.kind == Kind::File) {
+        let end = e.offset.unwrap_or(0).checked_add(e.size);
+        total = total.saturating_add(e.size);
+        if end.is_none_or(|end| end > data_len) || total > data_len {
+            return Err(WorkflowError::Io {
+                op: "materialize",
+                path: data.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "filesystem manifest entry {:?} claims {} bytes at offset {}, beyond the {data_len}-byte data file",
+                    e.path,
+                    e.size,
+                    e.offset.unwrap_or(0)
+                )),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Rebuilds tree number `index` of `manifest` under `dest` from `data` (the
 /// verified `fsdata-0.bin`). Directories' metadata is applied last (deepest first)
 /// so mtimes and read-only modes stick.
@@ -761,6 +797,8 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
         source: std::io::Error::other(format!("no tree {index} in the manifest")),
     })?;
     let mut src = File::open(data).map_err(io("open", data))?;
+    let data_len = src.metadata().map_err(io("stat", data))?.len();
+    check_extents(tree, data_len, data)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut dirs = Vec::new();
     let mut made_dirs: std::collections::HashSet<String> = std::collections::HashSet::new();

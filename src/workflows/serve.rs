@@ -714,7 +714,7 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
     }
     let p = prepare(&rt, &store, &o.from, false, false)?;
     for w in &p.warnings {
-        eprintln!("stasis: warning: {w}");
+        eprintln!("stasis: warning: {}", crate::store::printable(w));
     }
     let sid = p.sid;
     let bundle = o.bundle.clone().or_else(|| {

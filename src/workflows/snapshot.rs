@@ -11,69 +11,11 @@ use serde_json::json;
 
 use super::{fstree, host, Result, WorkflowError};
 use crate::runtime::checkpoint::{CheckpointOptions, CriuStats, RestoreOptions};
-use crate::runtime::Runtime;
-use crate::store::{IngestOptions, IngestReport, SnapshotId, SnapshotInput, Store};
-
-/// A staging directory removed on drop unless `keep` is called.
-pub struct Staging {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Staging {
-    /// Creates a private staging directory: on /dev/shm when it is a tmpfs with
-    /// room for `need` bytes plus a margin, else under the store's `tmp/`.
-    pub fn new(store_root: &Path, need: u64) -> Result<Self> {
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() && host::mem_available() > need.saturating_mul(2) + (256 << 20) {
-            shm.to_path_buf()
-        } else {
-            store_root.join("tmp")
-        };
-        fs::create_dir_all(&base).map_err(|source| WorkflowError::Io {
-            op: "create staging base",
-            path: base.clone(),
-            source,
-        })?;
-        let dir = tempfile::Builder::new()
-            .prefix("stasis-staging-")
-            .tempdir_in(&base)
-            .map_err(|source| WorkflowError::Io {
-                op: "create staging directory",
-                path: base.clone(),
-                source,
-            })?;
-        Ok(Self {
-            path: dir.keep(),
-            keep: false,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn keep(&mut self) -> PathBuf {
-        self.keep = true;
-        self.path.clone()
-    }
-
-    /// Keeps the directory for the CRIU image an error names (and CRIU's logs),
-    /// without the previous snapshot's file data materialised under `previous/`
-    /// for the capture. Returns the image's path.
-    pub fn keep_image(&mut self) -> PathBuf {
-        let _ = fs::remove_dir_all(self.path.join("previous"));
-        self.keep().join("image")
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = fs::remove_dir_all(&self.path);
-        }
-    }
-}
+use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
+use crate::store::{
+    CacheBuild, CacheKind, CacheLookup, IngestOptions, IngestReport, SnapshotId, SnapshotInput,
+    Store,
+};
 
 pub struct TaggedCheckpoint {
     pub checkpoint: CheckpointOptions,
@@ -192,7 +134,7 @@ pub fn checkpoint_to_store(
     // area once it is.
     rt.wait_lazy_pages(id)?;
     let need = host::cgroup_memory_usage(st.pid).unwrap_or(1 << 30);
-    let mut staging = Staging::new(store.root(), need)?;
+    let mut staging = store.staging(need)?;
     let img = staging.path().join("image");
     let work = staging.path().join("work");
     let mut opts = t.checkpoint.clone();
@@ -203,7 +145,7 @@ pub fn checkpoint_to_store(
     // keeps that window short: files whose key matches the last capture are only
     // statted while frozen and copied after the thaw (`fstree::Capture::finish`).
     let sources = fs_sources(t, &st.bundle, &st.rootfs, &config_json);
-    let cache_path = stat_cache_path(store, id);
+    let cache_path = store.stat_cache_path(id);
     // The snapshot the stat cache points into supplies the unchanged files after
     // the dump: a pin (the shared store lock), held from this check until the
     // ingest is done, keeps `snapshot rm`, gc and prune from removing it in
@@ -257,7 +199,7 @@ pub fn checkpoint_to_store(
     };
     let mut open_files = serde_json::Value::Array(Vec::new());
     let t0 = Instant::now();
-    let stats = rt.checkpoint_with(&opts, &mut |cs| {
+    let stats = rt.checkpoint_with(&opts, &mut |cs, _| {
         if t.ignore_rootfs {
             let mut paths = super::openfiles::list(&cs.rootfs, &container_pids(cs.pid));
             if paths.is_empty() {
@@ -358,6 +300,8 @@ pub fn checkpoint_to_store(
         // fs_assemble: copying unchanged files and hashing, after the thaw.
         "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
     });
+    // Tests park here to look at the staging directory holding the dump.
+    crate::runtime::fault_point("checkpoint.before-ingest");
     let t1 = Instant::now();
     let report = store
         .ingest(
@@ -389,30 +333,6 @@ pub fn checkpoint_to_store(
         dump_ms,
         ingest_ms: t1.elapsed().as_millis(),
     })
-}
-
-/// Where the stat cache of container `id` lives: the store's `cache/fscache/`.
-/// Not under `--root`: its entries point into this store's snapshots (another
-/// `--store` must not use them), it must outlive `delete` (prewarm and serve
-/// checkpoint, delete and re-create containers under the same id), and `cache/` is
-/// the store's "derived, always safe to delete" directory.
-fn stat_cache_path(store: &Store, id: &str) -> PathBuf {
-    let safe = !id.is_empty()
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    let name = if safe {
-        id.to_string()
-    } else {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(id.as_bytes()))
-    };
-    store
-        .root()
-        .join("cache")
-        .join("fscache")
-        .join(format!("{name}.json"))
 }
 
 /// The stat cache of a container if the snapshot its entries point into is still
@@ -450,7 +370,7 @@ fn copy_stat_cache(
             .ok()?
             .trim(),
     )?;
-    let base = cache_dir(store, "fs", &sid).join("rootfs");
+    let base = store.cache_dir(CacheKind::Rootfs, &sid).join("rootfs");
     store.resolve(&sid.full()).ok().filter(|r| *r == sid)?;
     let bytes = store.read_file(&sid, fstree::MANIFEST_FILE).ok()?;
     let m = fstree::parse_manifest(&bytes, Path::new(fstree::MANIFEST_FILE)).ok()?;
@@ -526,10 +446,11 @@ fn copy_stat_cache(
 /// The verified `fsdata-0.bin` of snapshot `sid`: the copy under `cache/img/` when
 /// a restore already materialised it, else only that file materialised into `dir`.
 fn previous_fs_data(store: &Store, sid: &SnapshotId, dir: &Path) -> Result<PathBuf> {
-    let cdir = cache_dir(store, "img", sid);
-    let cached = cdir.join("image").join(fstree::DATA_FILE);
-    if cdir.join(".complete-image").exists() && cached.is_file() {
-        return Ok(cached);
+    if let Some(img) = store.cache_ready(CacheKind::Image, sid) {
+        let cached = img.join(fstree::DATA_FILE);
+        if cached.is_file() {
+            return Ok(cached);
+        }
     }
     Ok(store.materialize_file(sid, fstree::DATA_FILE, dir)?)
 }
@@ -660,8 +581,8 @@ pub fn prepare(
     // first restore of a snapshot materialises and verifies it, later restores
     // (more copies, serve's pool) read it directly. CRIU never writes to it.
     let t0 = Instant::now();
-    let img = cached(&cache_dir(store, "img", &sid), "image", |tmp| {
-        store.materialize(&sid, tmp, progress)?;
+    let img = cached(store, CacheKind::Image, &sid, |b| {
+        store.materialize(&sid, b.path(), progress)?;
         Ok(())
     })?;
     let materialize_ms = t0.elapsed().as_millis();
@@ -709,52 +630,22 @@ pub fn new_generation() -> String {
     hex::encode(b)
 }
 
-/// `dir/name`, built once by `build` (into a temp name, renamed into place, then
-/// marked complete) under an exclusive flock on `dir/.lock`; later callers, in
-/// this or another process, reuse it.
-fn cached(dir: &Path, name: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    let target = dir.join(name);
-    let done = dir.join(format!(".complete-{name}"));
-    if done.exists() {
-        return Ok(target);
+/// The complete cache entry of `kind` for `sid`, built by `build` (into
+/// `CacheBuild::path`) when missing or damaged; the store marks it complete.
+/// Later callers, in this or another process, reuse it.
+fn cached(
+    store: &Store,
+    kind: CacheKind,
+    sid: &SnapshotId,
+    build: impl FnOnce(&CacheBuild) -> Result<()>,
+) -> Result<PathBuf> {
+    match store.cache_lookup(kind, sid)? {
+        CacheLookup::Ready(p) => Ok(p),
+        CacheLookup::Build(b) => {
+            build(&b)?;
+            Ok(b.commit()?)
+        }
     }
-    fs::create_dir_all(dir).map_err(io_err("create cache directory", dir))?;
-    let lock_path = dir.join(".lock");
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err("open lock", &lock_path))?;
-    let _guard =
-        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-            WorkflowError::Io {
-                op: "lock",
-                path: lock_path.clone(),
-                source: e.into(),
-            }
-        })?;
-    if done.exists() {
-        return Ok(target);
-    }
-    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    if let Err(e) = build(&tmp) {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let _ = fs::remove_dir_all(&target);
-    fs::rename(&tmp, &target).map_err(io_err("publish cached", &target))?;
-    fs::write(&done, b"").map_err(io_err("mark complete", &done))?;
-    Ok(target)
-}
-
-fn cache_dir(store: &Store, kind: &str, sid: &SnapshotId) -> PathBuf {
-    store
-        .root()
-        .join("cache")
-        .join(kind)
-        .join(sid.to_string().replace(':', "-"))
 }
 
 /// Builds the restore caches of a snapshot ahead of time: the verified CRIU image
@@ -785,8 +676,8 @@ fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
             reason: "its filesystem has no rootfs tree (fs-manifest.json)".into(),
         });
     };
-    let dir = cache_dir(store, "fs", &p.sid);
-    cached(&dir, "rootfs", |tmp| {
+    cached(store, CacheKind::Rootfs, &p.sid, |b| {
+        let tmp = b.path();
         fstree::materialize(manifest, root_index, &p.image.join(fstree::DATA_FILE), tmp).map_err(
             |e| match e {
                 // A full disk is told as such, with the space free once the
@@ -798,13 +689,13 @@ fn ensure_base(store: &Store, p: &Prepared) -> Result<PathBuf> {
                     let _ = fs::remove_dir_all(tmp);
                     WorkflowError::NoSpace {
                         snapshot: p.sid.short(),
-                        path: dir.join("rootfs"),
+                        path: b.target(),
                         needed: manifest.trees[root_index]
                             .entries
                             .iter()
                             .map(|e| e.size)
                             .sum(),
-                        free: free_bytes(&dir),
+                        free: free_bytes(b.target().parent().unwrap_or(tmp)),
                         source,
                     }
                 }
@@ -872,14 +763,16 @@ fn private_fs(
     // `--root` is usually a tmpfs (/run/stasis), where the copy would take RAM.
     // The state records the directory, so `delete` removes it either way.
     let copies = if copy.copy_rootfs {
-        store.root().join("cache").join("copies")
+        store.copies_dir()
     } else {
         rt.root().join(".copies")
     };
-    fs::create_dir_all(&copies).map_err(io_err("create", &copies))?;
+    // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
+    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
+    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
     let owned = copies.join(id);
     // Not create_dir_all: the directory is ours only if we created it.
-    fs::create_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
+    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
         owned.join("upper"),
         owned.join("work"),
@@ -1128,6 +1021,24 @@ pub fn restore_prepared(
     }
 }
 
+/// The ids of `restore --from`'s copies: `id` alone, or `PREFIX-0 .. PREFIX-(N-1)`
+/// (`PREFIX` is `name_prefix`, else `id`) with several copies or a prefix. Each is
+/// validated here, so a bad one is refused before anything is materialised or
+/// created.
+pub fn copy_ids(id: &str, copies: usize, name_prefix: Option<&str>) -> Result<Vec<String>> {
+    let n = copies.max(1);
+    let ids: Vec<String> = if n == 1 && name_prefix.is_none() {
+        vec![id.to_string()]
+    } else {
+        let prefix = name_prefix.unwrap_or(id);
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    for id in &ids {
+        crate::runtime::validate_id(id)?;
+    }
+    Ok(ids)
+}
+
 /// `restore --from NAME NEWID [--copies N]`: prepare once, restore each copy (in
 /// parallel), drop staging, wait when not detached (one copy only).
 pub fn restore_from_store(
@@ -1135,6 +1046,8 @@ pub fn restore_from_store(
     store: &Store,
     r: &RestoreFrom,
 ) -> Result<RestoreFromResult> {
+    let ids = copy_ids(&r.restore.id, r.copies, r.name_prefix.as_deref())?;
+    let n = ids.len();
     let p = prepare(rt, store, &r.from, r.force, r.progress)?;
     if p.manifest.is_none() {
         for (set, flag) in [
@@ -1153,22 +1066,12 @@ pub fn restore_from_store(
         fs::metadata(ns).map_err(io_err("open network namespace", ns))?;
     }
     let generation = new_generation();
-    let n = r.copies.max(1);
     if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {
         return Err(WorkflowError::Snapshot {
             snapshot: p.sid.short(),
             reason: "--lazy-pages with --work-path and several copies would give every copy's lazy-pages daemon the same socket; leave out --work-path (each copy then works in its own state directory)".into(),
         });
     }
-    let ids: Vec<String> = if n == 1 && r.name_prefix.is_none() {
-        vec![r.restore.id.clone()]
-    } else {
-        let prefix = r
-            .name_prefix
-            .clone()
-            .unwrap_or_else(|| r.restore.id.clone());
-        (0..n).map(|i| format!("{prefix}-{i}")).collect()
-    };
     let t1 = Instant::now();
     let results: Vec<Result<CriuStats>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ids
@@ -1250,18 +1153,14 @@ pub fn restore_from_store(
 }
 
 /// Removes cached root filesystems (`cache/fs/`) and images (`cache/img/`) of
-/// snapshots that are no longer in the store, unless an overlay still uses them,
-/// and the stat caches (`cache/fscache/`) whose snapshot is gone. Returns (dirs,
-/// bytes); the stat cache files count in the bytes only.
+/// snapshots that are no longer in the store (unless an overlay still uses
+/// them), partial entries left by killed restores, and the stat caches
+/// (`cache/fscache/`) whose snapshot is gone. Returns (entries, bytes); the stat
+/// cache files count in the bytes only.
 pub fn gc_fs_cache(store: &Store, dry_run: bool) -> Result<(u64, u64)> {
-    let (mut n, mut bytes) = (0, 0);
-    for kind in ["fs", "img"] {
-        let (a, b) = gc_cache_kind(store, kind, dry_run)?;
-        n += a;
-        bytes += b;
-    }
-    bytes += gc_stat_caches(store, dry_run)?;
-    Ok((n, bytes))
+    let r = store.gc_caches(dry_run)?;
+    let bytes = r.bytes_freed + gc_stat_caches(store, dry_run)?;
+    Ok((r.entries_removed + r.partial_removed, bytes))
 }
 
 /// Removes the stat caches that can serve no capture any more: unreadable (or of
@@ -1270,18 +1169,13 @@ pub fn gc_fs_cache(store: &Store, dry_run: bool) -> Result<(u64, u64)> {
 /// default name, a removed container's) would otherwise keep theirs forever.
 /// Returns the bytes freed.
 fn gc_stat_caches(store: &Store, dry_run: bool) -> Result<u64> {
-    let dir = store.root().join("cache").join("fscache");
-    let Ok(entries) = fs::read_dir(&dir) else {
+    let files = store.stat_cache_files();
+    if files.is_empty() {
         return Ok(0);
-    };
+    }
     let live: Vec<SnapshotId> = store.list()?.into_iter().map(|s| s.id).collect();
     let mut bytes = 0;
-    for e in entries.flatten() {
-        let path = e.path();
-        // Only finished caches: `save` writes a temp name and renames it.
-        if path.extension().is_none_or(|x| x != "json") {
-            continue;
-        }
+    for path in files {
         let sid = fstree::StatCache::load(&path).and_then(|c| SnapshotId::parse(&c.snapshot));
         // A snapshot ingested after the listing above is looked up again.
         let keep = sid.is_some_and(|sid| {
@@ -1290,7 +1184,7 @@ fn gc_stat_caches(store: &Store, dry_run: bool) -> Result<u64> {
         if keep {
             continue;
         }
-        let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         if !dry_run {
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -1301,50 +1195,6 @@ fn gc_stat_caches(store: &Store, dry_run: bool) -> Result<u64> {
         bytes += size;
     }
     Ok(bytes)
-}
-
-fn gc_cache_kind(store: &Store, kind: &str, dry_run: bool) -> Result<(u64, u64)> {
-    let cache = store.root().join("cache").join(kind);
-    let Ok(entries) = fs::read_dir(&cache) else {
-        return Ok((0, 0));
-    };
-    let live: Vec<String> = store
-        .list()?
-        .iter()
-        .map(|s| s.id.to_string().replace(':', "-"))
-        .collect();
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let (mut n, mut bytes) = (0, 0);
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let path = e.path();
-        if live.contains(&name) || mounts.contains(&format!("lowerdir={}", path.display())) {
-            continue;
-        }
-        let size: u64 = walk_size(&path);
-        if !dry_run {
-            fs::remove_dir_all(&path).map_err(io_err("remove cached rootfs", &path))?;
-        }
-        n += 1;
-        bytes += size;
-    }
-    Ok((n, bytes))
-}
-
-fn walk_size(p: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![p.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
 
 #[cfg(test)]
@@ -1380,28 +1230,6 @@ mod tests {
             snapshot: sid.to_string(),
             trees: Vec::new(),
         }
-    }
-
-    #[test]
-    fn a_kept_staging_directory_keeps_the_image_but_not_the_previous_data() {
-        let t = tempfile::tempdir().unwrap();
-        let mut s = Staging::new(t.path(), 0).unwrap();
-        let dir = s.path().to_path_buf();
-        for d in ["image", "work", "previous"] {
-            fs::create_dir_all(dir.join(d)).unwrap();
-            fs::write(dir.join(d).join("f"), d).unwrap();
-        }
-        assert_eq!(s.keep_image(), dir.join("image"));
-        drop(s);
-        assert!(dir.join("image/f").is_file() && dir.join("work/f").is_file());
-        assert!(!dir.join("previous").exists());
-        fs::remove_dir_all(&dir).unwrap();
-        // Not kept: everything goes.
-        let s = Staging::new(t.path(), 0).unwrap();
-        let dir = s.path().to_path_buf();
-        fs::create_dir_all(dir.join("previous")).unwrap();
-        drop(s);
-        assert!(!dir.exists());
     }
 
     #[test]
@@ -1450,9 +1278,9 @@ mod tests {
         let gone = ingest(&store, &small_image(&t.path().join("b"), 2));
         store.remove(&format!("sha256:{}", gone.full())).unwrap();
         let (keep, stale, bad) = (
-            stat_cache_path(&store, "kept"),
-            stat_cache_path(&store, "serve-7000-1-3"),
-            stat_cache_path(&store, "garbage"),
+            store.stat_cache_path("kept"),
+            store.stat_cache_path("serve-7000-1-3"),
+            store.stat_cache_path("garbage"),
         );
         stat_cache_of(&live.full()).save(&keep).unwrap();
         stat_cache_of(&gone.full()).save(&stale).unwrap();

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::common::{edit_config, unique_id, wait_until, Env};
+use crate::common::{cgroups_named, edit_config, unique_id, wait_until, Env};
 
 #[test]
 fn illegal_transitions_are_refused_and_change_nothing() {
@@ -327,4 +327,164 @@ fn stopped_container_events_stats_fails() {
     });
     env.run(&["events", "--stats", &id])
         .fails_with_one_line(&[&id, "stopped"]);
+}
+
+/// Names of the lock files under `--root/.locks` (empty when there is none).
+fn lock_files(env: &Env) -> Vec<String> {
+    match fs::read_dir(env.root.join(".locks")) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn ids_naming_private_entries_of_the_root_are_refused() {
+    // stasis keeps `.locks` and `.copies` (restored copies' upper layers and
+    // bundles) in --root: `delete --force .copies` wiped every copy's data,
+    // `delete --force .locks` the lock directory, `run -d .hidden` made a container
+    // that `list` never showed.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let u = unique_id("dot");
+    let copy_data = env.root.join(".copies").join(&u).join("upper");
+    fs::create_dir_all(&copy_data).unwrap();
+    fs::write(copy_data.join("data"), "kept").unwrap();
+    fs::create_dir_all(env.root.join(".locks")).unwrap();
+    for id in [".copies", ".locks"] {
+        for verb in [
+            &["delete", "--force"][..],
+            &["delete"],
+            &["kill"],
+            &["state"],
+        ] {
+            let mut args: Vec<&str> = verb.to_vec();
+            args.push(id);
+            let line = env.run(&args).fails_with_one_line(&[id, "'.'"]);
+            assert!(line.contains("reserves"), "{line}");
+        }
+    }
+    assert_eq!(fs::read_to_string(copy_data.join("data")).unwrap(), "kept");
+    assert!(env.root.join(".locks").is_dir());
+    let hidden = format!(".{u}");
+    for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+        let _g = env.guard(&u); // in case the dot was dropped somewhere
+        let mut args: Vec<&str> = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &hidden]);
+        env.run(&args).fails_with_one_line(&[&hidden, "'.'"]);
+    }
+    let mut entries = env.root_entries();
+    entries.sort();
+    assert_eq!(entries, [".copies"], "left in --root");
+    assert_eq!(cgroups_named(&u), Vec::<std::path::PathBuf>::new());
+    assert_eq!(lock_files(&env), Vec::<String>::new());
+    // restore --from checks its ids (and --name-prefix's) before it opens the store.
+    let store = env.path("store");
+    for args in [
+        &["restore", "--from", "nosuch", "-d", &hidden][..],
+        &[
+            "restore",
+            "--from",
+            "nosuch",
+            "--name-prefix",
+            &hidden,
+            "--copies",
+            "2",
+        ],
+    ] {
+        let mut full = vec!["--store", store.to_str().unwrap()];
+        full.extend(args);
+        env.run(&full).fails_with_one_line(&[&hidden, "'.'"]);
+    }
+    assert!(!store.exists(), "the store was created for a refused id");
+}
+
+#[test]
+fn ids_too_long_for_a_file_name_are_refused_before_anything_is_created() {
+    // Ids of 256-1024 bytes passed validation and then failed in mkdir with "File
+    // name too long"; stasis also names files `stasis-checkpoint-<id>.log`, so the
+    // limit is NAME_MAX (255) less what it adds.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    let u = unique_id("long");
+    let longest = format!("{u}{}", "a".repeat(233 - u.len()));
+    for n in [234, 255, 256, 1024, 1025] {
+        let id = format!("{u}{}", "a".repeat(n - u.len()));
+        for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+            let _g = env.guard(&longest);
+            let mut args: Vec<&str> = verb.to_vec();
+            args.extend(["--bundle", b.to_str().unwrap(), &id]);
+            let line = env
+                .run(&args)
+                .fails_with_one_line(&[&format!("{n} bytes"), "at most 233 bytes"]);
+            assert!(line.len() < 400, "the error buries its reason: {line}");
+        }
+        let store = env.path("store");
+        let s = store.to_str().unwrap();
+        env.run(&["--store", s, "restore", "--from", "nosuch", "-d", &id])
+            .fails_with_one_line(&[&format!("{n} bytes")]);
+        // A prefix that fits while PREFIX-9 does not.
+        let prefix = &id[..n.min(233) - 1];
+        env.run(&[
+            "--store",
+            s,
+            "restore",
+            "--from",
+            "nosuch",
+            "--copies",
+            "10",
+            "--name-prefix",
+            prefix,
+        ])
+        .fails_with_one_line(&["234 bytes"]);
+        assert!(!store.exists(), "the store was created for a refused id");
+        env.assert_nothing_left(&u, Some(&b));
+        assert_eq!(lock_files(&env), Vec::<String>::new());
+    }
+    // The longest valid id works from create to delete.
+    let _c = env.run_detached(&b, &longest);
+    assert_eq!(env.status(&longest), "running");
+    env.ok(&["delete", "--force", &longest]);
+    env.assert_nothing_left(&u, Some(&b));
+}
+
+#[test]
+fn failed_commands_leave_no_lock_files() {
+    // A failed `create` and a `kill` of a missing id each left an empty file in
+    // --root/.locks (`kill NOPE KILL` one named "KILL").
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["/no/such/binary"]);
+    let id = unique_id("nolock");
+    for verb in [&["create"][..], &["run", "-d"], &["run"]] {
+        let _g = env.guard(&id);
+        let mut args: Vec<&str> = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.run(&args).fails_with_one_line(&["/no/such/binary"]);
+    }
+    env.run(&["kill", "NOPE", "KILL"])
+        .fails_with_one_line(&["NOPE"]);
+    for args in [
+        &["kill", "ghost"][..],
+        &["start", "ghost"],
+        &["pause", "ghost"],
+        &["exec", "ghost", "true"],
+        &["delete", "ghost"],
+        &["delete", "--force", "ghost"],
+    ] {
+        let _ = env.run(args);
+    }
+    env.assert_nothing_left(&id, Some(&b));
+    assert_eq!(lock_files(&env), Vec::<String>::new());
+    // A live container keeps its lock file until it is deleted.
+    let ok = env.bundle("ok", &["sleep", "100"]);
+    let _c = env.run_detached(&ok, &id);
+    env.ok(&["kill", &id, "KILL"]);
+    assert_eq!(lock_files(&env), vec![id.clone()]);
+    env.ok(&["delete", "--force", &id]);
+    assert_eq!(lock_files(&env), Vec::<String>::new());
 }

@@ -6,7 +6,8 @@
 //! Modules: `lifecycle` (every verb and legal transition), `spec_options`
 //! (runtime-spec options checked from inside the container), `errors` (illegal
 //! transitions and bad input: one stderr line, nothing left behind), `runc_compat`
-//! (the same bundle through runc and stasis, outputs compared field by field).
+//! (the same bundle through runc and stasis, outputs compared field by field),
+//! `exec_security` (what an exec'd process may do, against runc).
 
 #[macro_use]
 mod common;
@@ -17,8 +18,11 @@ mod cr;
 mod damaged_store;
 mod databases;
 mod errors;
+mod exec_security;
+mod faults_checkpoint;
 mod lifecycle;
 mod runc_compat;
+mod security;
 mod spec_options;
 mod store_flows;
 mod warm;

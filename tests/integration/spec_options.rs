@@ -343,3 +343,109 @@ fn hooks_that_do_not_read_their_stdin_never_kill_stasis() {
         env.assert_nothing_left(&id, Some(&bad));
     }
 }
+
+/// A failing hook first, then one that logs `<name> <state>` to `log`.
+fn failing_then_logging(name: &str, log: &str) -> serde_json::Value {
+    json!([{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}, hook(name, log)])
+}
+
+#[test]
+fn failing_poststop_hook_warns_and_delete_removes_the_container() {
+    // libcontainer stopped at the first failing poststop hook before removing the
+    // container: `delete` and `delete --force` exited 1 forever. The runtime spec
+    // makes it a warning, and the remaining hooks still run.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let log = env.path("poststop.log");
+    let l = log.to_str().unwrap().to_string();
+    let b = env.bundle("b", &["sleep", "100"]);
+    edit_config(&b, |c| {
+        c["hooks"] = json!({"poststop": failing_then_logging("second", &l)});
+    });
+    // delete --force of a running container, and delete of a stopped one.
+    for force in [true, false] {
+        let _ = fs::remove_file(&log);
+        let id = unique_id("poststop");
+        let _c = env.run_detached(&b, &id);
+        if !force {
+            env.ok(&["kill", &id, "KILL"]);
+            env.wait_status(&id, "stopped");
+        }
+        let args: &[&str] = if force {
+            &["delete", "--force", &id]
+        } else {
+            &["delete", &id]
+        };
+        let out = env.ok(args);
+        assert!(
+            out.stderr.contains("warning") && out.stderr.contains("poststop"),
+            "no warning naming the hook: {out:?}"
+        );
+        let text = fs::read_to_string(&log).expect("the second poststop hook did not run");
+        let st: serde_json::Value = serde_json::from_str(text.trim().split_once(' ').unwrap().1)
+            .unwrap_or_else(|e| panic!("state on stdin is not JSON ({e}): {text}"));
+        assert_eq!(
+            (st["id"].as_str(), st["status"].as_str()),
+            (Some(id.as_str()), Some("stopped"))
+        );
+        env.run(&["state", &id]).fails_with_one_line(&[&id]);
+        env.assert_nothing_left(&id, Some(&b));
+        // A foreground run deletes its container the same way.
+        let id = unique_id("poststoprun");
+        let _c = env.guard(&id);
+        let b2 = env.bundle(&format!("fg{force}"), &["true"]);
+        edit_config(&b2, |c| {
+            c["hooks"] = json!({"poststop": failing_then_logging("second", &l)});
+        });
+        env.ok(&["run", "--bundle", b2.to_str().unwrap(), &id]);
+        env.assert_nothing_left(&id, Some(&b2));
+    }
+    // runc (which fails the delete but removes the container first) leaves nothing
+    // behind either.
+    if crate::common::runc_bin().is_some() {
+        let runc = Env::runc();
+        let id = unique_id("poststop-runc");
+        let _c = runc.run_detached(&b, &id);
+        let _ = runc.run(&["delete", "--force", &id]);
+        runc.run(&["state", &id])
+            .fails_with_one_line(&["does not exist"]);
+    }
+}
+
+#[test]
+fn failing_poststart_hook_warns_and_start_succeeds() {
+    // The runtime spec: a failing poststart hook is a warning, the remaining hooks
+    // run and the lifecycle continues. libcontainer failed `start` (and `run`) at
+    // the first one, with the process already running.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let log = env.path("poststart.log");
+    let l = log.to_str().unwrap().to_string();
+    let b = env.bundle("b", &["sleep", "100"]);
+    edit_config(&b, |c| {
+        c["hooks"] = json!({"poststart": failing_then_logging("second", &l)});
+    });
+    for verb in ["start", "run"] {
+        let _ = fs::remove_file(&log);
+        let id = unique_id("poststart");
+        let _c = env.guard(&id);
+        let out = if verb == "start" {
+            env.ok(&["create", "--bundle", b.to_str().unwrap(), &id]);
+            env.ok(&["start", &id])
+        } else {
+            env.ok(&["run", "-d", "--bundle", b.to_str().unwrap(), &id])
+        };
+        assert!(
+            out.stderr.contains("warning") && out.stderr.contains("poststart"),
+            "{verb}: no warning naming the hook: {out:?}"
+        );
+        assert_eq!(env.status(&id), "running", "{verb}");
+        let text = fs::read_to_string(&log).expect("the second poststart hook did not run");
+        assert!(text.starts_with("second "), "{text}");
+        // The record keeps its hooks: poststart hooks do not run again, and the
+        // container deletes cleanly.
+        env.ok(&["delete", "--force", &id]);
+        assert_eq!(fs::read_to_string(&log).unwrap(), text);
+        env.assert_nothing_left(&id, Some(&b));
+    }
+}

@@ -139,6 +139,10 @@ impl Proc {
         }
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn pump(&mut self) {
         if let Some(o) = self.out.as_mut() {
             drain(o, &mut self.obuf);

@@ -1,0 +1,261 @@
+//! Fault matrix of checkpoint: `stasis checkpoint` SIGKILLs itself at a fault
+//! point (`STASIS_FAULT=NAME:kill`), with and without --leave-running and --tag,
+//! and afterwards the container must run on, thawed, with its workload's state
+//! (the next command on it undoes the freeze of the dead checkpointer), or a
+//! committed snapshot must restore it with the same data; a new checkpoint and
+//! restore must work.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::{cgroup_dir, read_trim, unique_id, Container, Out};
+use crate::store_flows::{printed_snapshot_id, Proc, Sx, CMD, COUNTER};
+
+/// The command that first touches the container after the killed checkpoint.
+#[derive(Debug, Clone, Copy)]
+enum Touch {
+    State,
+    List,
+    Resume,
+    Exec,
+}
+
+fn setup(test: &str) -> Option<Sx> {
+    Sx::setup(test)
+}
+
+/// Runs `stasis ARGS` on the test's store with `STASIS_FAULT=FAULT`.
+fn run_with_fault(sx: &Sx, fault: &str, args: &[&str]) -> Out {
+    let mut cmd: Command = sx.command(Some(&sx.store), args);
+    cmd.env("STASIS_FAULT", fault);
+    Proc::spawn(cmd, true).wait(CMD)
+}
+
+/// `freezer.state` of the cgroup of `pid` ("THAWED", "FROZEN", "FREEZING").
+fn freezer_state(pid: i32) -> String {
+    read_trim(&cgroup_dir(pid, "freezer").join("freezer.state"))
+}
+
+/// Starts the counter workload as `id` and waits until it counts.
+fn start_counter(sx: &Sx, tag: &str) -> (PathBuf, String, Container, i32) {
+    let bundle = sx.bundle(&format!("b-{tag}"), &["sh", "-c", COUNTER]);
+    let id = unique_id(tag);
+    let g = sx.run_d(&bundle, &id);
+    sx.wait_counter(&id, "started", |n| n > 2);
+    let pid = sx.pid(&id);
+    (bundle, id, g, pid)
+}
+
+/// Touches container `id` with `how`, asserting the command succeeds.
+#[track_caller]
+fn touch(sx: &Sx, id: &str, how: Touch) {
+    match how {
+        Touch::State => {
+            sx.ok(&["state", id]);
+        }
+        Touch::List => {
+            let out = sx.ok(&["list", "--format", "json"]);
+            let v = out.json();
+            let found = v
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| c["id"] == id && c["status"] == "running"));
+            assert!(found, "list does not show {id} running: {v}");
+        }
+        Touch::Resume => {
+            sx.ok(&["resume", id]);
+        }
+        Touch::Exec => {
+            sx.ok(&["exec", id, "true"]);
+        }
+    }
+}
+
+/// After a killed checkpoint that left the container frozen: `how` thaws it, it
+/// runs on with its own counter, and `state`/`list` say running.
+#[track_caller]
+fn assert_recovered(sx: &Sx, id: &str, pid: i32, how: Touch) {
+    assert_eq!(
+        freezer_state(pid),
+        "FROZEN",
+        "the killed checkpoint should have left {id} frozen (did the fault point fire?)"
+    );
+    touch(sx, id, how);
+    assert_eq!(
+        freezer_state(pid),
+        "THAWED",
+        "{how:?} did not thaw the container a dead checkpointer froze"
+    );
+    let st = sx.state(id).expect("container still exists");
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(st["pid"].as_i64(), Some(pid as i64), "{st}");
+    let seen = sx.wait_counter(id, "readable", |_| true);
+    sx.wait_counter(id, "advancing after the thaw", |n| n > seen.1);
+    // The record is gone: `resume` of a running container is refused again.
+    let out = sx.run(&["resume", id]);
+    assert_ne!(out.code, Some(0), "resume of a running container: {out:?}");
+}
+
+/// A fresh checkpoint of `id` (stopping it) and a restore under a new id carry
+/// the workload on.
+#[track_caller]
+fn assert_checkpoint_restore_works(sx: &Sx, bundle: &Path, id: &str, tagged: bool) {
+    let before = sx.wait_counter(id, "readable", |_| true);
+    let id2 = format!("{id}-r");
+    let g2 = sx.guard(&id2);
+    if tagged {
+        let out = sx.ok(&["checkpoint", "--tag", "again", id]);
+        printed_snapshot_id(&out);
+        sx.run_starting(&sx.store, &["restore", "-d", "--from", "again", &id2])
+            .ok();
+    } else {
+        let img = sx.path(&format!("img-again-{id}"));
+        sx.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), id]);
+        let args = [
+            "restore",
+            "-d",
+            "--image-path",
+            img.to_str().unwrap(),
+            "--bundle",
+            bundle.to_str().unwrap(),
+            &id2,
+        ];
+        sx.run_starting(&sx.store, &args).ok();
+    }
+    assert!(sx.state(id).is_none(), "{id} still exists after checkpoint");
+    sx.assert_carries_on(&id2, &before);
+    drop(g2);
+}
+
+/// `checkpoint [--leave-running] (--tag T | --image-path P) ID` killed at `point`.
+fn kill_checkpoint_at(sx: &Sx, point: &str, id: &str, leave_running: bool, tagged: bool) {
+    let img = sx.path(&format!("img-{id}"));
+    let mut args = vec!["checkpoint"];
+    if leave_running {
+        args.push("--leave-running");
+    }
+    if tagged {
+        args.extend(["--tag", "killed"]);
+    } else {
+        args.extend(["--image-path", img.to_str().unwrap()]);
+    }
+    args.push(id);
+    let out = run_with_fault(sx, &format!("{point}:kill"), &args);
+    assert_eq!(out.code, Some(137), "not killed at {point}: {out:?}");
+}
+
+/// The whole case: kill at `point`, recover with `how`, checkpoint and restore.
+fn case(test: &str, point: &str, leave_running: bool, tagged: bool, how: Touch) {
+    let Some(sx) = setup(test) else {
+        return;
+    };
+    let (bundle, id, _g, pid) = start_counter(&sx, "fk");
+    kill_checkpoint_at(&sx, point, &id, leave_running, tagged);
+    assert_recovered(&sx, &id, pid, how);
+    if tagged {
+        let ls = sx.ls();
+        assert!(ls.is_empty(), "a snapshot was committed: {ls:?}");
+    }
+    assert_checkpoint_restore_works(&sx, &bundle, &id, tagged);
+}
+
+#[test]
+fn killed_while_frozen_is_thawed_by_state() {
+    case(
+        test_name!(),
+        "checkpoint.frozen",
+        false,
+        false,
+        Touch::State,
+    );
+}
+
+#[test]
+fn killed_while_frozen_leave_running_is_thawed_by_list() {
+    case(test_name!(), "checkpoint.frozen", true, false, Touch::List);
+}
+
+#[test]
+fn killed_while_frozen_tagged_is_thawed_by_resume() {
+    case(
+        test_name!(),
+        "checkpoint.frozen",
+        false,
+        true,
+        Touch::Resume,
+    );
+}
+
+#[test]
+fn killed_while_frozen_tagged_leave_running_is_thawed_by_exec() {
+    case(test_name!(), "checkpoint.frozen", true, true, Touch::Exec);
+}
+
+#[test]
+fn killed_after_dump_leave_running_is_thawed_by_resume() {
+    case(
+        test_name!(),
+        "checkpoint.after-dump",
+        true,
+        false,
+        Touch::Resume,
+    );
+}
+
+#[test]
+fn killed_after_dump_tagged_leave_running_is_thawed_by_state() {
+    case(
+        test_name!(),
+        "checkpoint.after-dump",
+        true,
+        true,
+        Touch::State,
+    );
+}
+
+/// A user's `pause` is not a checkpointer's freeze: a paused container whose
+/// checkpoint was killed stays paused until the user resumes it.
+#[test]
+fn killed_checkpoint_of_paused_container_stays_paused() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (_bundle, id, _g, pid) = start_counter(&sx, "fp");
+    sx.ok(&["pause", &id]);
+    kill_checkpoint_at(&sx, "checkpoint.after-dump", &id, true, false);
+    sx.ok(&["state", &id]);
+    assert_eq!(freezer_state(pid), "FROZEN");
+    assert_eq!(sx.state(&id).expect("exists")["status"], "paused");
+    sx.ok(&["resume", &id]);
+    assert_eq!(freezer_state(pid), "THAWED");
+    let seen = sx.wait_counter(&id, "readable", |_| true);
+    sx.wait_counter(&id, "advancing after resume", |n| n > seen.1);
+}
+
+/// Without --leave-running and --tag, CRIU itself stops the tasks once the image
+/// is complete: killed after that, the container is gone but its image restores.
+#[test]
+fn killed_after_dump_without_leave_running_keeps_a_restorable_image() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (bundle, id, _g, _pid) = start_counter(&sx, "fi");
+    let before = sx.wait_counter(&id, "readable", |_| true);
+    kill_checkpoint_at(&sx, "checkpoint.after-dump", &id, false, false);
+    let st = sx.state(&id).expect("the record stays until delete");
+    assert_eq!(st["status"], "stopped", "{st}");
+    sx.ok(&["delete", &id]);
+    let img = sx.path(&format!("img-{id}"));
+    let id2 = format!("{id}-r");
+    let _g2 = sx.guard(&id2);
+    let args = [
+        "restore",
+        "-d",
+        "--image-path",
+        img.to_str().unwrap(),
+        "--bundle",
+        bundle.to_str().unwrap(),
+        &id2,
+    ];
+    sx.run_starting(&sx.store, &args).ok();
+    sx.assert_carries_on(&id2, &before);
+}

@@ -93,6 +93,11 @@ pub enum StoreError {
     #[error("store {} is damaged: {reason} (run `stasis snapshot verify`)", path.display())]
     Damaged { path: PathBuf, reason: String },
 
+    /// index.json is missing (while blobs exist) or unparseable: no snapshot can
+    /// be found, and gc or prune would take every blob for garbage.
+    #[error("store {} is damaged: {reason}; `stasis snapshot verify --rebuild-index` rebuilds index.json from the snapshot manifests in blobs/", path.display())]
+    IndexDamaged { path: PathBuf, reason: String },
+
     /// A cached root filesystem must be rebuilt but overlays of running copies
     /// use it as their lower layer.
     #[error("cached root filesystem {} is damaged ({reason}) and running copies use it as their base: delete the copies restored from this snapshot, then retry", path.display())]

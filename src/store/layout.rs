@@ -313,9 +313,9 @@ fn index_lock(root: &Path) -> Result<super::lock::Flock> {
 /// the error says how to rebuild it (gc, prune and every other reader refuse).
 pub(crate) fn read_index(p: &Paths) -> Result<Index> {
     let path = p.index();
-    let damaged = |reason: String| StoreError::Damaged {
+    let damaged = |reason: String| StoreError::IndexDamaged {
         path: p.root.clone(),
-        reason: format!("{reason}; {REBUILD_HINT}"),
+        reason,
     };
     let bytes = match fs::read(&path) {
         Ok(b) => b,

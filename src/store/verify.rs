@@ -610,7 +610,10 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
         Err(e) => {
             c.push(
                 Level::Error,
-                format!("index.json cannot be read: {e}"),
+                match e {
+                    super::StoreError::IndexDamaged { reason, .. } => reason,
+                    e => format!("index.json cannot be read: {e}"),
+                },
                 format!(
                     "no snapshot can be found without it and gc refuses to run; {}",
                     layout::REBUILD_HINT

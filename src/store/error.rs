@@ -93,6 +93,10 @@ pub enum StoreError {
     #[error("store {} is damaged: {reason} (run `stasis snapshot verify`)", path.display())]
     Damaged { path: PathBuf, reason: String },
 
+    /// `verify --repair --from` was given something that is not a readable tar.
+    #[error("cannot repair from {}: {reason} (give an archive written by `stasis snapshot export`)", path.display())]
+    RepairSource { path: PathBuf, reason: String },
+
     /// index.json is missing (while blobs exist) or unparseable: no snapshot can
     /// be found, and gc or prune would take every blob for garbage.
     #[error("store {} is damaged: {reason}; `stasis snapshot verify --rebuild-index` rebuilds index.json from the snapshot manifests in blobs/", path.display())]

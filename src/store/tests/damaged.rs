@@ -256,3 +256,19 @@ fn an_unparseable_index_is_kept_aside_and_rebuilt() {
     assert_eq!(r.snapshots, vec![(a.id, vec!["a:latest".to_string()])]);
     restores_as(&fx, "a", &img);
 }
+
+#[test]
+fn repair_from_something_that_is_not_an_archive_says_so() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 29, 32);
+    let a = fx.ingest(&img, &["a"]);
+    flip(&fx.packs(&a.id).remove(0), PREFIX_LEN as u64 + 40);
+    let junk = fx.path("junk.tar");
+    fs::write(&junk, vec![7u8; 1500]).expect("write");
+    let e = fx.store.repair(Some(&junk)).expect_err("junk archive");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cannot repair from") && msg.contains("junk.tar"),
+        "{msg}"
+    );
+}

@@ -43,7 +43,7 @@ pub enum StoreError {
 
     /// Data read back from the store does not match its digest. Raised by
     /// materialize before a byte of the file is exposed under its real name.
-    #[error("{what} in snapshot {snapshot}, file {file} at offset {offset} (blob {blob})")]
+    #[error("{what} in snapshot {snapshot}, file {file} at offset {offset} (blob {blob}); `stasis snapshot verify --repair` puts a good copy back if the store or an export (`--from`) has one")]
     Corrupt {
         snapshot: String,
         file: String,

@@ -95,6 +95,9 @@ fn scan(dir: &Path) -> Result<Vec<ImageFile>> {
 pub(crate) struct DedupIndex {
     pub(crate) packs: Vec<(BlobDigest, u64)>,
     pub(crate) map: HashMap<PageDigest, u32>,
+    /// A second pack for pages held by more than one (few: concurrent ingests, or
+    /// pages stored again because their first pack was damaged).
+    pub(crate) alt: HashMap<PageDigest, u32>,
     /// Per pack: not checked yet (None), or whether its whole content matched its
     /// digest when this ingest first wanted one of its pages.
     pub(crate) intact: Vec<Option<bool>>,
@@ -123,6 +126,7 @@ impl DedupIndex {
         let mut out = DedupIndex {
             packs: Vec::new(),
             map: HashMap::new(),
+            alt: HashMap::new(),
             intact: Vec::new(),
         };
         for (d, size) in packs {
@@ -139,18 +143,39 @@ impl DedupIndex {
             out.intact.push(None);
             out.map.reserve(idx.digests.len());
             for digest in idx.digests {
-                out.map.entry(digest).or_insert(no);
+                match out.map.entry(digest) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(no);
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        out.alt.entry(digest).or_insert(no);
+                    }
+                }
             }
         }
         Ok(out)
     }
 
-    /// The pack holding page `d`, if that pack may be reused (checked intact).
+    /// The pack holding page `d`, if that pack may be reused (checked intact):
+    /// its first pack, else its second.
     fn reusable(&self, d: &PageDigest) -> Option<u32> {
-        self.map
-            .get(d)
+        [self.map.get(d), self.alt.get(d)]
+            .into_iter()
+            .flatten()
             .copied()
-            .filter(|&p| self.intact.get(p as usize) == Some(&Some(true)))
+            .find(|&p| self.intact.get(p as usize) == Some(&Some(true)))
+    }
+
+    /// The pack to check next for page `d`: its first pack if not checked yet,
+    /// its second if the first turned out damaged and the second is unchecked.
+    fn unchecked(&self, d: &PageDigest) -> Option<u32> {
+        let state = |p: u32| self.intact.get(p as usize).copied().flatten();
+        let p = *self.map.get(d)?;
+        match state(p) {
+            None => Some(p),
+            Some(true) => None,
+            Some(false) => self.alt.get(d).copied().filter(|&a| state(a).is_none()),
+        }
     }
 
     /// Hashes, in parallel, every pack not checked yet that holds one of
@@ -158,10 +183,19 @@ impl DedupIndex {
     /// found damaged. A pack is read whole once per ingest: a snapshot that
     /// references it then relies on every byte of it.
     fn check_packs_for(&mut self, digests: &[PageDigest], blobs: &BlobDir) -> Vec<BlobDigest> {
+        // First packs, then the second packs of pages whose first was damaged.
+        let mut damaged = self.check_round(digests, blobs);
+        if !damaged.is_empty() {
+            damaged.extend(self.check_round(digests, blobs));
+        }
+        damaged
+    }
+
+    /// One round of `check_packs_for`: hashes the packs `unchecked` names.
+    fn check_round(&mut self, digests: &[PageDigest], blobs: &BlobDir) -> Vec<BlobDigest> {
         let todo: Vec<u32> = digests
             .iter()
-            .filter_map(|d| self.map.get(d).copied())
-            .filter(|&p| self.intact.get(p as usize) == Some(&None))
+            .filter_map(|d| self.unchecked(d))
             .collect::<BTreeSet<u32>>()
             .into_iter()
             .collect();

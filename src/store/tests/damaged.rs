@@ -61,6 +61,11 @@ fn a_damaged_pack_is_not_reused_its_pages_are_stored_again() {
         "the new snapshot references the damaged pack"
     );
     restores_as(&fx, "b", &img);
+    // A later ingest reuses the fresh copies instead of storing them once more.
+    mutate(&img, 5, 97);
+    let c = fx.ingest(&img, &["c"]);
+    assert!(c.pages_new <= 10, "stored again: {}", c.pages_new);
+    restores_as(&fx, "c", &img);
     // Only the old snapshot is damaged.
     let errors = fx.errors(true);
     assert!(!errors.is_empty());

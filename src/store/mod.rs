@@ -17,6 +17,7 @@ mod blob;
 mod cache;
 mod catalog;
 mod config;
+mod dedup;
 mod diff;
 mod error;
 mod format;

@@ -390,6 +390,8 @@ pub(crate) fn ingest(
     drop(buf);
     packer.finish()?;
     fault_point("packs")?;
+    // The fault-matrix tests kill a checkpoint here: packs written, nothing committed.
+    super::util::fault_point("checkpoint.ingest");
 
     // 2. Page tables.
     let mut layers = Vec::new();

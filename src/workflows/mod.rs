@@ -32,6 +32,8 @@ pub enum WorkflowError {
         source: Box<StoreError>,
         image: PathBuf,
     },
+    #[error("storing the checkpoint failed: {source}; container {id} was not stopped and runs on (nothing was stored): fix the cause and checkpoint again")]
+    NotStored { source: Box<StoreError>, id: String },
     #[error("snapshot {snapshot} cannot be restored on this host:\n  {}\n(--force restores anyway)", reasons.join("\n  "))]
     Incompatible {
         snapshot: String,

@@ -20,6 +20,7 @@ mod databases;
 mod errors;
 mod exec_security;
 mod faults_checkpoint;
+mod faults_restore;
 mod lifecycle;
 mod runc_compat;
 mod security;

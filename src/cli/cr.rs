@@ -263,12 +263,7 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
     let rep = &r.report;
     let mut out = std::io::stdout().lock();
     writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
-    for d in &rep.damaged_packs {
-        eprintln!(
-            "warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
-             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
-        );
-    }
+    warn_damaged_packs(rep);
     if a.shared.print_stats {
         let mut stats = r.stats.clone();
         stats.entries.extend([
@@ -284,6 +279,17 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
         print_stats(&stats, a.shared.stats_format)?;
     }
     Ok(0)
+}
+
+/// Packs an ingest found damaged (and did not reuse): the new snapshot is sound,
+/// the older ones that use them are not.
+pub(crate) fn warn_damaged_packs(rep: &crate::store::IngestReport) {
+    for d in &rep.damaged_packs {
+        eprintln!(
+            "stasis: warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
+             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
+        );
+    }
 }
 
 pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result<i32> {

@@ -58,6 +58,11 @@ pub enum SnapshotCmd {
         /// With --repair: an export (`snapshot export`) holding good copies
         #[arg(long, value_name = "ARCHIVE", requires = "repair")]
         from: Option<PathBuf>,
+        /// Rebuild a missing or unparseable index.json from the snapshot
+        /// manifests in blobs/ (tags as recorded when each was checkpointed;
+        /// the damaged file is kept as index.json.damaged)
+        #[arg(long)]
+        rebuild_index: bool,
     },
     /// Compare two snapshots: files and pages changed
     Diff {
@@ -120,6 +125,52 @@ pub enum ExportFormat {
     Oci,
     /// A podman checkpoint archive (tar.zst)
     Podman,
+}
+
+/// `snapshot verify [--read-data] [--repair [--from ARCHIVE]]`: repairs first,
+/// then verifies; fails when verify finds errors or something was left damaged.
+fn verify(
+    store: &Store,
+    out: &mut impl Write,
+    read_data: bool,
+    repair: bool,
+    from: Option<&std::path::Path>,
+) -> Result<()> {
+    let mut unrepaired = 0;
+    if repair {
+        let r = store.repair(from)?;
+        for l in &r.repaired {
+            writeln!(out, "repaired {l}")?;
+        }
+        for l in &r.unrepaired {
+            writeln!(out, "could not repair {l}")?;
+        }
+        if r.repaired.is_empty() && r.unrepaired.is_empty() {
+            writeln!(out, "nothing to repair")?;
+        }
+        unrepaired = r.unrepaired.len();
+    }
+    let findings = store.verify(read_data)?;
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    for f in &findings {
+        writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
+    }
+    if errors > 0 {
+        bail!(
+            "verify found {errors} error(s) in store {}",
+            store.root().display()
+        );
+    }
+    if unrepaired > 0 {
+        bail!(
+            "{unrepaired} damaged or missing blob(s) in store {} could not be repaired: \
+             import an export that holds them (`stasis snapshot verify --repair --from EXPORT.tar`), \
+             or remove the snapshots named above with `stasis snapshot rm`",
+            store.root().display()
+        );
+    }
+    writeln!(out, "no errors found")?;
+    Ok(())
 }
 
 fn human(n: u64) -> String {
@@ -215,31 +266,28 @@ pub fn run(
             read_data,
             repair,
             from,
+            rebuild_index,
         } => {
-            if *repair {
-                let r = store.repair(from.as_deref())?;
-                for l in &r.repaired {
-                    writeln!(out, "repaired {l}")?;
+            if *rebuild_index {
+                let r = store.rebuild_index()?;
+                if let Some(p) = &r.kept_damaged {
+                    writeln!(out, "kept the damaged index as {}", p.display())?;
                 }
-                for l in &r.unrepaired {
-                    writeln!(out, "could not repair {l}")?;
-                }
-                if r.repaired.is_empty() && r.unrepaired.is_empty() {
-                    writeln!(out, "nothing to repair")?;
+                writeln!(
+                    out,
+                    "rebuilt index.json: {} snapshot(s) found in blobs/",
+                    r.snapshots.len()
+                )?;
+                for (id, tags) in &r.snapshots {
+                    let tags = if tags.is_empty() {
+                        "untagged".to_string()
+                    } else {
+                        tags.join(", ")
+                    };
+                    writeln!(out, "  {} ({tags})", id.short())?;
                 }
             }
-            let findings = store.verify(*read_data)?;
-            let errors = findings.iter().filter(|f| f.level == Level::Error).count();
-            for f in &findings {
-                writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
-            }
-            if errors > 0 {
-                bail!(
-                    "verify found {errors} error(s) in store {}",
-                    store.root().display()
-                );
-            }
-            writeln!(out, "no errors found")?;
+            verify(store, &mut out, *read_data, *repair, from.as_deref())?
         }
         SnapshotCmd::Diff { format, a, b } => {
             let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);

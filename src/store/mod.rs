@@ -17,6 +17,7 @@ mod blob;
 mod cache;
 mod catalog;
 mod config;
+mod dedup;
 mod diff;
 mod error;
 mod format;
@@ -28,6 +29,7 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod rebuild;
 mod repair;
 mod staging;
 mod transfer;
@@ -45,6 +47,7 @@ pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use rebuild::RebuildReport;
 pub use repair::RepairReport;
 pub use staging::Staging;
 pub use util::{fault_point, printable};
@@ -426,7 +429,11 @@ impl Store {
     pub fn verify(&self, read_data: bool) -> std::result::Result<Vec<Finding>, StoreError> {
         let _lock = self.locks.shared()?;
         let mut findings = verify::verify_store(self, read_data)?;
-        findings.extend(cache::verify_caches(self, read_data)?);
+        // Caches are checked against the snapshots in index.json: with index.json
+        // lost or unparseable (reported above) there is nothing to check them by.
+        if self.read_index().is_ok() {
+            findings.extend(cache::verify_caches(self, read_data)?);
+        }
         Ok(findings)
     }
 
@@ -437,6 +444,14 @@ impl Store {
     pub fn repair(&self, archive: Option<&Path>) -> std::result::Result<RepairReport, StoreError> {
         let _lock = self.locks.shared()?;
         repair::repair(self, archive)
+    }
+
+    /// Rebuilds a missing or unparseable index.json from the snapshot manifests
+    /// in blobs/ (tags as recorded at ingest; the damaged file is kept as
+    /// `index.json.damaged`). Refuses when index.json reads fine.
+    pub fn rebuild_index(&self) -> std::result::Result<RebuildReport, StoreError> {
+        let _lock = self.locks.exclusive()?;
+        rebuild::rebuild_index(self)
     }
 
     /// Removes blobs not reachable from index.json, everything in tmp/ but

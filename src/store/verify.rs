@@ -612,7 +612,17 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
     let index = match store.read_index() {
         Ok(i) => i,
         Err(e) => {
-            c.push(Level::Error, format!("index.json cannot be read: {e}"), "restore index.json from a backup; blobs are intact but no snapshot can be found without it".into());
+            c.push(
+                Level::Error,
+                match e {
+                    super::StoreError::IndexDamaged { reason, .. } => reason,
+                    e => format!("index.json cannot be read: {e}"),
+                },
+                format!(
+                    "no snapshot can be found without it and gc refuses to run; {}",
+                    layout::REBUILD_HINT
+                ),
+            );
             return Ok(c.findings);
         }
     };

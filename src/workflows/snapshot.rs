@@ -126,6 +126,9 @@ pub fn checkpoint_to_store(
     for tag in &t.tags {
         crate::store::normalize_tag(tag)?;
     }
+    // Nor a damaged store (index.json lost or unparseable): the ingest would
+    // fail after the dump.
+    store.list()?;
     let st = rt.load(id)?;
     let config_json =
         fs::read(st.bundle.join("config.json")).map_err(|source| WorkflowError::Io {

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use oci_spec::runtime::{
     Spec,
 };
 
+use super::tty::{self, ConsoleSocket};
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
 
 mod hooks;
@@ -55,6 +57,8 @@ pub struct BundleInfo {
     pub annotations: Option<HashMap<String, String>>,
     /// The container gets a new network namespace (not one given by path).
     pub own_netns: bool,
+    /// `process.terminal`: the container's process gets a pty.
+    pub terminal: bool,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -138,37 +142,91 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
                 n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
             })
         });
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     Ok(BundleInfo {
         path,
         rootfs,
         annotations: spec.annotations().clone(),
         own_netns,
+        terminal,
     })
 }
 
 pub struct Created {
     pub pid: i32,
     pub cgroup_path: PathBuf,
+    /// The pty master of a foreground container with a terminal and no
+    /// `--console-socket`: the caller relays it (`tty.rs`).
+    pub console: Option<OwnedFd>,
 }
 
-pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) -> Result<Created> {
+/// A console socket of our own when a foreground process with a terminal has no
+/// `--console-socket` (runc then allocates and relays the pty itself).
+fn own_console(
+    terminal: bool,
+    detach: bool,
+    given: Option<&PathBuf>,
+) -> Result<Option<ConsoleSocket>> {
+    if !terminal || detach || given.is_some() {
+        return Ok(None);
+    }
+    ConsoleSocket::new()
+        .map(Some)
+        .map_err(|source| RuntimeError::Io {
+            op: "create a console socket for the container's terminal in",
+            path: std::env::temp_dir(),
+            source,
+        })
+}
+
+fn receive_master(sock: &ConsoleSocket) -> Result<OwnedFd> {
+    sock.receive_master().map_err(|source| RuntimeError::Io {
+        op: "receive the container's pty master on",
+        path: sock.path(),
+        source,
+    })
+}
+
+pub fn create(
+    root: &Path,
+    opts: &CreateOptions,
+    bundle: &BundleInfo,
+    detach: bool,
+) -> Result<Created> {
     let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
+    let own = own_console(bundle.terminal, detach, opts.console_socket.as_ref())?;
+    let console_socket = own
+        .as_ref()
+        .map(|s| s.path())
+        .or(opts.console_socket.clone());
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("create", id))?
-        .with_console_socket(opts.console_socket.as_ref())
+        .with_console_socket(console_socket.as_ref())
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("create", id))?
-        .as_init(bundle)
+        .as_init(&bundle.path)
         .with_systemd(false)
-        .with_detach(detach)
+        // libcontainer's `detach` only decides whether a console socket is
+        // required or refused; with our own socket it must be given.
+        .with_detach(detach || own.is_some())
         .with_no_pivot(opts.no_pivot)
         .build()
         .map_err(core_err("create", id))?;
+    let console = own.as_ref().map(receive_master).transpose()?;
+    if let (Some(master), Some(ws)) = (&console, tty::caller_winsize()) {
+        // Before `start`, so that the process sees the caller's size from its
+        // first instruction (the relay keeps it following later changes).
+        let _ = tty::set_winsize(master.as_raw_fd(), &ws);
+    }
     let pid = container
         .pid()
         .map(|p| p.as_raw())
@@ -178,7 +236,11 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
             detail: "no init process was recorded".into(),
         })?;
     let cgroup_path = container.spec().map(|c| c.cgroup_path).unwrap_or_default();
-    Ok(Created { pid, cgroup_path })
+    Ok(Created {
+        pid,
+        cgroup_path,
+        console,
+    })
 }
 
 /// Removes whatever a failed create left: processes, cgroup, the container directory.
@@ -368,29 +430,46 @@ pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
 /// no_new_privs and labels are the container's unless overridden. The container's
 /// seccomp filter is loaded by `ExecUnderSeccomp` (libcontainer 0.7's tenant
 /// builder drops linux.seccomp; youki's HEAD of 2026-08 still does).
-pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
+///
+/// Returns the process's pid and, for a foreground process with a terminal and no
+/// `--console-socket`, the pty master to relay.
+pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
     let id = opts.id.as_str();
     super::exec::check_request(opts)?;
     let config = load(&root.join(id), id)?.bundle().join("config.json");
     let prepared = super::exec::prepare(&config, opts)?;
+    let own = own_console(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
+    let console_socket = own
+        .as_ref()
+        .map(|s| s.path())
+        .or(opts.console_socket.clone());
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(ExecUnderSeccomp {
             filter: prepared.filter,
+            winsize: own.as_ref().and_then(|_| tty::caller_winsize()),
         })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
-        .with_console_socket(opts.console_socket.as_ref())
+        .with_console_socket(console_socket.as_ref())
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("exec in", id))?
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("exec in", id))?
         .as_tenant()
-        .with_detach(opts.detach)
+        .with_detach(opts.detach || own.is_some())
         .with_process(Some(prepared.file.path()))
         .build()
         .map_err(core_err("exec in", id))?;
-    Ok(pid.as_raw())
+    let console = match own.as_ref().map(receive_master).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            // Nobody could ever talk to it: do not leave it running.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
+    };
+    Ok((pid.as_raw(), console))
 }
 
 /// libcontainer's default executor (execvp of process.args), preceded by loading
@@ -398,13 +477,22 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
 /// before execve: after namespaces, cgroup, user, capabilities and no_new_privs are
 /// set, where runc loads the filter too when no_new_privs is set (without it, see
 /// `exec::keep_cap_to_load_filter`).
+///
+/// With a terminal of stasis's own it first gives the pty (its stdin by then) the
+/// caller's window size: the process starts running before stasis has received
+/// the master, and must not see a 0x0 terminal.
 #[derive(Clone)]
 struct ExecUnderSeccomp {
     filter: Option<oci_spec::runtime::LinuxSeccomp>,
+    winsize: Option<libc::winsize>,
 }
 
 impl Executor for ExecUnderSeccomp {
     fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        if let Some(ws) = &self.winsize {
+            // Best effort: a wrong size is fixed by the next SIGWINCH.
+            let _ = tty::set_winsize(0, ws);
+        }
         if let Some(filter) = &self.filter {
             // Notify filters were refused before (exec::exec_seccomp), so there is
             // no listener fd to hand on.

@@ -25,4 +25,5 @@ mod runc_compat;
 mod security;
 mod spec_options;
 mod store_flows;
+mod terminal;
 mod warm;

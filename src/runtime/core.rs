@@ -26,8 +26,8 @@ use oci_spec::runtime::{
     Spec,
 };
 
-use super::tty::{self, ConsoleSocket};
-use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+use super::tty;
+use super::{CreateOptions, ExecOptions, LaunchFailure, ResourceOverrides, Result, RuntimeError};
 
 mod hooks;
 pub use hooks::run_hooks;
@@ -48,6 +48,32 @@ fn core_err(
         id,
         detail: chain(&e),
     }
+}
+
+/// `core_err` for libcontainer's build of a container's or exec's process: a
+/// process that could not start for a known reason becomes `Launch` with it.
+fn build_err(
+    op: &'static str,
+    id: &str,
+) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
+    let id = id.to_string();
+    move |e| {
+        let detail = chain(&e);
+        match super::launch::launch_failure(&detail) {
+            Some(cause) => RuntimeError::Launch { op, id, cause },
+            None => RuntimeError::Core { op, id, detail },
+        }
+    }
+}
+
+/// When an exec's process could not be cloned ("failed to launch init process",
+/// the errno is lost on the way): whether the container's pids limit leaves no
+/// room for libcontainer's intermediate process and the exec'd one.
+fn pids_limit_reached(dir: &Path, id: &str) -> Option<LaunchFailure> {
+    let stats = cgroup_manager(dir, id).ok()?.stats().ok()?;
+    let (current, limit) = (stats.pids.current, stats.pids.limit);
+    // `current` may still count the failed intermediate process until it is reaped.
+    (limit > 0 && current + 2 > limit).then_some(LaunchFailure::PidsLimit { limit })
 }
 
 /// What `check_bundle` learned about a bundle.
@@ -107,6 +133,25 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
     if spec.process().is_none() {
         return Err(bad(&cfg, "config.json has no process".into()));
     }
+    // libcontainer starts the process from an intermediate process that is in the
+    // container's cgroup already: with a limit of 1 the clone always fails, and
+    // libcontainer says only "failed to launch init process". (runc, which has no
+    // intermediate process, accepts 1.)
+    let pids_limit = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.pids().as_ref())
+        .map(|p| p.limit());
+    if pids_limit == Some(1) {
+        return Err(bad(
+            &cfg,
+            "linux.resources.pids.limit is 1, but starting the container's process \
+             needs 2 processes in its cgroup for a moment (libcontainer's intermediate \
+             process and the process itself): set it to at least 2"
+                .into(),
+        ));
+    }
     // A bind mount whose source is missing fails inside the container's init, and
     // libcontainer 0.7 reports only "failed to prepare rootfs" (the path is in a
     // debug log of the child). runc names it ("error mounting X to rootfs at Y");
@@ -164,33 +209,6 @@ pub struct Created {
     pub console: Option<OwnedFd>,
 }
 
-/// A console socket of our own when a foreground process with a terminal has no
-/// `--console-socket` (runc then allocates and relays the pty itself).
-fn own_console(
-    terminal: bool,
-    detach: bool,
-    given: Option<&PathBuf>,
-) -> Result<Option<ConsoleSocket>> {
-    if !terminal || detach || given.is_some() {
-        return Ok(None);
-    }
-    ConsoleSocket::new()
-        .map(Some)
-        .map_err(|source| RuntimeError::Io {
-            op: "create a console socket for the container's terminal in",
-            path: std::env::temp_dir(),
-            source,
-        })
-}
-
-fn receive_master(sock: &ConsoleSocket) -> Result<OwnedFd> {
-    sock.receive_master().map_err(|source| RuntimeError::Io {
-        op: "receive the container's pty master on",
-        path: sock.path(),
-        source,
-    })
-}
-
 pub fn create(
     root: &Path,
     opts: &CreateOptions,
@@ -199,7 +217,7 @@ pub fn create(
 ) -> Result<Created> {
     let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
-    let own = own_console(bundle.terminal, detach, opts.console_socket.as_ref())?;
+    let own = tty::own_console(bundle.terminal, detach, opts.console_socket.as_ref())?;
     let console_socket = own
         .as_ref()
         .map(|s| s.path())
@@ -220,8 +238,8 @@ pub fn create(
         .with_detach(detach || own.is_some())
         .with_no_pivot(opts.no_pivot)
         .build()
-        .map_err(core_err("create", id))?;
-    let console = own.as_ref().map(receive_master).transpose()?;
+        .map_err(build_err("create", id))?;
+    let console = own.as_ref().map(tty::receive_console).transpose()?;
     if let (Some(master), Some(ws)) = (&console, tty::caller_winsize()) {
         // Before `start`, so that the process sees the caller's size from its
         // first instruction (the relay keeps it following later changes).
@@ -438,7 +456,7 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
     super::exec::check_request(opts)?;
     let config = load(&root.join(id), id)?.bundle().join("config.json");
     let prepared = super::exec::prepare(&config, opts)?;
-    let own = own_console(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
+    let own = tty::own_console(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
     let console_socket = own
         .as_ref()
         .map(|s| s.path())
@@ -460,8 +478,18 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
         .with_detach(opts.detach || own.is_some())
         .with_process(Some(prepared.file.path()))
         .build()
-        .map_err(core_err("exec in", id))?;
-    let console = match own.as_ref().map(receive_master).transpose() {
+        .map_err(|e| match build_err("exec in", id)(e) {
+            RuntimeError::Core { op, id, detail }
+                if detail.contains("failed to launch init process") =>
+            {
+                match pids_limit_reached(&root.join(&id), &id) {
+                    Some(cause) => RuntimeError::Launch { op, id, cause },
+                    None => RuntimeError::Core { op, id, detail },
+                }
+            }
+            e => e,
+        })?;
+    let console = match own.as_ref().map(tty::receive_console).transpose() {
         Ok(c) => c,
         Err(e) => {
             // Nobody could ever talk to it: do not leave it running.

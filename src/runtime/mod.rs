@@ -12,6 +12,7 @@ mod core;
 mod exec;
 mod foreground;
 pub mod info;
+mod launch;
 pub mod netns;
 pub mod state;
 pub(crate) mod stdio;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use chrono::Utc;
 use serde::Serialize;
 
+pub use launch::LaunchFailure;
 pub use state::{validate_id, ContainerState, Op, Status};
 
 use state::ContainerLock;
@@ -129,6 +131,12 @@ pub enum RuntimeError {
         id: String,
         detail: String,
     },
+    #[error("{op} container {id:?}: {cause}")]
+    Launch {
+        op: &'static str,
+        id: String,
+        cause: LaunchFailure,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("--process {path}: {reason}")]
@@ -140,6 +148,17 @@ pub enum RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+impl RuntimeError {
+    /// The exit code of a failed command: 127 when the command to run does not
+    /// exist, 126 when it cannot be executed (as podman and Docker exit), else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RuntimeError::Launch { cause, .. } => cause.exit_code(),
+            _ => 1,
+        }
+    }
+}
 
 /// Options for `create` and `run`.
 #[derive(Debug, Clone, Default)]

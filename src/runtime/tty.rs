@@ -21,6 +21,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 
+use super::{Result, RuntimeError};
+
 /// How long libcontainer may take to send the master once it has connected (it
 /// sends it before the container's process reports ready, so normally at once).
 const RECEIVE_PATIENCE: Duration = Duration::from_secs(30);
@@ -65,6 +67,33 @@ impl ConsoleSocket {
         stream.set_read_timeout(Some(RECEIVE_PATIENCE))?;
         receive_fd(&stream)
     }
+}
+
+/// A console socket of our own when a foreground process with a terminal has no
+/// `--console-socket` (runc then allocates and relays the pty itself).
+pub fn own_console(
+    terminal: bool,
+    detach: bool,
+    given: Option<&PathBuf>,
+) -> Result<Option<ConsoleSocket>> {
+    if !terminal || detach || given.is_some() {
+        return Ok(None);
+    }
+    ConsoleSocket::new()
+        .map(Some)
+        .map_err(|source| RuntimeError::Io {
+            op: "create a console socket for the container's terminal in",
+            path: std::env::temp_dir(),
+            source,
+        })
+}
+
+pub fn receive_console(sock: &ConsoleSocket) -> Result<OwnedFd> {
+    sock.receive_master().map_err(|source| RuntimeError::Io {
+        op: "receive the container's pty master on",
+        path: sock.path(),
+        source,
+    })
 }
 
 fn receive_fd(stream: &UnixStream) -> io::Result<OwnedFd> {

@@ -19,6 +19,7 @@ mod damaged_store;
 mod databases;
 mod errors;
 mod exec_security;
+mod exit_codes;
 mod faults_checkpoint;
 mod lifecycle;
 mod runc_compat;

@@ -30,7 +30,8 @@ pub enum StatsFormat {
     Json,
 }
 
-/// Flags shared by checkpoint and restore.
+// Flags shared by checkpoint and restore. (A `///` comment here would become
+// the help text of both commands: clap reads a flattened struct's doc as `about`.)
 #[derive(Args, Debug)]
 pub struct SharedFlags {
     /// Directory for CRIU's logs and stats (default: the image path on checkpoint,

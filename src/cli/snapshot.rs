@@ -21,11 +21,13 @@ pub struct SnapshotArgs {
 pub enum SnapshotCmd {
     /// List snapshots
     Ls {
+        /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
     },
     /// Show everything recorded about a snapshot
     Inspect {
+        /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Tag (NAME[:VER]) or id
@@ -40,6 +42,7 @@ pub enum SnapshotCmd {
     },
     /// Remove a tag (or, given an id, the snapshot's every tag); `gc` frees the data
     Rm {
+        /// Tags (NAME[:VER]) or ids of the snapshots
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
@@ -61,13 +64,17 @@ pub enum SnapshotCmd {
     },
     /// Compare two snapshots: files and pages changed
     Diff {
+        /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// The older snapshot: tag (NAME[:VER]) or id
         a: String,
+        /// The newer snapshot: tag (NAME[:VER]) or id
         b: String,
     },
     /// Remove blobs no snapshot references, and stale temp files
     Gc {
+        /// Report what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
     },
@@ -79,15 +86,19 @@ pub enum SnapshotCmd {
         /// Keep snapshots newer than this (e.g. 24h, 30m)
         #[arg(long, value_parser = parse_duration)]
         keep_within: Option<std::time::Duration>,
+        /// Report what would be forgotten, change nothing
         #[arg(long)]
         dry_run: bool,
     },
     /// Write a snapshot as an OCI layout tar, or (`--format podman`) as a
     /// checkpoint archive for `podman container restore --import`
     Export {
+        /// Tag (NAME[:VER]) or id of the snapshot
         snapshot: String,
+        /// File to write the archive to
         #[arg(long, short = 'o')]
         output: PathBuf,
+        /// Archive format
         #[arg(long, value_enum, default_value_t = ExportFormat::Oci)]
         format: ExportFormat,
         /// With --format podman: full id of the base image in the importing
@@ -111,7 +122,10 @@ pub enum SnapshotCmd {
         podman_runtime: String,
     },
     /// Import snapshots from an OCI layout tar (verified before anything is added)
-    Import { file: PathBuf },
+    Import {
+        /// An archive written by `snapshot export`
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

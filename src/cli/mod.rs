@@ -3,6 +3,7 @@
 //! and logs an error once, here, in runc's text or JSON log format.
 
 mod cr;
+mod docs;
 mod oci;
 mod snapshot;
 mod warm;
@@ -115,6 +116,10 @@ pub enum Command {
     Prewarm(warm::PrewarmArgs),
     /// Restore on request: relay connections to restored copies of a snapshot
     Serve(warm::ServeArgs),
+    /// Print a shell completion script (e.g. `stasis completion bash > /etc/bash_completion.d/stasis`)
+    Completion(docs::CompletionArgs),
+    /// Write man pages (stasis.1 and one per command) into a directory
+    Man(docs::ManArgs),
 }
 
 /// Long flags that Go-style clients may send with a single dash (the containerd

@@ -351,6 +351,8 @@ pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
         Command::Snapshot(a) => {
             return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a, || Ok(rt()?))
         }
+        Command::Completion(a) => super::docs::completion(a.shell, &mut std::io::stdout().lock()),
+        Command::Man(a) => super::docs::man(&a.dir)?,
         Command::Features => print_json(&runtime::info::features(), true)?,
         Command::Create(a) => {
             rt()?.create(&a.into())?;

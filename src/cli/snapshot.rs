@@ -136,19 +136,9 @@ pub enum ExportFormat {
     Podman,
 }
 
+/// A byte count as people read it: `512 B`, `1.50 MiB` (powers of 1024).
 fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    indicatif::HumanBytes(n).to_string()
 }
 
 pub fn run(
@@ -545,4 +535,18 @@ fn print_fs_diff(out: &mut impl Write, fs: &[fstree::FileDelta]) -> Result<()> {
         "filesystem: {added} added, {changed} changed, {removed} removed"
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.50 KiB");
+        assert_eq!(human(64 << 20), "64.00 MiB");
+        assert_eq!(human(u64::MAX), "16.00 EiB");
+    }
 }

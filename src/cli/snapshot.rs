@@ -2,9 +2,9 @@
 //! import — restic/git-style management of the snapshot store.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::oci::{parse_duration, Format};
@@ -95,7 +95,7 @@ pub enum SnapshotCmd {
     Export {
         /// Tag (NAME[:VER]) or id of the snapshot
         snapshot: String,
-        /// File to write the archive to
+        /// File to write the archive to, or - for standard output
         #[arg(long, short = 'o')]
         output: PathBuf,
         /// Archive format
@@ -123,7 +123,7 @@ pub enum SnapshotCmd {
     },
     /// Import snapshots from an OCI layout tar (verified before anything is added)
     Import {
-        /// An archive written by `snapshot export`
+        /// An archive written by `snapshot export`, or - for standard input
         file: PathBuf,
     },
 }
@@ -293,28 +293,78 @@ pub fn run(
             podman_cgroup_parent,
             podman_runtime,
         } => {
+            let podman = || crate::workflows::podman::PodmanExport {
+                image_id: podman_image_id.clone().unwrap_or_default(),
+                image_name: podman_image.clone(),
+                name: podman_name.clone(),
+                cgroup_parent: podman_cgroup_parent.clone(),
+                runtime: podman_runtime.clone(),
+            };
+            if output.as_os_str() == "-" {
+                if out.is_terminal() {
+                    bail!(
+                        "snapshot export -o -: standard output is a terminal; \
+                         redirect it to a file or a pipe (or use -o FILE)"
+                    );
+                }
+                match format {
+                    ExportFormat::Oci => store.export_to(snapshot, &mut out, Path::new(STDOUT))?,
+                    ExportFormat::Podman => {
+                        podman_to_stdout(&rt()?, store, snapshot, &podman(), &mut out)?
+                    }
+                }
+                eprintln!("exported {snapshot} to standard output");
+                return Ok(0);
+            }
             match format {
                 ExportFormat::Oci => store.export(snapshot, output)?,
                 ExportFormat::Podman => {
-                    let o = crate::workflows::podman::PodmanExport {
-                        image_id: podman_image_id.clone().unwrap_or_default(),
-                        image_name: podman_image.clone(),
-                        name: podman_name.clone(),
-                        cgroup_parent: podman_cgroup_parent.clone(),
-                        runtime: podman_runtime.clone(),
-                    };
-                    crate::workflows::podman::export(&rt()?, store, snapshot, output, &o)?;
+                    crate::workflows::podman::export(&rt()?, store, snapshot, output, &podman())?
                 }
             }
             writeln!(out, "exported {snapshot} to {}", output.display())?;
         }
         SnapshotCmd::Import { file } => {
-            for id in store.import(file)? {
+            let ids = if file.as_os_str() == "-" {
+                if std::io::stdin().is_terminal() {
+                    bail!("snapshot import -: standard input is a terminal; pipe or redirect an archive into it");
+                }
+                store.import_from(&mut std::io::stdin().lock(), Path::new(STDIN))?
+            } else {
+                store.import(file)?
+            };
+            for id in ids {
                 writeln!(out, "imported {}", id.short())?;
             }
         }
     }
     Ok(0)
+}
+
+/// How errors name the standard streams given as `-`.
+const STDOUT: &str = "standard output";
+const STDIN: &str = "standard input";
+
+/// A podman archive is written to a file (it is built in place); for `-o -` that
+/// file is in a private temp directory, then copied to `out`.
+fn podman_to_stdout(
+    rt: &crate::runtime::Runtime,
+    store: &Store,
+    snapshot: &str,
+    o: &crate::workflows::podman::PodmanExport,
+    out: &mut impl Write,
+) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("stasis-export-")
+        .tempdir()
+        .context("create a temp directory for the podman archive")?;
+    let path = dir.path().join("checkpoint.tar.zst");
+    crate::workflows::podman::export(rt, store, snapshot, &path, o)?;
+    let mut f = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    std::io::copy(&mut f, out).context("write the archive to standard output")?;
+    out.flush()
+        .context("write the archive to standard output")?;
+    Ok(())
 }
 
 fn print_tree(out: &mut impl Write, v: &serde_json::Value, depth: usize) -> Result<()> {

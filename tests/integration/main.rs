@@ -22,6 +22,7 @@ mod exec_security;
 mod faults_checkpoint;
 mod lifecycle;
 mod runc_compat;
+mod scripting;
 mod security;
 mod spec_options;
 mod store_flows;

@@ -5,6 +5,7 @@
 mod cr;
 mod docs;
 mod oci;
+mod report;
 mod snapshot;
 mod warm;
 

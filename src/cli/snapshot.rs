@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::oci::{parse_duration, Format};
+use super::report;
 use crate::store::{DiffReport, FileChange, Level, SnapshotId, Store};
 use crate::workflows::fstree;
 
@@ -61,6 +62,9 @@ pub enum SnapshotCmd {
         /// With --repair: an export (`snapshot export`) holding good copies
         #[arg(long, value_name = "ARCHIVE", requires = "repair")]
         from: Option<PathBuf>,
+        /// Output format (json: the findings and the repair report as one record)
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Compare two snapshots: files and pages changed
     Diff {
@@ -77,6 +81,9 @@ pub enum SnapshotCmd {
         /// Report what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Forget old snapshots per container, then gc
     Prune {
@@ -89,6 +96,9 @@ pub enum SnapshotCmd {
         /// Report what would be forgotten, change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Write a snapshot as an OCI layout tar, or (`--format podman`) as a
     /// checkpoint archive for `podman container restore --import`
@@ -151,16 +161,8 @@ pub fn run(
         SnapshotCmd::Ls { format } => {
             let list = store.list()?;
             if *format == Format::Json {
-                let v: Vec<serde_json::Value> = list
-                    .iter()
-                    .map(|s| {
-                        serde_json::json!({
-                            "id": s.id.to_string(), "tags": s.tags, "created": s.created,
-                            "container": s.container, "size": s.image_bytes, "new_bytes": s.added_bytes,
-                        })
-                    })
-                    .collect();
-                writeln!(out, "{}", serde_json::Value::Array(v))?;
+                let rows: Vec<report::LsRow> = list.iter().map(Into::into).collect();
+                report::print(&mut out, &rows)?;
             } else {
                 writeln!(
                     out,
@@ -213,9 +215,27 @@ pub fn run(
             read_data,
             repair,
             from,
+            format,
         } => {
-            if *repair {
-                let r = store.repair(from.as_deref())?;
+            let repaired = if *repair {
+                Some(store.repair(from.as_deref())?)
+            } else {
+                None
+            };
+            if *format == Format::Json {
+                let findings = store.verify(*read_data)?;
+                let v = report::Verify::new(store.root(), &findings, repaired.as_ref());
+                report::print(&mut out, &v)?;
+                if v.errors > 0 {
+                    bail!(
+                        "verify found {} error(s) in store {}",
+                        v.errors,
+                        store.root().display()
+                    );
+                }
+                return Ok(0);
+            }
+            if let Some(r) = &repaired {
                 for l in &r.repaired {
                     writeln!(out, "repaired {l}")?;
                 }
@@ -254,9 +274,13 @@ pub fn run(
                 print_fs_diff(&mut out, &fs)?;
             }
         }
-        SnapshotCmd::Gc { dry_run } => {
+        SnapshotCmd::Gc { dry_run, format } => {
             let r = store.gc(*dry_run)?;
             let (dirs, cache_bytes) = crate::workflows::snapshot::gc_fs_cache(store, *dry_run)?;
+            if *format == Format::Json {
+                report::print(&mut out, &report::Gc::new(&r, dirs, cache_bytes))?;
+                return Ok(0);
+            }
             let verb = if *dry_run { "would remove" } else { "removed" };
             writeln!(
                 out,
@@ -271,12 +295,17 @@ pub fn run(
             keep_last,
             keep_within,
             dry_run,
+            format,
         } => {
             if keep_last.is_none() && keep_within.is_none() {
                 bail!("prune needs --keep-last N and/or --keep-within DURATION");
             }
             let removed = store.prune(*keep_last, *keep_within, *dry_run)?;
             crate::workflows::snapshot::gc_fs_cache(store, *dry_run)?;
+            if *format == Format::Json {
+                report::print(&mut out, &report::Prune::new(*dry_run, &removed))?;
+                return Ok(0);
+            }
             let verb = if *dry_run { "would forget" } else { "forgot" };
             for id in &removed {
                 writeln!(out, "{verb} {}", id.short())?;

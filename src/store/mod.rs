@@ -496,6 +496,28 @@ impl Store {
         transfer::export(self, name_or_id, out)
     }
 
+    /// `export` streamed to `w` (stdout, a pipe); `label` names `w` in errors.
+    pub fn export_to(
+        &self,
+        name_or_id: &str,
+        w: &mut dyn std::io::Write,
+        label: &Path,
+    ) -> std::result::Result<(), StoreError> {
+        let _lock = self.locks.shared()?;
+        transfer::export_to(self, name_or_id, w, label)
+    }
+
+    /// `import` of an archive read once, in order, from `r` (stdin, a pipe);
+    /// `label` names it in errors.
+    pub fn import_from(
+        &self,
+        r: &mut dyn std::io::Read,
+        label: &Path,
+    ) -> std::result::Result<Vec<SnapshotId>, StoreError> {
+        let _lock = self.locks.shared()?;
+        transfer::import_from(self, r, label)
+    }
+
     /// Imports an OCI layout tar written by `export`. Everything is checked before
     /// anything is published; a rejected file leaves the store unchanged.
     pub fn import(&self, file: &Path) -> std::result::Result<Vec<SnapshotId>, StoreError> {

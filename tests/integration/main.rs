@@ -27,6 +27,7 @@ mod faults_store;
 mod hostile;
 mod lifecycle;
 mod runc_compat;
+mod scripting;
 mod security;
 mod spec_options;
 mod store_flows;

@@ -461,6 +461,46 @@ fn prewarm_stops_on_sigint_and_sigterm_and_removes_its_container() {
     assert!(sx.ls().is_empty());
 }
 
+#[test]
+fn prewarm_stopped_during_its_warmup_kills_it_and_removes_the_container() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1000; done"]);
+    let id = unique_id("fs-warmup");
+    let _c = sx.guard(&id);
+    let bg = Bg::spawn(
+        &sx,
+        &[],
+        &[
+            "prewarm",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--ready",
+            "file:/",
+            "--warmup",
+            "sleep 1001",
+            "--tag",
+            "w",
+            "--id",
+            &id,
+        ],
+    );
+    let warming = || {
+        sx.state(&id).is_some()
+            && sx.env.pids(&id).iter().any(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.windows(4).any(|w| w == b"1001"))
+            })
+    };
+    crate::common::wait_until("the warm-up to run", Duration::from_secs(30), warming);
+    kill(bg.pid(), Signal::SIGTERM).unwrap();
+    let (code, _, err) = bg.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+    assert!(sx.state(&id).is_none(), "{id} left");
+    assert!(cgroups_named(&id).is_empty(), "cgroups of {id} left");
+    assert!(sx.ls().is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // An ingest that fails on a full disk
 

@@ -63,7 +63,7 @@
 //! force-deleted and every directory removed at the end, also when a step fails;
 //! a failed iteration's logs are copied to `$TMPDIR/stasis-bench-cr-failed-ID`.
 
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -71,6 +71,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{
+    build_bundle, cgroup_path, env_num, env_opt, exit_code, find_bin, is_root, is_tmpfs,
+    leftover_containers, median, min, proc_state, ratio, stasis_bin, state_base, temp_dir_in,
+    warn_if_stale,
+};
 
 const DEFAULT_WARMUP: usize = 1;
 const DEFAULT_MEM_MIB: u64 = 256;
@@ -184,19 +192,7 @@ impl Runtime {
     /// `delete --force` of every id used that still exists, and of anything else
     /// left in the root.
     fn cleanup(&mut self) {
-        let mut ids = std::mem::take(&mut self.ids);
-        if let Ok(entries) = fs::read_dir(&self.root) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && !ids.contains(&name) {
-                    ids.push(name);
-                }
-            }
-        }
-        for id in ids {
-            if !self.root.join(&id).exists() {
-                continue;
-            }
+        for id in leftover_containers(&self.root, std::mem::take(&mut self.ids)) {
             if let Err(e) = self.delete(&id) {
                 eprintln!("cr: warning: {e}");
             }
@@ -229,115 +225,63 @@ impl Drop for IterDir {
 // ---------------------------------------------------------------------------
 // CRIU statistics
 
-/// Fields of CRIU's `stats_entry` (images/stats.proto): `dump_stats dump = 1`,
-/// `restore_stats restore = 2`, each a message of varint fields.
+/// What the report uses of CRIU's `stats-dump` (times in microseconds).
 #[derive(Default, Debug, Clone, Copy)]
 struct DumpStats {
     freezing_us: u64,
     frozen_us: u64,
     memdump_us: u64,
     memwrite_us: u64,
-    pages_scanned: u64,
     pages_written: u64,
 }
 
+/// What the report uses of CRIU's `stats-restore` (microseconds).
 #[derive(Default, Debug, Clone, Copy)]
 struct RestoreStats {
     forking_us: u64,
     restore_us: u64,
 }
 
-/// The body of a stats image: u32 magic, u32 magic, u32 size, then `size` bytes
-/// of protobuf `stats_entry`.
-fn stats_body(path: &Path) -> Result<Vec<u8>, String> {
-    let b = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let bad = || format!("{}: not a CRIU stats image", path.display());
-    let size = u32::from_le_bytes(b.get(8..12).ok_or_else(bad)?.try_into().unwrap()) as usize;
-    Ok(b.get(12..12 + size).ok_or_else(bad)?.to_vec())
-}
-
-fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*i)?;
-        *i += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// Calls `f(field, value)` for every varint field of a protobuf message and `g`
-/// for every length-delimited one; other wire types are skipped.
-fn walk_proto(b: &[u8], f: &mut dyn FnMut(u64, u64), g: &mut dyn FnMut(u64, &[u8])) -> Option<()> {
-    let mut i = 0;
-    while i < b.len() {
-        let key = varint(b, &mut i)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => f(field, varint(b, &mut i)?),
-            1 => i += 8,
-            2 => {
-                let len = varint(b, &mut i)? as usize;
-                g(field, b.get(i..i + len)?);
-                i += len;
-            }
-            5 => i += 4,
-            _ => return None,
-        }
-    }
-    Some(())
-}
-
-/// The varint fields of sub-message `which` of the `stats_entry` in `path`.
-fn stats_fields(path: &Path, which: u64) -> Result<Vec<(u64, u64)>, String> {
-    let body = stats_body(path)?;
-    let mut fields = Vec::new();
-    let mut found = false;
-    walk_proto(&body, &mut |_, _| {}, &mut |field, sub| {
-        if field == which {
-            found = true;
-            walk_proto(sub, &mut |k, v| fields.push((k, v)), &mut |_, _| {});
-        }
-    })
-    .ok_or_else(|| format!("{}: malformed stats_entry", path.display()))?;
-    if !found {
+/// The (name, value) pairs of the CRIU stats image at `path`, read by stasis's
+/// own reader; `kind` is `dump` or `restore`, and `required` a field CRIU
+/// always writes for that kind (so a wrong or truncated image is an error).
+fn criu_stats(path: &Path, kind: &str, required: &str) -> Result<Vec<(&'static str, u64)>, String> {
+    let stats = stasis::criu::read_stats(path)
+        .ok_or_else(|| format!("{}: missing, or not a CRIU stats image", path.display()))?;
+    if !stats.iter().any(|(k, _)| *k == required) {
         return Err(format!(
-            "{}: stats_entry has no field {which}",
+            "{}: no {kind} statistics (`{required}`) in it",
             path.display()
         ));
     }
-    Ok(fields)
+    Ok(stats)
+}
+
+/// The value of `name` among `stats`; 0 when CRIU left it out.
+fn stat(stats: &[(&str, u64)], name: &str) -> u64 {
+    stats
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map_or(0, |(_, v)| *v)
 }
 
 fn read_dump_stats(path: &Path) -> Result<DumpStats, String> {
-    let mut s = DumpStats::default();
-    for (k, v) in stats_fields(path, 1)? {
-        match k {
-            1 => s.freezing_us = v,
-            2 => s.frozen_us = v,
-            3 => s.memdump_us = v,
-            4 => s.memwrite_us = v,
-            5 => s.pages_scanned = v,
-            7 => s.pages_written = v,
-            _ => {}
-        }
-    }
-    Ok(s)
+    let s = criu_stats(path, "dump", "frozen_time")?;
+    Ok(DumpStats {
+        freezing_us: stat(&s, "freezing_time"),
+        frozen_us: stat(&s, "frozen_time"),
+        memdump_us: stat(&s, "memdump_time"),
+        memwrite_us: stat(&s, "memwrite_time"),
+        pages_written: stat(&s, "pages_written"),
+    })
 }
 
 fn read_restore_stats(path: &Path) -> Result<RestoreStats, String> {
-    let mut s = RestoreStats::default();
-    for (k, v) in stats_fields(path, 2)? {
-        match k {
-            3 => s.forking_us = v,
-            4 => s.restore_us = v,
-            _ => {}
-        }
-    }
-    Ok(s)
+    let s = criu_stats(path, "restore", "restore_time")?;
+    Ok(RestoreStats {
+        forking_us: stat(&s, "forking_time"),
+        restore_us: stat(&s, "restore_time"),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -345,26 +289,10 @@ fn read_restore_stats(path: &Path) -> Result<RestoreStats, String> {
 
 /// The v1 freezer cgroup directory of `pid`, if the host has a v1 freezer.
 fn freezer_dir(pid: i32) -> Option<PathBuf> {
-    let v1 = Path::new("/sys/fs/cgroup/freezer");
-    if !v1.is_dir() {
+    if !Path::new("/sys/fs/cgroup/freezer").is_dir() {
         return None;
     }
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        ctrls
-            .split(',')
-            .any(|c| c == "freezer")
-            .then(|| v1.join(path.trim_start_matches('/')))
-    })
-}
-
-/// The state letter of `pid` in /proc (`S`, `D`, `t`, ...), `None` once it is gone.
-fn proc_state(pid: i32) -> Option<u8> {
-    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    stat.get(close + 2).copied()
+    cgroup_path(pid, Some("freezer"))
 }
 
 /// What a thread polling every 0.5 ms saw during a checkpoint.
@@ -525,6 +453,37 @@ fn timed(mut cmd: Command, out: &Path, what: &str) -> Result<Duration, String> {
     }
 }
 
+/// Runs `VERB HEAD.. --image-path IMG --work-path WORK EXTRA.. ID` of `rt`
+/// (EXTRA: its extra flags for VERB, `checkpoint` or `restore`) through
+/// `timed`, with `--log D/VERB.log` and the output in `D/VERB.out`; returns the
+/// wall time. A failure quotes the errors of CRIU's log in WORK.
+fn cr_step(
+    rt: &Runtime,
+    d: &Path,
+    verb: &str,
+    head: &[&OsStr],
+    img: &Path,
+    work: &Path,
+    id: &str,
+) -> Result<Duration, String> {
+    let (extra, criu_log) = match verb {
+        "checkpoint" => (&rt.checkpoint_args, "dump.log"),
+        _ => (&rt.restore_args, "restore.log"),
+    };
+    let mut cmd = rt.command(&d.join(format!("{verb}.log")));
+    cmd.arg(verb)
+        .args(head)
+        .arg("--image-path")
+        .arg(img)
+        .arg("--work-path")
+        .arg(work)
+        .args(extra)
+        .arg(id);
+    let what = format!("{} {verb} {id}", rt.name);
+    timed(cmd, &d.join(format!("{verb}.out")), &what)
+        .map_err(|e| e + &criu_errors(&work.join(criu_log)))
+}
+
 fn read_pid(path: &Path) -> Result<i32, String> {
     fs::read_to_string(path)
         .map_err(|e| format!("read {}: {e}", path.display()))?
@@ -658,21 +617,9 @@ fn iterate_in(ctx: &Ctx, rt: &mut Runtime, id: &str, d: &Path) -> Result<Sample,
 
     // checkpoint
     let watch = Watch::start(pid);
-    let mut cmd = rt.command(&d.join("checkpoint.log"));
-    cmd.arg("checkpoint")
-        .arg("--image-path")
-        .arg(&img)
-        .arg("--work-path")
-        .arg(&wdump)
-        .args(&rt.checkpoint_args)
-        .arg(&id);
-    let ckpt = timed(
-        cmd,
-        &d.join("checkpoint.out"),
-        &format!("{name} checkpoint {id}"),
-    );
+    let ckpt = cr_step(rt, d, "checkpoint", &[], &img, &wdump, &id);
     let watched = watch.finish();
-    let checkpoint_wall = ckpt.map_err(|e| e + &criu_errors(&wdump.join("dump.log")))?;
+    let checkpoint_wall = ckpt?;
     let dump = read_dump_stats(&wdump.join("stats-dump")).map_err(|e| format!("{name}: {e}"))?;
     if ctx.case == Case::Mem && dump.pages_written * 4096 < ctx.mib * 1024 * 1024 {
         return Err(format!(
@@ -682,23 +629,8 @@ fn iterate_in(ctx: &Ctx, rt: &mut Runtime, id: &str, d: &Path) -> Result<Sample,
     }
 
     // restore
-    let mut cmd = rt.command(&d.join("restore.log"));
-    cmd.arg("restore")
-        .arg("-d")
-        .arg("-b")
-        .arg(ctx.bundle)
-        .arg("--image-path")
-        .arg(&img)
-        .arg("--work-path")
-        .arg(&wrestore)
-        .args(&rt.restore_args)
-        .arg(&rid);
-    let restore_wall = timed(
-        cmd,
-        &d.join("restore.out"),
-        &format!("{name} restore {rid}"),
-    )
-    .map_err(|e| e + &criu_errors(&wrestore.join("restore.log")))?;
+    let head = ["-d".as_ref(), "-b".as_ref(), ctx.bundle.as_os_str()];
+    let restore_wall = cr_step(rt, d, "restore", &head, &img, &wrestore, &rid)?;
     let restore =
         read_restore_stats(&wrestore.join("stats-restore")).map_err(|e| format!("{name}: {e}"))?;
     let status = status_of(rt, &rid);
@@ -722,23 +654,6 @@ fn iterate_in(ctx: &Ctx, rt: &mut Runtime, id: &str, d: &Path) -> Result<Sample,
 // ---------------------------------------------------------------------------
 // Report
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NAN, f64::min)
-}
-
 struct Metric {
     name: &'static str,
     unit: &'static str,
@@ -749,85 +664,67 @@ struct Metric {
 
 const MS: f64 = 1e3;
 
+/// A duration in milliseconds.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * MS
+}
+
+/// CRIU's microseconds in milliseconds.
+fn us_ms(us: u64) -> f64 {
+    us as f64 / MS
+}
+
+const fn metric(
+    name: &'static str,
+    unit: &'static str,
+    goal: Option<f64>,
+    get: fn(&Sample) -> Option<f64>,
+) -> Metric {
+    Metric {
+        name,
+        unit,
+        goal,
+        get,
+    }
+}
+
 const METRICS: &[Metric] = &[
-    Metric {
-        name: "checkpoint wall",
-        unit: "ms",
-        goal: Some(0.5),
-        get: |s| Some(s.checkpoint_wall.as_secs_f64() * MS),
-    },
-    Metric {
-        name: "checkpoint outside CRIU",
-        unit: "ms",
-        goal: None,
-        get: |s| {
-            s.dump_log
-                .map(|l| s.checkpoint_wall.saturating_sub(l).as_secs_f64() * MS)
-        },
-    },
-    Metric {
-        name: "CRIU freezing_time",
-        unit: "ms",
-        goal: None,
-        get: |s| Some(s.dump.freezing_us as f64 / MS),
-    },
-    Metric {
-        name: "CRIU frozen_time",
-        unit: "ms",
-        goal: Some(0.1),
-        get: |s| Some(s.dump.frozen_us as f64 / MS),
-    },
-    Metric {
-        name: "stopped (observed)",
-        unit: "ms",
-        goal: None,
-        get: |s| s.watched.stopped.map(|w| w.as_secs_f64() * MS),
-    },
-    Metric {
-        name: "cgroup frozen (observed)",
-        unit: "ms",
-        goal: None,
-        get: |s| s.watched.frozen.map(|w| w.as_secs_f64() * MS),
-    },
-    Metric {
-        name: "CRIU memdump+memwrite",
-        unit: "ms",
-        goal: None,
-        get: |s| Some((s.dump.memdump_us + s.dump.memwrite_us) as f64 / MS),
-    },
-    Metric {
-        name: "restore wall",
-        unit: "ms",
-        goal: Some(0.9),
-        get: |s| Some(s.restore_wall.as_secs_f64() * MS),
-    },
-    Metric {
-        name: "restore outside CRIU",
-        unit: "ms",
-        goal: None,
-        get: |s| {
-            s.restore_log
-                .map(|l| s.restore_wall.saturating_sub(l).as_secs_f64() * MS)
-        },
-    },
-    Metric {
-        name: "CRIU restore_time",
-        unit: "ms",
-        goal: None,
-        get: |s| Some(s.restore.restore_us as f64 / MS),
-    },
-    Metric {
-        name: "CRIU forking_time",
-        unit: "ms",
-        goal: None,
-        get: |s| Some(s.restore.forking_us as f64 / MS),
-    },
-    Metric {
-        name: "pages written",
-        unit: "",
-        goal: None,
-        get: |s| Some(s.dump.pages_written as f64),
-    },
+    metric("checkpoint wall", "ms", Some(0.5), |s| {
+        Some(ms(s.checkpoint_wall))
+    }),
+    metric("checkpoint outside CRIU", "ms", None, |s| {
+        s.dump_log.map(|l| ms(s.checkpoint_wall.saturating_sub(l)))
+    }),
+    metric("CRIU freezing_time", "ms", None, |s| {
+        Some(us_ms(s.dump.freezing_us))
+    }),
+    metric("CRIU frozen_time", "ms", Some(0.1), |s| {
+        Some(us_ms(s.dump.frozen_us))
+    }),
+    metric("stopped (observed)", "ms", None, |s| {
+        s.watched.stopped.map(ms)
+    }),
+    metric("cgroup frozen (observed)", "ms", None, |s| {
+        s.watched.frozen.map(ms)
+    }),
+    metric("CRIU memdump+memwrite", "ms", None, |s| {
+        Some(us_ms(s.dump.memdump_us + s.dump.memwrite_us))
+    }),
+    metric("restore wall", "ms", Some(0.9), |s| {
+        Some(ms(s.restore_wall))
+    }),
+    metric("restore outside CRIU", "ms", None, |s| {
+        s.restore_log.map(|l| ms(s.restore_wall.saturating_sub(l)))
+    }),
+    metric("CRIU restore_time", "ms", None, |s| {
+        Some(us_ms(s.restore.restore_us))
+    }),
+    metric("CRIU forking_time", "ms", None, |s| {
+        Some(us_ms(s.restore.forking_us))
+    }),
+    metric("pages written", "", None, |s| {
+        Some(s.dump.pages_written as f64)
+    }),
 ];
 
 fn values(samples: &[Sample], m: &Metric) -> Vec<f64> {
@@ -846,8 +743,19 @@ fn fmt(v: f64, unit: &str) -> String {
     }
 }
 
-fn ratio(a: f64, b: f64) -> Option<f64> {
-    (b > 0.0 && a.is_finite() && b.is_finite()).then(|| a / b)
+/// One metric of one case, formatted: stasis min and median, runc min and
+/// median, and stasis/runc of the medians; and that ratio (for the goal).
+fn cells(r: &CaseResult, m: &Metric) -> ([String; 5], Option<f64>) {
+    let (s, c) = (values(&r.stasis, m), values(&r.runc, m));
+    let rt = ratio(median(&s), median(&c));
+    let cells = [
+        fmt(min(&s), m.unit),
+        fmt(median(&s), m.unit),
+        fmt(min(&c), m.unit),
+        fmt(median(&c), m.unit),
+        rt.map_or_else(|| "n/a".into(), |x| format!("{x:.2}x")),
+    ];
+    (cells, rt)
 }
 
 struct CaseResult {
@@ -871,8 +779,7 @@ fn report(r: &CaseResult, mib: u64) -> Vec<String> {
         "", "stasis min", "median", "runc min", "median", "stasis/runc"
     );
     for m in METRICS {
-        let (s, c) = (values(&r.stasis, m), values(&r.runc, m));
-        let rt = ratio(median(&s), median(&c));
+        let ([s_min, s_med, c_min, c_med, vs], rt) = cells(r, m);
         let goal = match (m.goal, rt) {
             (Some(g), Some(x)) if x <= g => format!("<= {g}x: met"),
             (Some(g), Some(_)) => {
@@ -883,15 +790,8 @@ fn report(r: &CaseResult, mib: u64) -> Vec<String> {
             (None, _) => String::new(),
         };
         println!(
-            "  {:<26} {:>10} {:>10}   {:>10} {:>10}   {:>11}  {}",
-            m.name,
-            fmt(min(&s), m.unit),
-            fmt(median(&s), m.unit),
-            fmt(min(&c), m.unit),
-            fmt(median(&c), m.unit),
-            rt.map(|x| format!("{x:.2}x"))
-                .unwrap_or_else(|| "n/a".into()),
-            goal
+            "  {:<26} {s_min:>10} {s_med:>10}   {c_min:>10} {c_med:>10}   {vs:>11}  {goal}",
+            m.name
         );
     }
     missed
@@ -903,8 +803,7 @@ fn markdown(results: &[CaseResult], mib: u64) {
     println!("|---|---|---:|---:|---:|---:|---:|---|");
     for r in results {
         for m in METRICS {
-            let (s, c) = (values(&r.stasis, m), values(&r.runc, m));
-            let rt = ratio(median(&s), median(&c));
+            let (row, rt) = cells(r, m);
             let goal = match (m.goal, rt) {
                 (Some(g), Some(x)) => {
                     format!("<= {g}x {}", if x <= g { "met" } else { "**missed**" })
@@ -913,16 +812,10 @@ fn markdown(results: &[CaseResult], mib: u64) {
                 (None, _) => String::new(),
             };
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {goal} |",
                 r.case.short(mib),
                 m.name,
-                fmt(min(&s), m.unit),
-                fmt(median(&s), m.unit),
-                fmt(min(&c), m.unit),
-                fmt(median(&c), m.unit),
-                rt.map(|x| format!("{x:.2}x"))
-                    .unwrap_or_else(|| "n/a".into()),
-                goal
+                row.join(" | ")
             );
         }
     }
@@ -944,130 +837,10 @@ fn markdown(results: &[CaseResult], mib: u64) {
 // ---------------------------------------------------------------------------
 // Setup
 
-fn env_usize(name: &str) -> Result<Option<usize>, String> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("{name}={v:?} is not a non-negative integer")),
-        Err(_) => Ok(None),
-    }
-}
-
 fn env_args(name: &str) -> Vec<String> {
     std::env::var(name)
         .map(|v| v.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
-}
-
-fn find_bin(env: &str, name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .chain(fallbacks.iter().map(PathBuf::from))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-fn stasis_bin(manifest: &Path) -> Result<PathBuf, String> {
-    let (bin, hint) = match std::env::var_os("STASIS_BIN") {
-        Some(p) => (PathBuf::from(p), "STASIS_BIN points at it"),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target"));
-            (
-                target.join("release/stasis"),
-                "build it first with `cargo build --release`, or set STASIS_BIN",
-            )
-        }
-    };
-    if !is_executable(&bin) {
-        return Err(format!(
-            "stasis binary {} is missing or not executable: {hint}",
-            bin.display()
-        ));
-    }
-    if std::env::var_os("STASIS_BIN").is_none() {
-        warn_if_stale(&bin, &manifest.join("src"));
-    }
-    Ok(bin)
-}
-
-/// Warns when a source file is newer than the binary being measured.
-fn warn_if_stale(bin: &Path, src: &Path) {
-    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-        let mut best = None;
-        for e in fs::read_dir(dir).ok()?.flatten() {
-            let m = e.metadata().ok()?;
-            let t = if m.is_dir() {
-                newest(&e.path())
-            } else {
-                m.modified().ok()
-            };
-            best = best.max(t);
-        }
-        best
-    }
-    let built = fs::metadata(bin).and_then(|m| m.modified()).ok();
-    if let (Some(built), Some(src_t)) = (built, newest(src)) {
-        if src_t > built {
-            eprintln!(
-                "cr: warning: {} is older than {}: run `cargo build --release`",
-                bin.display(),
-                src.display()
-            );
-        }
-    }
-}
-
-fn is_tmpfs(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct; `c` is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type == libc::TMPFS_MAGIC
-}
-
-fn temp_dir_in(base: &Path, prefix: &str) -> Result<tempfile::TempDir, String> {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(base)
-        .map_err(|e| format!("cannot create a directory in {}: {e}", base.display()))
-}
-
-fn build_bundle(manifest: &Path, bundle: &Path, args: &[String]) -> Result<(), String> {
-    let script = manifest.join("images/busybox/build");
-    let out = Command::new(&script)
-        .arg(bundle)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} {} failed ({}): {}",
-            script.display(),
-            bundle.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
 }
 
 fn criu_version() -> Option<String> {
@@ -1125,9 +898,7 @@ fn private_run_tmpfs() -> Result<(), String> {
 }
 
 fn bench() -> Result<bool, String> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("cr: skipped: checkpoint/restore needs root (run the bench as root)");
         return Ok(true);
     }
@@ -1149,15 +920,14 @@ fn bench() -> Result<bool, String> {
         println!("cr: skipped: no `criu` on PATH (scripts/setup builds CRIU 4.2.1)");
         return Ok(true);
     };
-    let stasis = stasis_bin(&manifest)?;
-    let iters = env_usize("BENCH_ITERS")?;
+    let stasis = stasis_bin()?;
+    warn_if_stale("cr", &stasis);
+    let iters = env_opt::<usize>("BENCH_ITERS")?;
     if iters == Some(0) {
         return Err("BENCH_ITERS must be at least 1".into());
     }
-    let warmup = env_usize("BENCH_WARMUP")?.unwrap_or(DEFAULT_WARMUP);
-    let mib = env_usize("BENCH_MEM_MIB")?
-        .map(|m| m as u64)
-        .unwrap_or(DEFAULT_MEM_MIB);
+    let warmup = env_num("BENCH_WARMUP", DEFAULT_WARMUP)?;
+    let mib = env_num("BENCH_MEM_MIB", DEFAULT_MEM_MIB)?;
     let cases: Vec<Case> = match std::env::var("BENCH_CASES") {
         Ok(v) => v
             .split(',')
@@ -1173,12 +943,7 @@ fn bench() -> Result<bool, String> {
     };
 
     let tmp = temp_dir_in(&std::env::temp_dir(), "stasis-bench-cr-")?;
-    let state_base = match std::env::var_os("BENCH_STATE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None if is_tmpfs(Path::new("/run")) => PathBuf::from("/run"),
-        None => tmp.path().to_path_buf(),
-    };
-    let state = temp_dir_in(&state_base, "stasis-bench-cr-state-")?;
+    let state = temp_dir_in(&state_base(tmp.path()), "stasis-bench-cr-state-")?;
     let images_base = std::env::var_os("BENCH_IMAGE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| tmp.path().to_path_buf());
@@ -1222,7 +987,7 @@ fn bench() -> Result<bool, String> {
     for &case in &cases {
         let n = iters.unwrap_or(case.default_iters());
         let bundle = tmp.path().join(format!("bundle-{}", case.key()));
-        build_bundle(&manifest, &bundle, &case.args(mib))?;
+        build_bundle("busybox", &bundle, &case.args(mib))?;
         let ctx = Ctx {
             case,
             bundle: &bundle,
@@ -1243,13 +1008,13 @@ fn bench() -> Result<bool, String> {
                     "cr: {} {label} {i} {:<6} checkpoint {:>8.1} ms (CRIU frozen {:>7.1} ms, stopped {}) restore {:>8.1} ms  [{:.1} s]",
                     case.key(),
                     rt.name,
-                    s.checkpoint_wall.as_secs_f64() * MS,
-                    s.dump.frozen_us as f64 / MS,
+                    ms(s.checkpoint_wall),
+                    us_ms(s.dump.frozen_us),
                     s.watched
                         .stopped
-                        .map(|w| format!("{:.1} ms", w.as_secs_f64() * MS))
+                        .map(|w| format!("{:.1} ms", ms(w)))
                         .unwrap_or_else(|| "n/a".into()),
-                    s.restore_wall.as_secs_f64() * MS,
+                    ms(s.restore_wall),
                     t0.elapsed().as_secs_f64()
                 );
                 if i >= warmup {
@@ -1286,13 +1051,5 @@ fn bench() -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    match bench() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) if std::env::var("BENCH_STRICT").as_deref() == Ok("1") => ExitCode::FAILURE,
-        Ok(false) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cr: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("cr", bench())
 }

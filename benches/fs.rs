@@ -70,7 +70,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -78,7 +78,10 @@ use std::time::{Duration, Instant};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{bench_main, env_num, min_median, round, stasis_bin};
+use common::{
+    bench_main, build_bundle, cgroup_path, env_num, is_root, min_median, proc_state, root_entries,
+    round, run_logged, stasis_bin, unmount_leftovers, Rng,
+};
 
 const MIB: u64 = 1024 * 1024;
 const MS: f64 = 1000.0;
@@ -134,46 +137,10 @@ impl Settings {
 // ---------------------------------------------------------------------------
 // Data
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, b: &mut [u8]) {
-        for c in b.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
 const WORDS: &[&str] = &[
     "the", "of", "and", "config", "lib", "usr", "share", "error", "value", "return", "static",
     "int", "char", "void", "include", "define", "struct", "data", "index", "table",
 ];
-
-fn fill_text(rng: &mut Rng, b: &mut [u8]) {
-    let mut i = 0;
-    while i < b.len() {
-        let w = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
-        let n = w.len().min(b.len() - i);
-        b[i..i + n].copy_from_slice(&w[..n]);
-        i += n;
-        if i < b.len() {
-            b[i] = if rng.next().is_multiple_of(10) {
-                b'\n'
-            } else {
-                b' '
-            };
-            i += 1;
-        }
-    }
-}
 
 /// ~`mib` MiB of files under `root/opt/extra`, sizes 4 KiB..1 MiB, half text.
 fn make_extra(root: &Path, mib: u64) -> Result<(u64, u64), String> {
@@ -188,7 +155,7 @@ fn make_extra(root: &Path, mib: u64) -> Result<(u64, u64), String> {
         let size = (4096u64 << (rng.next() % 9)).min(mib * MIB - total).max(1) as usize;
         let b = &mut buf[..size];
         if files % 2 == 0 {
-            fill_text(&mut rng, b);
+            rng.fill_words(WORDS, 10, b);
         } else {
             rng.fill(b);
         }
@@ -270,33 +237,11 @@ impl Stasis {
         c
     }
 
-    /// Runs with stdin /dev/null and stdout+stderr into a log file; `run` and
-    /// `restore` get /dev/null (the container inherits them: CRIU cannot dump a
-    /// host file there, and a pipe would stay open) and `--log` for errors.
-    /// Returns the wall time and the output.
+    /// Runs `stasis ARGS` through `run_logged` (log: `last.log`); returns the
+    /// wall time and the output.
     fn run(&self, store: &Path, args: &[&str]) -> Result<(Duration, String), String> {
         let what = format!("stasis {}", args.join(" "));
-        let log = self.logs.join("last.log");
-        let _ = fs::remove_file(&log);
-        let mut c = self.cmd(store);
-        c.stdin(Stdio::null());
-        if matches!(args.first(), Some(&"run" | &"restore")) {
-            c.arg("--log").arg(&log);
-            c.stdout(Stdio::null()).stderr(Stdio::null());
-        } else {
-            let f = fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-            let f2 = f.try_clone().map_err(|e| format!("dup: {e}"))?;
-            c.stdout(f).stderr(f2);
-        }
-        c.args(args);
-        let t0 = Instant::now();
-        let st = c.status().map_err(|e| format!("{what}: {e}"))?;
-        let wall = t0.elapsed();
-        let out = fs::read_to_string(&log).unwrap_or_default();
-        if !st.success() {
-            return Err(format!("{what}: {st}:\n{}", last_lines(&out, 15)));
-        }
-        Ok((wall, out))
+        run_logged(self.cmd(store), args, &what, &self.logs.join("last.log"))
     }
 
     fn pid(&self, store: &Path, id: &str) -> Result<i32, String> {
@@ -318,20 +263,12 @@ impl Stasis {
 
     /// Force-deletes every container in the root.
     fn delete_all(&self, store: &Path) {
-        if let Ok(rd) = fs::read_dir(&self.root) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && e.path().is_dir() {
-                    self.delete(store, &name);
-                }
+        for name in root_entries(&self.root) {
+            if self.root.join(&name).is_dir() {
+                self.delete(store, &name);
             }
         }
     }
-}
-
-fn last_lines(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The last JSON object line of an output (`--print-stats --stats-format json`).
@@ -350,34 +287,12 @@ fn json_line(out: &str) -> serde_json::Value {
 // ---------------------------------------------------------------------------
 // Watching the frozen window
 
-fn cgroup_path(pid: i32, controller: Option<&str>) -> Option<PathBuf> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let rel = path.trim_start_matches('/');
-        match controller {
-            Some(c) if ctrls.split(',').any(|x| x == c) => {
-                Some(Path::new("/sys/fs/cgroup").join(c).join(rel))
-            }
-            None if ctrls.is_empty() => Some(Path::new("/sys/fs/cgroup").join(rel)),
-            _ => None,
-        }
-    })
-}
-
 /// v1 `freezer.state`, or v2 `cgroup.events` of the init's cgroup.
 fn freezer_probe(pid: i32) -> Option<(PathBuf, bool)> {
     if Path::new("/sys/fs/cgroup/freezer").is_dir() {
         return cgroup_path(pid, Some("freezer")).map(|d| (d.join("freezer.state"), true));
     }
     cgroup_path(pid, None).map(|d| (d.join("cgroup.events"), false))
-}
-
-fn proc_state(pid: i32) -> Option<u8> {
-    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    stat.get(close + 2).copied()
 }
 
 struct Watch {
@@ -844,22 +759,7 @@ struct Cleanup<'a> {
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         self.st.delete_all(&self.store);
-        if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
-            let prefix = self.dir.to_string_lossy().into_owned();
-            let mut left: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            left.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in left {
-                eprintln!("fs: warning: unmounting leftover {m}");
-                if let Ok(c) = std::ffi::CString::new(m) {
-                    // SAFETY: a valid C string.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
-            }
-        }
+        unmount_leftovers("fs", &self.dir);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -867,28 +767,16 @@ impl Drop for Cleanup<'_> {
 // ---------------------------------------------------------------------------
 // Setup and report
 
-fn build_bundle(bundle: &Path, hold: &str) -> Result<(), String> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let script = manifest.join("images/busybox/build");
+/// The busybox bundle: `sh` idling, holding /data/file open (`hold`: ro, rw or
+/// none), on a writable rootfs.
+fn build_fs_bundle(bundle: &Path, hold: &str) -> Result<(), String> {
     let open = match hold {
         "ro" => "exec 3</data/file; ",
         "rw" => "exec 3<>/data/file; ",
         _ => "",
     };
     let body = format!("{open}while :; do sleep 1; done");
-    let out = Command::new(&script)
-        .arg(bundle)
-        .args(["sh", "-c", &body])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    build_bundle("busybox", bundle, &["sh", "-c", &body])?;
     // A writable rootfs: the restored copies write to the data file.
     let cfg = bundle.join("config.json");
     let mut v: serde_json::Value =
@@ -899,8 +787,7 @@ fn build_bundle(bundle: &Path, hold: &str) -> Result<(), String> {
 }
 
 fn bench() -> Result<bool, String> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("fs: skipped: needs root");
         return Ok(true);
     }
@@ -941,7 +828,7 @@ fn bench() -> Result<bool, String> {
         dir.display()
     );
     let t0 = Instant::now();
-    build_bundle(&bundle, &s.hold)?;
+    build_fs_bundle(&bundle, &s.hold)?;
     let (files, bytes) = make_extra(&bundle.join("rootfs"), s.rootfs_mib)?;
     make_data(&bundle.join("rootfs/data/file"), s.data_mib)?;
     println!(

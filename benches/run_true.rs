@@ -20,13 +20,19 @@
 //! waits for any process a runtime leaves behind, so detached helpers count too. Every container is deleted with
 //! `delete --force` at the end, also when a run fails.
 
-use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "common/mod.rs"]
+mod common;
+use common::{
+    build_bundle, env_num, exit_code, find_bin, is_executable, is_root, leftover_containers,
+    median, min, ratio, stasis_bin, state_base, temp_dir_in, warn_if_stale,
+};
 
 const DEFAULT_ITERS: usize = 40;
 const DEFAULT_WARMUP: usize = 3;
@@ -135,21 +141,8 @@ impl Runtime {
 
     /// `delete --force` of every id used, then of anything else left in the root.
     fn cleanup(&mut self) {
-        let mut ids = std::mem::take(&mut self.ids);
-        if let Ok(entries) = std::fs::read_dir(&self.root) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && !ids.contains(&name) {
-                    ids.push(name);
-                }
-            }
-        }
-        for id in ids {
-            let left = self.root.join(&id).exists();
-            // A foreground run deletes its container; only leftovers need the call.
-            if !left {
-                continue;
-            }
+        // A foreground run deletes its container; only leftovers need the call.
+        for id in leftover_containers(&self.root, std::mem::take(&mut self.ids)) {
             let r = self
                 .command()
                 .args(["delete", "--force", &id])
@@ -217,85 +210,6 @@ fn children_cpu() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn env_usize(name: &str, default: usize) -> Result<usize, String> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not a non-negative integer")),
-        Err(_) => Ok(default),
-    }
-}
-
-/// The first executable among `env` (when set), `PATH` lookups of `name`, `fallbacks`.
-fn find_bin(env: &str, name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .chain(fallbacks.iter().map(PathBuf::from))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
-fn stasis_bin(manifest: &Path) -> Result<PathBuf, String> {
-    let (bin, hint) = match std::env::var_os("STASIS_BIN") {
-        Some(p) => (PathBuf::from(p), "STASIS_BIN points at it"),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target"));
-            (
-                target.join("release/stasis"),
-                "build it first with `cargo build --release`, or set STASIS_BIN",
-            )
-        }
-    };
-    if !is_executable(&bin) {
-        return Err(format!(
-            "stasis binary {} is missing or not executable: {hint}",
-            bin.display()
-        ));
-    }
-    warn_if_stale(&bin, &manifest.join("src"));
-    Ok(bin)
-}
-
-/// Warns when a source file is newer than the binary being measured.
-fn warn_if_stale(bin: &Path, src: &Path) {
-    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-        let mut best = None;
-        for e in std::fs::read_dir(dir).ok()?.flatten() {
-            let m = e.metadata().ok()?;
-            let t = if m.is_dir() {
-                newest(&e.path())
-            } else {
-                m.modified().ok()
-            };
-            best = best.max(t);
-        }
-        best
-    }
-    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    if let (Some(built), Some(src_t)) = (built, newest(src)) {
-        if src_t > built && std::env::var_os("STASIS_BIN").is_none() {
-            eprintln!(
-                "run_true: warning: {} is older than {}: run `cargo build --release`",
-                bin.display(),
-                src.display()
-            );
-        }
-    }
-}
-
 /// `BENCH_EXTRA=name=/path/bin,...`: more runc-compatible binaries to measure
 /// alongside (e.g. a stasis built with other settings, for an A/B comparison).
 fn extra_bins() -> Result<Vec<(String, PathBuf)>, String> {
@@ -320,90 +234,32 @@ fn extra_bins() -> Result<Vec<(String, PathBuf)>, String> {
         .collect()
 }
 
-/// Where the runtimes keep container state: `BENCH_STATE_DIR` when set, else under
-/// /run when it is tmpfs (where runc, crun and stasis keep it by default), else
-/// next to the bundle. State on a disk file system makes every fsync real.
-fn state_dir(fallback: &Path) -> Result<tempfile::TempDir, String> {
-    let base = match std::env::var_os("BENCH_STATE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None if is_tmpfs(Path::new("/run")) => PathBuf::from("/run"),
-        None => fallback.to_path_buf(),
-    };
-    tempfile::Builder::new()
-        .prefix("stasis-bench-state-")
-        .tempdir_in(&base)
-        .map_err(|e| format!("cannot create a state directory in {}: {e}", base.display()))
-}
-
-fn is_tmpfs(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct; `c` is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type == libc::TMPFS_MAGIC
-}
-
-fn build_bundle(manifest: &Path, bundle: &Path) -> Result<(), String> {
-    let script = manifest.join("images/busybox/build");
-    let out = Command::new(&script)
-        .arg(bundle)
-        .arg("/bin/true")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} {} /bin/true failed ({}): {}",
-            script.display(),
-            bundle.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
+/// Milliseconds.
 struct Summary {
-    min_wall: Duration,
-    med_wall: Duration,
-    min_cpu: Duration,
-    med_cpu: Duration,
-}
-
-fn median(v: &[Duration]) -> Duration {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2
-    }
+    min_wall: f64,
+    med_wall: f64,
+    min_cpu: f64,
+    med_cpu: f64,
 }
 
 fn summary(rt: &Runtime) -> Summary {
+    let ms = |v: &[Duration]| -> Vec<f64> { v.iter().map(|d| d.as_secs_f64() * 1e3).collect() };
+    let (wall, cpu) = (ms(&rt.wall), ms(&rt.cpu));
     Summary {
-        min_wall: rt.wall.iter().copied().min().unwrap_or_default(),
-        med_wall: median(&rt.wall),
-        min_cpu: rt.cpu.iter().copied().min().unwrap_or_default(),
-        med_cpu: median(&rt.cpu),
+        min_wall: min(&wall),
+        med_wall: median(&wall),
+        min_cpu: min(&cpu),
+        med_cpu: median(&cpu),
     }
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+fn ms(v: f64) -> String {
+    format!("{v:.2} ms")
 }
 
-fn ratio(a: Duration, b: Duration) -> String {
-    if b.is_zero() {
-        "n/a".into()
-    } else {
-        format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
-    }
+/// `a` as a multiple of `b`.
+fn times(a: f64, b: f64) -> String {
+    ratio(a, b).map_or_else(|| "n/a".into(), |x| format!("{x:.2}x"))
 }
 
 fn report(runtimes: &[Runtime], iters: usize) {
@@ -430,8 +286,8 @@ fn report(runtimes: &[Runtime], iters: usize) {
                 println!(
                     "  {}/runc: median wall {}, median cpu {}",
                     rt.name,
-                    ratio(s.med_wall, r.med_wall),
-                    ratio(s.med_cpu, r.med_cpu)
+                    times(s.med_wall, r.med_wall),
+                    times(s.med_cpu, r.med_cpu)
                 );
             }
         }
@@ -443,7 +299,7 @@ fn report(runtimes: &[Runtime], iters: usize) {
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (rt, s) in runtimes.iter().zip(&sums) {
         let (rw, rc) = match runc {
-            Some(r) => (ratio(s.med_wall, r.med_wall), ratio(s.med_cpu, r.med_cpu)),
+            Some(r) => (times(s.med_wall, r.med_wall), times(s.med_cpu, r.med_cpu)),
             None => ("n/a".into(), "n/a".into()),
         };
         println!(
@@ -473,9 +329,8 @@ fn report(runtimes: &[Runtime], iters: usize) {
 }
 
 fn bench() -> Result<(), String> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let iters = env_usize("BENCH_ITERS", DEFAULT_ITERS)?;
-    let warmup = env_usize("BENCH_WARMUP", DEFAULT_WARMUP)?;
+    let iters = env_num("BENCH_ITERS", DEFAULT_ITERS)?;
+    let warmup = env_num("BENCH_WARMUP", DEFAULT_WARMUP)?;
     if iters == 0 {
         return Err("BENCH_ITERS must be at least 1".into());
     }
@@ -489,11 +344,12 @@ fn bench() -> Result<(), String> {
         println!("run_true: skipped: runc is not installed (looked in PATH and /usr/sbin); install it or set RUNC_BIN");
         return Ok(());
     };
-    if !nix_is_root() {
+    if !is_root() {
         println!("run_true: skipped: containers need root here (run the bench as root)");
         return Ok(());
     }
-    let stasis = stasis_bin(&manifest)?;
+    let stasis = stasis_bin()?;
+    warn_if_stale("run_true", &stasis);
     // Detached helpers of a runtime become our children, so their CPU is counted.
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -514,8 +370,8 @@ fn bench() -> Result<(), String> {
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let bundle = tmp.path().join("bundle");
-    build_bundle(&manifest, &bundle)?;
-    let state = state_dir(tmp.path())?;
+    build_bundle("busybox", &bundle, &["/bin/true"])?;
+    let state = temp_dir_in(&state_base(tmp.path()), "stasis-bench-state-")?;
     println!("run_true: state roots in {}", state.path().display());
 
     // Dropped before `tmp` (declared later), so containers go before their roots.
@@ -639,17 +495,6 @@ fn mount_ns_without_cgroup2() -> std::io::Result<OwnedFd> {
     }
 }
 
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn main() -> ExitCode {
-    match bench() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("run_true: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("run_true", bench().map(|()| true))
 }

@@ -23,18 +23,11 @@ use std::time::{Duration, Instant};
 
 use stasis::store::{IngestOptions, SnapshotInput, Store};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::Rng;
+
 const PAGE: usize = 4096;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 const WORDS: &[&str] = &[
     "the",
@@ -105,23 +98,7 @@ const WORDS: &[&str] = &[
 fn fill_page(rng: &mut Rng, kind: u64, p: &mut [u8]) {
     match kind {
         0 => p.fill(0),
-        1 => {
-            let mut i = 0;
-            while i < p.len() {
-                let w = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
-                let n = w.len().min(p.len() - i);
-                p[i..i + n].copy_from_slice(&w[..n]);
-                i += n;
-                if i < p.len() {
-                    p[i] = if rng.next().is_multiple_of(12) {
-                        b'\n'
-                    } else {
-                        b' '
-                    };
-                    i += 1;
-                }
-            }
-        }
+        1 => rng.fill_words(WORDS, 12, p),
         2 => {
             let base = rng.next() % 1_000_000;
             for (j, r) in p.chunks_exact_mut(64).enumerate() {
@@ -136,11 +113,7 @@ fn fill_page(rng: &mut Rng, kind: u64, p: &mut [u8]) {
                 r[24..24 + n].copy_from_slice(&w[..n]);
             }
         }
-        _ => {
-            for c in p.chunks_mut(8) {
-                c.copy_from_slice(&rng.next().to_le_bytes()[..c.len()]);
-            }
-        }
+        _ => rng.fill(p),
     }
 }
 

@@ -83,7 +83,6 @@
 //! Every container (stasis and runc), serve process, store and directory is
 //! removed at the end, also when a step fails.
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -95,7 +94,10 @@ use std::time::{Duration, Instant};
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{bench_main, env_num, min_median, round, stasis_bin};
+use common::{
+    bench_main, build_bundle, env_num, find_bin, is_root, min_median, root_entries, round,
+    run_logged, stasis_bin, unmount_leftovers,
+};
 
 const MS: f64 = 1000.0;
 
@@ -509,36 +511,12 @@ impl Rt {
         c
     }
 
-    /// Runs a command; `run`, `restore` and `prewarm` get /dev/null stdio (a
-    /// container would inherit a file or a pipe) and `--log` for errors, others
-    /// a log file. Returns the wall time and the output.
+    /// Runs `NAME ARGS` through `run_logged` (log: `NAME-last.log`); returns the
+    /// wall time and the output.
     fn run_in(&self, store: Option<&Path>, args: &[&str]) -> Result<(Duration, String), String> {
         let what = format!("{} {}", self.name, args.join(" "));
         let log = self.logs.join(format!("{}-last.log", self.name));
-        let _ = fs::remove_file(&log);
-        let mut c = self.cmd(store);
-        c.stdin(Stdio::null());
-        if matches!(args.first(), Some(&"run" | &"restore")) {
-            c.arg("--log").arg(&log);
-            c.stdout(Stdio::null()).stderr(Stdio::null());
-        } else {
-            let f = fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
-            let f2 = f.try_clone().map_err(|e| format!("dup: {e}"))?;
-            c.stdout(f).stderr(f2);
-        }
-        c.args(args);
-        let t0 = Instant::now();
-        let st = c.status().map_err(|e| format!("{what}: {e}"))?;
-        let wall = t0.elapsed();
-        let out = fs::read_to_string(&log).unwrap_or_default();
-        if !st.success() {
-            let lines: Vec<&str> = out.lines().collect();
-            return Err(format!(
-                "{what}: {st}:\n{}",
-                lines[lines.len().saturating_sub(15)..].join("\n")
-            ));
-        }
-        Ok((wall, out))
+        run_logged(self.cmd(store), args, &what, &log)
     }
 
     fn run(&self, args: &[&str]) -> Result<(Duration, String), String> {
@@ -598,12 +576,9 @@ impl Rt {
     }
 
     fn delete_all(&self) {
-        if let Ok(rd) = fs::read_dir(&self.root) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.starts_with('.') && e.path().is_dir() {
-                    self.delete(&name);
-                }
+        for name in root_entries(&self.root) {
+            if self.root.join(&name).is_dir() {
+                self.delete(&name);
             }
         }
     }
@@ -973,20 +948,7 @@ fn bench_svc(c: &Ctx, svc: Svc) -> Result<SvcResult, String> {
     let mut res = SvcResult::default();
     let bundle = c.dir.join(format!("bundle-{name}"));
     let t = Instant::now();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("images/{name}/build"));
-    let out = Command::new(&script)
-        .arg(&bundle)
-        .args(svc.build_args(s))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    build_bundle(name, &bundle, &svc.build_args(s))?;
     eprintln!(
         "warm: {name}: bundle ({}) built in {:.1} s",
         svc.size(s),
@@ -1277,40 +1239,13 @@ impl Drop for Cleanup<'_> {
         for rt in &self.rts {
             rt.delete_all();
         }
-        if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
-            let prefix = self.dir.to_string_lossy().into_owned();
-            let mut left: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
-            left.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in left {
-                eprintln!("warm: warning: unmounting leftover {m}");
-                if let Ok(c) = std::ffi::CString::new(m) {
-                    // SAFETY: a valid C string.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
-            }
-        }
+        unmount_leftovers("warm", &self.dir);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
-fn find_bin(env: &str, name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .chain(fallbacks.iter().map(PathBuf::from))
-        .find(|p| p.is_file())
-}
-
 fn bench() -> Result<bool, String> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("warm: skipped: needs root");
         return Ok(true);
     }

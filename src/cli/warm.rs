@@ -142,7 +142,7 @@ pub struct ServeArgs {
     /// Bundle for restores and cold starts (default: the one recorded in the snapshot)
     #[arg(long, short = 'b')]
     pub bundle: Option<PathBuf>,
-    /// Counters file (default: --root/serve-ADDR-PORT.json)
+    /// Counters file (default: --root/.serve-ADDR-PORT.json)
     #[arg(long)]
     pub stats_file: Option<PathBuf>,
     /// Print the counters of the server listening on --listen and exit

@@ -27,7 +27,9 @@ use oci_spec::runtime::{
 
 use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
 
+mod cgroup;
 mod hooks;
+pub use cgroup::{cgroup_destroy, cgroup_enter, cgroup_remove};
 pub use hooks::run_hooks;
 use hooks::{run_each, take_hooks, warn, HookKind};
 
@@ -55,6 +57,10 @@ pub struct BundleInfo {
     pub annotations: Option<HashMap<String, String>>,
     /// The container gets a new network namespace (not one given by path).
     pub own_netns: bool,
+    /// `linux.resources.memory.disableOOMKiller`, which libcontainer drops.
+    pub disable_oom_killer: bool,
+    /// `linux.cgroupsPath` (None: libcontainer names the cgroup after the id).
+    pub cgroups_path: Option<PathBuf>,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -100,9 +106,10 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
             format!("root filesystem {} is not a directory", rootfs.display()),
         ));
     }
-    if spec.process().is_none() {
+    let Some(process) = spec.process() else {
         return Err(bad(&cfg, "config.json has no process".into()));
-    }
+    };
+    check_process(process).map_err(|reason| bad(&cfg, reason))?;
     // A bind mount whose source is missing fails inside the container's init, and
     // libcontainer 0.7 reports only "failed to prepare rootfs" (the path is in a
     // debug log of the child). runc names it ("error mounting X to rootfs at Y");
@@ -143,7 +150,46 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         rootfs,
         annotations: spec.annotations().clone(),
         own_netns,
+        disable_oom_killer: cgroup::wanted(&spec),
+        cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
     })
+}
+
+/// Checks the fields of a `process` that libcontainer 0.7 takes on trust and then
+/// panics on (empty `args`: "index out of bounds", with a backtrace) or fails
+/// with nothing to go on (a relative `cwd`: "failed to unix syscall"; a soft
+/// rlimit above its hard one: "intermediate process error EINVAL"; an
+/// `oomScoreAdj` out of range: "io error"). runc checks the first two
+/// (`validateProcessSpec`) and fails on the others in the kernel; the reason names
+/// the field.
+fn check_process(p: &oci_spec::runtime::Process) -> std::result::Result<(), String> {
+    for r in p.rlimits().iter().flatten() {
+        if r.soft() > r.hard() {
+            return Err(format!(
+                "process.rlimits {:?}: the soft limit {} is above the hard limit {}",
+                r.typ(),
+                r.soft(),
+                r.hard()
+            ));
+        }
+    }
+    if let Some(adj) = p.oom_score_adj().filter(|a| !(-1000..=1000).contains(a)) {
+        return Err(format!(
+            "process.oomScoreAdj {adj} is outside the kernel's range -1000..1000"
+        ));
+    }
+    if p.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err("process.args is empty: it must name the program to run".into());
+    }
+    let cwd = p.cwd();
+    if !cwd.is_absolute() {
+        return Err(format!(
+            "process.cwd {:?} is not an absolute path: give the working directory \
+             inside the container from its root, e.g. \"/\"",
+            cwd.display().to_string()
+        ));
+    }
+    Ok(())
 }
 
 pub struct Created {
@@ -151,9 +197,17 @@ pub struct Created {
     pub cgroup_path: PathBuf,
 }
 
-pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) -> Result<Created> {
+pub fn create(
+    root: &Path,
+    opts: &CreateOptions,
+    bundle_info: &BundleInfo,
+    detach: bool,
+) -> Result<Created> {
     let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
+    let bundle = bundle_info.path.as_path();
+    let cgroup = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
+    let cgroup_existed = cgroup::exists(&cgroup);
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
@@ -168,7 +222,16 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
         .with_detach(detach)
         .with_no_pivot(opts.no_pivot)
         .build()
-        .map_err(core_err("create", id))?;
+        .map_err(|e| {
+            // libcontainer's cleanup gives up on a cgroup that is still busy and
+            // then removes the container directory, the only record of the cgroup
+            // path: remove the cgroup here, where the spec still names it (if this
+            // create made it).
+            if !cgroup_existed {
+                cgroup_remove(&cgroup, id);
+            }
+            core_err("create", id)(e)
+        })?;
     let pid = container
         .pid()
         .map(|p| p.as_raw())
@@ -178,6 +241,10 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
             detail: "no init process was recorded".into(),
         })?;
     let cgroup_path = container.spec().map(|c| c.cgroup_path).unwrap_or_default();
+    // Before `start` runs the user's process.
+    if bundle_info.disable_oom_killer {
+        cgroup::disable(&cgroup_path, id)?;
+    }
     Ok(Created { pid, cgroup_path })
 }
 
@@ -229,8 +296,8 @@ fn load(dir: &Path, id: &str) -> Result<Container> {
 /// a failed start (runtime spec: "If any poststart hook fails, the runtime MUST log
 /// a warning, but the remaining hooks and lifecycle continue as if the hook had
 /// succeeded"). libcontainer 0.7 stops at the first failing hook and fails `start`
-/// with the process already running. runc 1.1 kills the container instead; crun
-/// and the spec warn.
+/// with the process already running. (runc 1.1 fails `start` and destroys the
+/// container instead, against the spec.)
 pub fn start(dir: &Path, id: &str) -> Result<()> {
     let _pipe = SigpipeToEpipe::install();
     let mut c = load(dir, id)?;
@@ -239,7 +306,13 @@ pub fn start(dir: &Path, id: &str) -> Result<()> {
     // The record keeps every hook it had (whatever `start` did), as `create` wrote it.
     let restored = taken.as_ref().map_or(Ok(()), |t| t.restore());
     r?;
-    restored?;
+    if let Err(e) = restored {
+        // Started all the same; the record only lacks hooks that never run again.
+        warn(
+            id,
+            &format!("poststart hooks stay out of libcontainer's record: {e}"),
+        );
+    }
     if let Some(t) = &taken {
         // libcontainer runs poststart hooks in the container directory.
         for w in run_each(HookKind::Poststart, &t.hooks, &c.state, Some(dir)) {
@@ -501,9 +574,14 @@ pub fn merge_resources(json: &[u8], o: &ResourceOverrides) -> Result<LinuxResour
 pub fn update(dir: &Path, id: &str, json: &[u8], o: &ResourceOverrides) -> Result<()> {
     let resources = merge_resources(json, o)?;
     let m = cgroup_manager(dir, id)?;
+    let cgroup_path = load(dir, id)?
+        .spec()
+        .map(|c| c.cgroup_path)
+        .unwrap_or_default();
     m.apply(&ControllerOpt {
         resources: &resources,
-        disable_oom_killer: false,
+        // libcgroups rewrites memory.oom_control with any memory limit: keep it.
+        disable_oom_killer: cgroup::disabled_now(&cgroup_path),
         oom_score_adj: None,
         freezer_state: None,
     })
@@ -588,52 +666,6 @@ pub fn register(
         detail: chain(&e),
     })?;
     Ok(cfg.cgroup_path)
-}
-
-/// Creates the container's cgroup with the spec's resources and moves `pid` into it.
-pub fn cgroup_enter(cgroup_path: &Path, id: &str, spec: &Spec, pid: i32) -> Result<()> {
-    let err = |op: &'static str| {
-        let id = id.to_string();
-        move |e: &dyn std::error::Error| RuntimeError::Core {
-            op,
-            id,
-            detail: chain_dyn(e),
-        }
-    };
-    let m = create_cgroup_manager(CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    })
-    .map_err(|e| err("create cgroup of")(&e))?;
-    m.add_task(nix::unistd::Pid::from_raw(pid))
-        .map_err(|e| err("enter cgroup of")(&e))?;
-    if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-        m.apply(&ControllerOpt {
-            resources: r,
-            disable_oom_killer: false,
-            oom_score_adj: None,
-            freezer_state: None,
-        })
-        .map_err(|e| err("apply resources to cgroup of")(&e))?;
-    }
-    Ok(())
-}
-
-/// Removes a cgroup (after killing what is left in it).
-pub fn cgroup_remove(cgroup_path: &Path, id: &str) {
-    if let Ok(m) = create_cgroup_manager(CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    }) {
-        if let Ok(pids) = m.get_all_pids() {
-            for p in pids {
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        let _ = m.remove();
-    }
 }
 
 fn chain_dyn(e: &dyn std::error::Error) -> String {

@@ -95,17 +95,10 @@ impl ProcessFile {
 /// The process to run for `opts`, given the container's `process` from its
 /// config.json.
 fn exec_process(container: &Process, opts: &ExecOptions) -> Result<Process> {
-    let mut p = match &opts.process {
-        Some(path) => from_file(container, &read_process_file(path)?),
-        None => from_flags(container, opts)?,
-    };
-    // libcontainer 0.7 loads a seccomp filter early (before dropping capabilities)
-    // only when noNewPrivileges is absent, and treats `false` like `true`; both
-    // mean "do not set no_new_privs", so say it the way it handles right.
-    if p.no_new_privileges() == Some(false) {
-        p.set_no_new_privileges(None);
+    match &opts.process {
+        Some(path) => Ok(from_file(container, &read_process_file(path)?)),
+        None => from_flags(container, opts),
     }
-    Ok(p)
 }
 
 fn read_process_file(path: &Path) -> Result<Process> {
@@ -449,7 +442,7 @@ mod tests {
         )
         .unwrap();
         let p = exec_process(&c, &o).unwrap();
-        assert_eq!(p.no_new_privileges(), None);
+        assert_eq!(p.no_new_privileges(), Some(false));
         assert_ne!(p.capabilities(), c.capabilities());
 
         for bad in [

@@ -66,11 +66,13 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Takes group and other permissions off an existing directory (one made 0755
-/// by an older stasis); one stat when it is already private.
+/// by an older stasis); one stat when it is already private. Another user's
+/// directory is left alone.
 pub fn tighten_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let m = fs::symlink_metadata(dir)?;
-    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+    let ours = m.uid() == nix::unistd::geteuid().as_raw();
+    if ours && m.is_dir() && m.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
@@ -255,6 +257,13 @@ impl Runtime {
         ContainerLock::acquire(&self.root, id, LOCK_TIMEOUT)
     }
 
+    /// The lock of container `id`, for a restore that builds the container's
+    /// private filesystem before `restore_locked`: while it is held no other
+    /// command creates, restores or removes that id.
+    pub fn lock_container(&self, id: &str) -> Result<ContainerLock> {
+        self.lock(id)
+    }
+
     /// Loads the state of an existing container as it is on disk.
     fn load_raw(&self, id: &str) -> Result<ContainerState> {
         validate_id(id)?;
@@ -342,6 +351,9 @@ impl Runtime {
         let status = st.live_status();
         if state::transition(status, op).is_none() {
             let hint = match (op, status) {
+                (_, Status::Restoring) => {
+                    ": its restore did not finish; remove what it left with `delete --force`"
+                }
                 (Op::Delete, _) => ": stop it first or use --force",
                 (Op::Start, Status::Running | Status::Paused) => ": it was already started",
                 (Op::Start, Status::Stopped) => ": delete it and create it again",
@@ -381,7 +393,7 @@ impl Runtime {
                 path: opts.bundle.clone(),
                 source,
             })?;
-        let created = match core::create(&self.root, opts, &bundle.path, detach) {
+        let created = match core::create(&self.root, opts, &bundle, detach) {
             Ok(c) => c,
             Err(e) => {
                 core::cleanup_failed(&self.root, &opts.id);
@@ -412,6 +424,7 @@ impl Runtime {
             cgroup_path: created.cgroup_path,
             owned_dir: None,
             checkpointer: None,
+            restorer: None,
         };
         if let Err(e) = st.save(&dir) {
             core::cleanup_failed(&self.root, &opts.id);
@@ -565,7 +578,14 @@ impl Runtime {
         if let Some(st) = &st {
             self.check(st, if force { Op::ForceDelete } else { Op::Delete })?;
         }
-        core::delete(&dir, id, force)?;
+        match &st {
+            // Whatever CRIU restored runs in the container's cgroup (CRIU itself
+            // was moved there), unknown to libcontainer: kill it all.
+            Some(st) if st.status == Status::Restoring => {
+                core::cgroup_destroy(&st.cgroup_path, id)?;
+            }
+            _ => core::delete(&dir, id, force)?,
+        }
         unmount_under(&dir);
         if let Some(owned) = st.as_ref().and_then(|s| s.owned_dir.as_ref()) {
             unmount_under(owned);

@@ -367,7 +367,8 @@ impl Store {
         if check_entry(&dir, kind, sid, false).is_none() {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));
         }
-        fs::create_dir_all(&dir).map_err(io_err("create cache directory", &dir))?;
+        super::util::create_private_dir_all(&dir)
+            .map_err(io_err("create cache directory", &dir))?;
         let lock = lock_entry(&dir)?;
         if check_entry(&dir, kind, sid, false).is_none() {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));

@@ -44,6 +44,12 @@ pub(crate) const A_IMAGE_BYTES: &str = "io.stasis.image-bytes";
 pub(crate) const A_ADDED_BYTES: &str = "io.stasis.added-bytes";
 pub(crate) const A_FILE: &str = "io.stasis.file";
 pub(crate) const A_STORE_VERSION: &str = "io.stasis.store.version";
+/// Where a snapshot came from, as this store recorded it on its own root
+/// descriptor in index.json: `local` (ingested from a checkpoint made here) or
+/// `imported`. Never taken from an archive or a manifest (FORMAT.md, trust model).
+pub(crate) const A_ORIGIN: &str = "io.stasis.origin";
+pub(crate) const ORIGIN_LOCAL: &str = "local";
+pub(crate) const ORIGIN_IMPORTED: &str = "imported";
 
 /// An OCI content descriptor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

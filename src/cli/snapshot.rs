@@ -339,7 +339,7 @@ pub fn run(
             let verb = if *dry_run { "would remove" } else { "removed" };
             writeln!(
                 out,
-                "{verb} {} blob(s), {} temp file(s), {} cached root filesystem(s), freeing {}",
+                "{verb} {} blob(s), {} temp file(s), {} cached image(s) or rootfs base(s), freeing {}",
                 r.blobs_removed,
                 r.tmp_removed,
                 dirs,

@@ -149,6 +149,12 @@ pub struct RestoreArgs {
     /// Restore from the snapshot store: a tag NAME[:VER] or a snapshot id
     #[arg(long, conflicts_with = "image_path")]
     pub from: Option<String>,
+    /// With --from, for a snapshot not made on this host (imported): use its
+    /// stored config.json whole, including hooks that run on the host, host bind
+    /// mounts, devices, capabilities, sysctls and namespace paths. Without it (or
+    /// --bundle) those settings are skipped, one warning line each
+    #[arg(long)]
+    pub trust_snapshot_config: bool,
     /// With --from: restore N copies, each with its own id, cgroup, writable
     /// filesystem layer, volumes and network namespace
     #[arg(long, default_value_t = 1)]
@@ -331,6 +337,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
                     copy_rootfs: a.copy_rootfs,
                     netns: a.netns.clone(),
                 },
+                trust_snapshot_config: a.trust_snapshot_config,
             },
         );
         // Some copies failed: the ones that came up are listed on stdout (as on

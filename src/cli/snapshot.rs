@@ -153,7 +153,7 @@ fn verify(
     let findings = store.verify(read_data)?;
     let errors = findings.iter().filter(|f| f.level == Level::Error).count();
     for f in &findings {
-        writeln!(out, "{f}")?;
+        writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
     }
     if errors > 0 {
         bail!(
@@ -204,6 +204,7 @@ pub fn run(
                         serde_json::json!({
                             "id": s.id.to_string(), "tags": s.tags, "created": s.created,
                             "container": s.container, "size": s.image_bytes, "new_bytes": s.added_bytes,
+                            "origin": s.origin,
                         })
                     })
                     .collect();
@@ -211,7 +212,7 @@ pub fn run(
             } else {
                 writeln!(
                     out,
-                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}  ORIGIN",
                     "ID", "TAGS", "CREATED", "CONTAINER", "SIZE", "ADDED"
                 )?;
                 for s in list {
@@ -222,13 +223,14 @@ pub fn run(
                     };
                     writeln!(
                         out,
-                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}  {}",
                         s.id.short(),
                         tags,
                         s.created,
                         s.container,
                         human(s.image_bytes),
-                        human(s.added_bytes)
+                        human(s.added_bytes),
+                        s.origin
                     )?;
                 }
             }
@@ -237,13 +239,17 @@ pub fn run(
             let id = store.resolve(snapshot)?;
             let mut cfg = store.config(&id)?;
             let fs = fs_summary(store, &id, &cfg)?;
+            // This store's record of where it came from, not the archive's.
+            let origin = store.origin(&id)?;
             if *format == Format::Json {
                 if let Some(obj) = cfg.as_object_mut() {
                     obj.insert("filesystem".into(), fs);
+                    obj.insert("origin".into(), serde_json::json!(origin));
                 }
                 writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
             } else {
                 writeln!(out, "snapshot {id}")?;
+                writeln!(out, "origin: {origin}")?;
                 print_fs_summary(&mut out, &fs)?;
                 print_tree(&mut out, &cfg, 0)?;
             }
@@ -279,6 +285,12 @@ pub fn run(
                         tags.join(", ")
                     };
                     writeln!(out, "  {} ({tags})", id.short())?;
+                }
+                if !r.snapshots.is_empty() {
+                    writeln!(
+                        out,
+                        "their origin is unknown (only the lost index recorded it): restores treat them as foreign"
+                    )?;
                 }
             }
             verify(store, &mut out, *read_data, *repair, from.as_deref())?

@@ -1108,6 +1108,12 @@ impl Runtime {
     }
 }
 
+/// Every capability a restore of the CRIU image in `image` would give any of its
+/// tasks (CRIU restores credentials from the image, not from config.json).
+pub fn image_capabilities(image: &Path) -> Result<Vec<String>> {
+    Ok(criu::image_capabilities(image)?)
+}
+
 /// Copies the CRIU log an error names to `$TMPDIR/stasis-<what>-<id>.log` and
 /// points the error there, for logs in directories that are about to be removed.
 pub fn keep_failed_log_as(e: &mut RuntimeError, what: &str, id: &str) {

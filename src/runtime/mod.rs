@@ -66,11 +66,13 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Takes group and other permissions off an existing directory (one made 0755
-/// by an older stasis); one stat when it is already private.
+/// by an older stasis); one stat when it is already private. Another user's
+/// directory is left alone.
 pub fn tighten_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let m = fs::symlink_metadata(dir)?;
-    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+    let ours = m.uid() == nix::unistd::geteuid().as_raw();
+    if ours && m.is_dir() && m.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     Ok(())

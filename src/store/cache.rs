@@ -322,7 +322,8 @@ impl Store {
         if check_entry(&dir, kind, sid, false).is_none() {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));
         }
-        fs::create_dir_all(&dir).map_err(io_err("create cache directory", &dir))?;
+        super::util::create_private_dir_all(&dir)
+            .map_err(io_err("create cache directory", &dir))?;
         let Some(lock) = lock_entry(&dir, true)? else {
             return Err(StoreError::Invalid(format!(
                 "lock {} could not be taken",

@@ -577,6 +577,9 @@ pub(crate) fn ingest(
     let mut root = Descriptor::new(layout::MT_MANIFEST, &m_digest, m_len);
     root.artifact_type = Some(layout::ARTIFACT_TYPE.into());
     root.annotations = annotations;
+    // Made here: the store's own mark, not part of the (exportable) manifest.
+    root.annotations
+        .insert(layout::A_ORIGIN.into(), layout::ORIGIN_LOCAL.into());
     store.update_index(|index| {
         // A concurrent ingest of identical content may have won the race; keep its
         // root and point our tags at it. A damaged root of the same id is replaced.

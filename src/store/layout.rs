@@ -46,6 +46,12 @@ pub(crate) const A_FILE: &str = "io.stasis.file";
 /// Manifest only: the tags given when the snapshot was ingested, comma-separated.
 pub(crate) const A_TAGS: &str = "io.stasis.tags";
 pub(crate) const A_STORE_VERSION: &str = "io.stasis.store.version";
+/// Where a snapshot came from, as this store recorded it on its own root
+/// descriptor in index.json: `local` (ingested from a checkpoint made here) or
+/// `imported`. Never taken from an archive or a manifest (FORMAT.md, trust model).
+pub(crate) const A_ORIGIN: &str = "io.stasis.origin";
+pub(crate) const ORIGIN_LOCAL: &str = "local";
+pub(crate) const ORIGIN_IMPORTED: &str = "imported";
 
 /// An OCI content descriptor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

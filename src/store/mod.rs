@@ -138,12 +138,45 @@ pub struct IngestReport {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotSummary {
     pub id: SnapshotId,
+    pub origin: Origin,
     pub tags: Vec<String>,
     /// RFC 3339 UTC.
     pub created: String,
     pub container: String,
     pub image_bytes: u64,
     pub added_bytes: u64,
+}
+
+/// Where a snapshot came from, recorded by this store on its index.json entry
+/// (`io.stasis.origin`) when it ingested or imported it. Ordered from least to
+/// most trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// No record: ingested or imported by a stasis older than the trust model.
+    /// Treated as foreign.
+    Unknown,
+    /// Imported from an archive (`snapshot import`): foreign.
+    Imported,
+    /// Made by a checkpoint on this host.
+    Local,
+}
+
+impl Origin {
+    /// Made here; its stored config.json is the operator's own.
+    pub fn is_local(self) -> bool {
+        self == Origin::Local
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Unknown => "unknown",
+            Origin::Imported => "imported",
+            Origin::Local => "local",
+        })
+    }
 }
 
 /// Checks a tag `NAME[:VER]` and returns its normal form (`NAME` means
@@ -227,8 +260,15 @@ impl Store {
                 container: e.container,
                 image_bytes: e.image_bytes,
                 added_bytes: e.added_bytes,
+                origin: e.origin,
             })
             .collect())
+    }
+
+    /// Where the snapshot came from, as this store recorded it (never as an
+    /// archive claims).
+    pub fn origin(&self, id: &SnapshotId) -> std::result::Result<Origin, StoreError> {
+        Ok(self.entry(id)?.origin)
     }
 
     /// The snapshot's config blob (files, config.json, metadata, sizes), verified.

@@ -106,8 +106,11 @@ impl Store {
             Place::Shm => self.shm.clone(),
             Place::StoreTmp => self.paths.tmp(),
         };
+        // 0700 at mkdir(2) (tempfile's default is 0777 & ~umask): the dump in it
+        // is the process's memory.
         let fresh = tempfile::Builder::new()
             .prefix(NEW_PREFIX)
+            .permissions(fs::Permissions::from_mode(super::util::PRIVATE_DIR))
             .tempdir_in(&base)
             .map_err(io_err("create staging directory in", &base))?
             .keep();

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use super::{Result, WorkflowError};
 
 mod diff;
+#[cfg(test)]
+mod fuzz;
 mod statcache;
 
 pub use diff::{diff_manifests, FileDelta};

@@ -9,6 +9,7 @@ pub mod podman;
 pub mod prewarm;
 pub mod serve;
 pub mod snapshot;
+pub mod trust;
 
 use std::path::PathBuf;
 

@@ -628,6 +628,9 @@ pub struct RestoreFrom {
     pub name_prefix: Option<String>,
     /// How each copy's filesystem and network are set up.
     pub copy: CopyOptions,
+    /// Use a foreign snapshot's stored config.json whole, hooks, host mounts and
+    /// all (`--trust-snapshot-config`).
+    pub trust_snapshot_config: bool,
 }
 
 /// How a restored copy gets its root filesystem and network namespace.
@@ -659,7 +662,22 @@ pub struct Prepared {
     pub image: PathBuf,
     pub manifest: Option<fstree::Manifest>,
     pub meta: serde_json::Value,
+    /// The config.json a restore uses: the stored one, or for a foreign snapshot
+    /// a copy without its host-affecting settings (`trust`).
     pub config_json: Vec<u8>,
+    /// The config.json exactly as stored.
+    pub stored_config_json: Vec<u8>,
+    /// Where the snapshot came from, as the store recorded it.
+    pub origin: crate::store::Origin,
+    /// Whether what the snapshot records about this host (its bundle path) may
+    /// be used: made here, or `--trust-snapshot-config`.
+    pub trusted: bool,
+    /// The warning lines naming what was skipped from a foreign config.json.
+    pub ignored: Vec<String>,
+    /// Why a foreign snapshot must not be restored at all unless the operator
+    /// trusts it (`--trust-snapshot-config`): its image gives its processes
+    /// capabilities beyond the default set.
+    pub refused: Option<String>,
     pub warnings: Vec<String>,
     pub materialize_ms: u128,
 }
@@ -700,15 +718,25 @@ pub fn prepare(
     let materialize_ms = t0.elapsed().as_millis();
     let manifest = fstree::read_manifest(&img)?;
     let config_json = store.config_json(&sid)?;
-    Ok(Prepared {
+    let origin = store.origin(&sid)?;
+    let mut p = Prepared {
         sid,
         image: img,
         manifest,
         meta,
-        config_json,
+        config_json: config_json.clone(),
+        stored_config_json: config_json,
+        origin,
+        trusted: origin.is_local(),
+        ignored: Vec::new(),
+        refused: None,
         warnings,
         materialize_ms,
-    })
+    };
+    if !origin.is_local() {
+        super::trust::restrict(&mut p)?;
+    }
+    Ok(p)
 }
 
 /// Who a restored copy is: exposed to it as /.stasis/identity.json, as env vars of
@@ -863,12 +891,13 @@ fn private_fs(
         .filter(|t| t.role == "volume")
         .map(|t| t.dest.as_str())
         .collect();
-    check_volume_sources(
-        &p.sid.short(),
-        &mut cfg,
-        source_bundle(bundle, &p.meta),
-        &carried,
-    )?;
+    // The recorded bundle is a host path: only a trusted snapshot's counts.
+    let sources = if p.trusted {
+        source_bundle(bundle, &p.meta)
+    } else {
+        bundle
+    };
+    check_volume_sources(&p.sid.short(), &mut cfg, sources, &carried)?;
     let base = ensure_base(store, p)?;
     // A copy with a full rootfs copy lives on the store's filesystem, next to the
     // base (`cache/copies/ID`): FICLONE reflinks only within one filesystem, and
@@ -1095,6 +1124,12 @@ pub fn restore_prepared(
     ident: &Identity,
     copy: &CopyOptions,
 ) -> Result<CriuStats> {
+    if let Some(reason) = &p.refused {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: reason.clone(),
+        });
+    }
     let mut opts = opts.clone();
     opts.image_path = p.image.clone();
     opts.detach = true;
@@ -1131,6 +1166,14 @@ pub fn restore_prepared(
     } else {
         opts.bundle = match bundle {
             Some(b) => b.to_path_buf(),
+            // A foreign snapshot's recorded bundle is a path it names on this
+            // host, with a config.json it does not carry: not used.
+            None if !p.trusted => {
+                return Err(WorkflowError::Snapshot {
+                    snapshot: p.sid.short(),
+                    reason: format!("it is foreign (origin: {}) and carries no filesystem: pass --bundle DIR with the container's config.json and rootfs (or --trust-snapshot-config to use the bundle path it records)", p.origin),
+                })
+            }
             None => p
                 .meta
                 .get("bundle")
@@ -1179,7 +1222,14 @@ pub fn restore_from_store(
 ) -> Result<RestoreFromResult> {
     let ids = copy_ids(&r.restore.id, r.copies, r.name_prefix.as_deref())?;
     let n = ids.len();
-    let p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    let mut p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    super::trust::choose(&mut p, r.bundle.is_some(), r.trust_snapshot_config);
+    if let Some(reason) = &p.refused {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: reason.clone(),
+        });
+    }
     if p.manifest.is_none() {
         for (set, flag) in [
             (r.copy.copy_rootfs, "--copy-rootfs"),

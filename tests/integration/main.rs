@@ -21,6 +21,7 @@ mod errors;
 mod exec_security;
 mod faults_checkpoint;
 mod faults_restore;
+mod hostile;
 mod lifecycle;
 mod runc_compat;
 mod security;

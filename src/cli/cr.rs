@@ -30,7 +30,8 @@ pub enum StatsFormat {
     Json,
 }
 
-/// Flags shared by checkpoint and restore.
+// Flags shared by checkpoint and restore. (A `///` comment here would become
+// the help text of both commands: clap reads a flattened struct's doc as `about`.)
 #[derive(Args, Debug)]
 pub struct SharedFlags {
     /// Directory for CRIU's logs and stats (default: the image path on checkpoint,
@@ -131,6 +132,10 @@ pub struct CheckpointArgs {
     /// Skip in-flight TCP connections
     #[arg(long)]
     pub tcp_skip_in_flight: bool,
+    /// With --tag: output format (json: the snapshot id, sizes, timings and
+    /// CRIU's statistics as one record)
+    #[arg(long, value_enum, default_value_t = StatsFormat::Text, requires = "tag")]
+    pub format: StatsFormat,
     #[command(flatten)]
     pub shared: SharedFlags,
     /// Container id
@@ -262,9 +267,13 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
     )?;
     let rep = &r.report;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
+    if a.format == StatsFormat::Json {
+        super::report::print(&mut out, &super::report::Checkpoint::new(&r, &a.tag))?;
+    } else {
+        writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
+    }
     warn_damaged_packs(rep);
-    if a.shared.print_stats {
+    if a.shared.print_stats && a.format == StatsFormat::Text {
         let mut stats = r.stats.clone();
         stats.entries.extend([
             ("dump_ms", r.dump_ms as u64),

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,8 @@ use oci_spec::runtime::{
     Spec,
 };
 
-use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+use super::tty;
+use super::{CreateOptions, ExecOptions, LaunchFailure, ResourceOverrides, Result, RuntimeError};
 
 mod cgroup;
 mod hooks;
@@ -50,6 +52,32 @@ fn core_err(
     }
 }
 
+/// `core_err` for libcontainer's build of a container's or exec's process: a
+/// process that could not start for a known reason becomes `Launch` with it.
+fn build_err(
+    op: &'static str,
+    id: &str,
+) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
+    let id = id.to_string();
+    move |e| {
+        let detail = chain(&e);
+        match super::launch::launch_failure(&detail) {
+            Some(cause) => RuntimeError::Launch { op, id, cause },
+            None => RuntimeError::Core { op, id, detail },
+        }
+    }
+}
+
+/// When an exec's process could not be cloned ("failed to launch init process",
+/// the errno is lost on the way): whether the container's pids limit leaves no
+/// room for libcontainer's intermediate process and the exec'd one.
+fn pids_limit_reached(dir: &Path, id: &str) -> Option<LaunchFailure> {
+    let stats = cgroup_manager(dir, id).ok()?.stats().ok()?;
+    let (current, limit) = (stats.pids.current, stats.pids.limit);
+    // `current` may still count the failed intermediate process until it is reaped.
+    (limit > 0 && current + 2 > limit).then_some(LaunchFailure::PidsLimit { limit })
+}
+
 /// What `check_bundle` learned about a bundle.
 pub struct BundleInfo {
     pub path: PathBuf,
@@ -61,6 +89,8 @@ pub struct BundleInfo {
     pub disable_oom_killer: bool,
     /// `linux.cgroupsPath` (None: libcontainer names the cgroup after the id).
     pub cgroups_path: Option<PathBuf>,
+    /// `process.terminal`: the container's process gets a pty.
+    pub terminal: bool,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -110,6 +140,25 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         return Err(bad(&cfg, "config.json has no process".into()));
     };
     check_process(process).map_err(|reason| bad(&cfg, reason))?;
+    // libcontainer starts the process from an intermediate process that is in the
+    // container's cgroup already: with a limit of 1 the clone always fails, and
+    // libcontainer says only "failed to launch init process". (runc, which has no
+    // intermediate process, accepts 1.)
+    let pids_limit = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.pids().as_ref())
+        .map(|p| p.limit());
+    if pids_limit == Some(1) {
+        return Err(bad(
+            &cfg,
+            "linux.resources.pids.limit is 1, but starting the container's process \
+             needs 2 processes in its cgroup for a moment (libcontainer's intermediate \
+             process and the process itself): set it to at least 2"
+                .into(),
+        ));
+    }
     // A bind mount whose source is missing fails inside the container's init, and
     // libcontainer 0.7 reports only "failed to prepare rootfs" (the path is in a
     // debug log of the child). runc names it ("error mounting X to rootfs at Y");
@@ -145,6 +194,11 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
                 n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
             })
         });
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     Ok(BundleInfo {
         path,
         rootfs,
@@ -152,6 +206,7 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
         own_netns,
         disable_oom_killer: cgroup::wanted(&spec),
         cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
+        terminal,
     })
 }
 
@@ -195,6 +250,9 @@ fn check_process(p: &oci_spec::runtime::Process) -> std::result::Result<(), Stri
 pub struct Created {
     pub pid: i32,
     pub cgroup_path: PathBuf,
+    /// The pty master of a foreground container with a terminal and no
+    /// `--console-socket`: the caller relays it (`tty.rs`).
+    pub console: Option<OwnedFd>,
 }
 
 pub fn create(
@@ -208,18 +266,25 @@ pub fn create(
     let bundle = bundle_info.path.as_path();
     let cgroup = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
     let cgroup_existed = cgroup::exists(&cgroup);
+    let own = tty::own_console(bundle_info.terminal, detach, opts.console_socket.as_ref())?;
+    let console_socket = own
+        .as_ref()
+        .map(|s| s.path())
+        .or(opts.console_socket.clone());
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("create", id))?
-        .with_console_socket(opts.console_socket.as_ref())
+        .with_console_socket(console_socket.as_ref())
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("create", id))?
         .as_init(bundle)
         .with_systemd(false)
-        .with_detach(detach)
+        // libcontainer's `detach` only decides whether a console socket is
+        // required or refused; with our own socket it must be given.
+        .with_detach(detach || own.is_some())
         .with_no_pivot(opts.no_pivot)
         .build()
         .map_err(|e| {
@@ -230,8 +295,14 @@ pub fn create(
             if !cgroup_existed {
                 cgroup_remove(&cgroup, id);
             }
-            core_err("create", id)(e)
+            build_err("create", id)(e)
         })?;
+    let console = own.as_ref().map(tty::receive_console).transpose()?;
+    if let (Some(master), Some(ws)) = (&console, tty::caller_winsize()) {
+        // Before `start`, so that the process sees the caller's size from its
+        // first instruction (the relay keeps it following later changes).
+        let _ = tty::set_winsize(master.as_raw_fd(), &ws);
+    }
     let pid = container
         .pid()
         .map(|p| p.as_raw())
@@ -245,7 +316,11 @@ pub fn create(
     if bundle_info.disable_oom_killer {
         cgroup::disable(&cgroup_path, id)?;
     }
-    Ok(Created { pid, cgroup_path })
+    Ok(Created {
+        pid,
+        cgroup_path,
+        console,
+    })
 }
 
 /// Removes whatever a failed create left: processes, cgroup, the container directory.
@@ -441,29 +516,56 @@ pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
 /// no_new_privs and labels are the container's unless overridden. The container's
 /// seccomp filter is loaded by `ExecUnderSeccomp` (libcontainer 0.7's tenant
 /// builder drops linux.seccomp; youki's HEAD of 2026-08 still does).
-pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
+///
+/// Returns the process's pid and, for a foreground process with a terminal and no
+/// `--console-socket`, the pty master to relay.
+pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
     let id = opts.id.as_str();
     super::exec::check_request(opts)?;
     let config = load(&root.join(id), id)?.bundle().join("config.json");
     let prepared = super::exec::prepare(&config, opts)?;
+    let own = tty::own_console(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
+    let console_socket = own
+        .as_ref()
+        .map(|s| s.path())
+        .or(opts.console_socket.clone());
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(ExecUnderSeccomp {
             filter: prepared.filter,
+            winsize: own.as_ref().and_then(|_| tty::caller_winsize()),
         })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
-        .with_console_socket(opts.console_socket.as_ref())
+        .with_console_socket(console_socket.as_ref())
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("exec in", id))?
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("exec in", id))?
         .as_tenant()
-        .with_detach(opts.detach)
+        .with_detach(opts.detach || own.is_some())
         .with_process(Some(prepared.file.path()))
         .build()
-        .map_err(core_err("exec in", id))?;
-    Ok(pid.as_raw())
+        .map_err(|e| match build_err("exec in", id)(e) {
+            RuntimeError::Core { op, id, detail }
+                if detail.contains("failed to launch init process") =>
+            {
+                match pids_limit_reached(&root.join(&id), &id) {
+                    Some(cause) => RuntimeError::Launch { op, id, cause },
+                    None => RuntimeError::Core { op, id, detail },
+                }
+            }
+            e => e,
+        })?;
+    let console = match own.as_ref().map(tty::receive_console).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            // Nobody could ever talk to it: do not leave it running.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
+    };
+    Ok((pid.as_raw(), console))
 }
 
 /// libcontainer's default executor (execvp of process.args), preceded by loading
@@ -471,13 +573,22 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
 /// before execve: after namespaces, cgroup, user, capabilities and no_new_privs are
 /// set, where runc loads the filter too when no_new_privs is set (without it, see
 /// `exec::keep_cap_to_load_filter`).
+///
+/// With a terminal of stasis's own it first gives the pty (its stdin by then) the
+/// caller's window size: the process starts running before stasis has received
+/// the master, and must not see a 0x0 terminal.
 #[derive(Clone)]
 struct ExecUnderSeccomp {
     filter: Option<oci_spec::runtime::LinuxSeccomp>,
+    winsize: Option<libc::winsize>,
 }
 
 impl Executor for ExecUnderSeccomp {
     fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        if let Some(ws) = &self.winsize {
+            // Best effort: a wrong size is fixed by the next SIGWINCH.
+            let _ = tty::set_winsize(0, ws);
+        }
         if let Some(filter) = &self.filter {
             // Notify filters were refused before (exec::exec_seccomp), so there is
             // no listener fd to hand on.

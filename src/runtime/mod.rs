@@ -12,18 +12,22 @@ mod core;
 mod exec;
 mod foreground;
 pub mod info;
+mod launch;
 pub mod netns;
 pub mod state;
 pub(crate) mod stdio;
+mod tty;
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
 
+pub use launch::LaunchFailure;
 pub use state::{validate_id, ContainerState, Op, Status};
 
 use state::ContainerLock;
@@ -129,6 +133,12 @@ pub enum RuntimeError {
         id: String,
         detail: String,
     },
+    #[error("{op} container {id:?}: {cause}")]
+    Launch {
+        op: &'static str,
+        id: String,
+        cause: LaunchFailure,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("--process {path}: {reason}")]
@@ -140,6 +150,17 @@ pub enum RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+impl RuntimeError {
+    /// The exit code of a failed command: 127 when the command to run does not
+    /// exist, 126 when it cannot be executed (as podman and Docker exit), else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RuntimeError::Launch { cause, .. } => cause.exit_code(),
+            _ => 1,
+        }
+    }
+}
 
 /// Options for `create` and `run`.
 #[derive(Debug, Clone, Default)]
@@ -374,10 +395,16 @@ impl Runtime {
     /// `create`: sets up the container and leaves it waiting for `start`.
     pub fn create(&self, opts: &CreateOptions) -> Result<ContainerState> {
         let _lock = self.lock(&opts.id)?;
-        self.create_locked(opts, true)
+        self.create_locked(opts, true).map(|(st, _)| st)
     }
 
-    fn create_locked(&self, opts: &CreateOptions, detach: bool) -> Result<ContainerState> {
+    /// Creates the container; returns its state and, for a foreground container
+    /// with a terminal and no `--console-socket`, the pty master to relay.
+    fn create_locked(
+        &self,
+        opts: &CreateOptions,
+        detach: bool,
+    ) -> Result<(ContainerState, Option<OwnedFd>)> {
         let dir = self.dir(&opts.id);
         if dir.exists() {
             return Err(RuntimeError::Exists {
@@ -430,7 +457,7 @@ impl Runtime {
             core::cleanup_failed(&self.root, &opts.id);
             return Err(e);
         }
-        Ok(st)
+        Ok((st, created.console))
     }
 
     /// `start`: runs the user process of a created container.
@@ -447,25 +474,27 @@ impl Runtime {
     /// container, forwarding signals, deletes it and returns its exit code.
     pub fn run(&self, opts: &CreateOptions, detach: bool) -> Result<i32> {
         let early = (!detach).then(foreground::EarlySignals::catch);
-        let pid = {
+        let (pid, console) = {
             let _lock = self.lock(&opts.id)?;
-            let mut st = self.create_locked(opts, detach)?;
+            let (mut st, console) = self.create_locked(opts, detach)?;
             if let Err(e) = core::start(&self.dir(&opts.id), &opts.id) {
                 core::cleanup_failed(&self.root, &opts.id);
                 return Err(e);
             }
             st.status = Status::Running;
             st.save(&self.dir(&opts.id))?;
-            st.pid
+            (st.pid, console)
         };
         let Some(early) = early else {
             return Ok(0);
         };
-        let code = early.wait(pid).map_err(|source| RuntimeError::Io {
-            op: "wait for container process",
-            path: PathBuf::from(format!("/proc/{pid}")),
-            source,
-        })?;
+        let code = early
+            .wait_relaying(pid, console)
+            .map_err(|source| RuntimeError::Io {
+                op: "wait for container process",
+                path: PathBuf::from(format!("/proc/{pid}")),
+                source,
+            })?;
         if opts.keep {
             return Ok(code);
         }
@@ -648,7 +677,7 @@ impl Runtime {
     /// when not detached.
     pub fn exec(&self, opts: &ExecOptions) -> Result<i32> {
         let early = (!opts.detach).then(foreground::EarlySignals::catch);
-        let pid = {
+        let (pid, console) = {
             let lock = self.lock(&opts.id)?;
             let (st, _) = self.load_locked(&opts.id, &lock)?;
             self.check(&st, Op::Exec)?;
@@ -657,11 +686,13 @@ impl Runtime {
         let Some(early) = early else {
             return Ok(0);
         };
-        early.wait(pid).map_err(|source| RuntimeError::Io {
-            op: "wait for exec'd process",
-            path: PathBuf::from(format!("/proc/{pid}")),
-            source,
-        })
+        early
+            .wait_relaying(pid, console)
+            .map_err(|source| RuntimeError::Io {
+                op: "wait for exec'd process",
+                path: PathBuf::from(format!("/proc/{pid}")),
+                source,
+            })
     }
 
     /// `update`: applies new cgroup resources to a live container.

@@ -32,15 +32,15 @@ use super::{IngestOptions, IngestReport, SnapshotInput, Store};
 /// Pages read, hashed and deduplicated per step (16 MiB).
 const BATCH_PAGES: usize = 4096;
 
-/// `pages-<digits>.img` (CRIU's memory) and `fsdata-<digits>.bin` (a container's
-/// file contents, page-aligned per file): the files stored page by page.
-pub(crate) fn is_pages_file(name: &str) -> bool {
+/// `pages-<digits>.img` (CRIU's memory) and the files the caller names in
+/// `IngestOptions::page_stored`: the files stored page by page.
+pub(crate) fn is_pages_file(name: &str, page_stored: &[String]) -> bool {
     let numbered = |prefix: &str, suffix: &str| {
         name.strip_prefix(prefix)
             .and_then(|r| r.strip_suffix(suffix))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     };
-    numbered("pages-", ".img") || numbered("fsdata-", ".bin")
+    numbered("pages-", ".img") || page_stored.iter().any(|p| p == name)
 }
 
 struct ImageFile {
@@ -376,7 +376,10 @@ pub(crate) fn ingest(
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     let mut tables = Vec::new();
     let mut records: Vec<FileRecord> = Vec::new();
-    for f in files.iter().filter(|f| is_pages_file(&f.name)) {
+    for f in files
+        .iter()
+        .filter(|f| is_pages_file(&f.name, &opts.page_stored))
+    {
         let (table, sha) = ingest_pages_file(&mut packer, f, &mut buf, &bar)?;
         tables.push((f.name.clone(), table));
         records.push(FileRecord {
@@ -412,7 +415,10 @@ pub(crate) fn ingest(
     fault_point("page-tables")?;
 
     // 3. Every other file, together in one blob.
-    let small: Vec<&ImageFile> = files.iter().filter(|f| !is_pages_file(&f.name)).collect();
+    let small: Vec<&ImageFile> = files
+        .iter()
+        .filter(|f| !is_pages_file(&f.name, &opts.page_stored))
+        .collect();
     let w = BlobWriter::create(&tmp, "files")?;
     let w_path = w.tmp_path().to_path_buf();
     let mut archive = ArchiveWriter::new(w, opts.compress_level, small.len() as u32)

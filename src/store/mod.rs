@@ -58,9 +58,17 @@ use error::Result;
 use layout::{Index, Paths};
 use lock::{Flock, Locks};
 
-/// How long lock waits last before failing, unless `Store::set_lock_timeout` says
-/// otherwise.
+/// How long lock waits last before failing, unless `$STASIS_LOCK_TIMEOUT`
+/// (seconds) or `Store::set_lock_timeout` says otherwise.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `$STASIS_LOCK_TIMEOUT` (whole seconds), else `DEFAULT_LOCK_TIMEOUT`.
+fn lock_timeout_from_env() -> Duration {
+    std::env::var("STASIS_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_LOCK_TIMEOUT, Duration::from_secs)
+}
 
 /// Default zstd level for new pages (STORE.md: level 3 is 3.02x at ~0.46 GB/s).
 pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
@@ -81,6 +89,10 @@ pub struct IngestOptions {
     pub compress_level: i32,
     /// Show a progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Names of image files to store page by page (deduplicated per 4 KiB
+    /// page, like CRIU's `pages-N.img`, which always are) instead of in the
+    /// files blob: large, page-aligned data of the caller's own.
+    pub page_stored: Vec<String>,
 }
 
 impl Default for IngestOptions {
@@ -88,8 +100,18 @@ impl Default for IngestOptions {
         IngestOptions {
             compress_level: DEFAULT_COMPRESS_LEVEL,
             progress: false,
+            page_stored: Vec::new(),
         }
     }
+}
+
+/// One file of a snapshot, as its config records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub name: String,
+    pub size: u64,
+    /// Stored page by page (a page table and packs), not in the files blob.
+    pub page_stored: bool,
 }
 
 /// The store's shared lock, held until dropped (see `Store::pin`).
@@ -197,7 +219,7 @@ impl Store {
             locks: Locks {
                 store: root.join(layout::LOCK),
                 index: root.join(layout::INDEX_LOCK),
-                timeout: DEFAULT_LOCK_TIMEOUT,
+                timeout: lock_timeout_from_env(),
             },
             shm: PathBuf::from(staging::DEFAULT_SHM),
         })
@@ -280,6 +302,22 @@ impl Store {
             path: self.paths.root.clone(),
             source,
         })
+    }
+
+    /// The files of a snapshot (every file of its image directory), from its
+    /// verified config blob.
+    pub fn files(&self, id: &SnapshotId) -> std::result::Result<Vec<SnapshotFile>, StoreError> {
+        let _lock = self.locks.shared()?;
+        let (cfg, _) = self.snapshot_config(id)?;
+        Ok(cfg
+            .files
+            .into_iter()
+            .map(|f| SnapshotFile {
+                page_stored: f.kind == config::KIND_PAGES,
+                name: f.name,
+                size: f.size,
+            })
+            .collect())
     }
 
     /// The container's config.json bytes exactly as ingested, checked against their
@@ -456,6 +494,28 @@ impl Store {
     pub fn export(&self, name_or_id: &str, out: &Path) -> std::result::Result<(), StoreError> {
         let _lock = self.locks.shared()?;
         transfer::export(self, name_or_id, out)
+    }
+
+    /// `export` streamed to `w` (stdout, a pipe); `label` names `w` in errors.
+    pub fn export_to(
+        &self,
+        name_or_id: &str,
+        w: &mut dyn std::io::Write,
+        label: &Path,
+    ) -> std::result::Result<(), StoreError> {
+        let _lock = self.locks.shared()?;
+        transfer::export_to(self, name_or_id, w, label)
+    }
+
+    /// `import` of an archive read once, in order, from `r` (stdin, a pipe);
+    /// `label` names it in errors.
+    pub fn import_from(
+        &self,
+        r: &mut dyn std::io::Read,
+        label: &Path,
+    ) -> std::result::Result<Vec<SnapshotId>, StoreError> {
+        let _lock = self.locks.shared()?;
+        transfer::import_from(self, r, label)
     }
 
     /// Imports an OCI layout tar written by `export`. Everything is checked before

@@ -681,6 +681,8 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
     if let Ok(rd) = fs::read_dir(store.paths.tmp()) {
         let old = rd
             .flatten()
+            // A kept staging directory is reported on its own (cache.rs).
+            .filter(|e| !super::staging::is_kept(&e.path()))
             .filter(|e| {
                 e.metadata()
                     .and_then(|m| m.modified())

@@ -362,10 +362,15 @@ impl Commit<'_> {
                 &IngestOptions {
                     compress_level: self.t.compress_level,
                     progress: self.t.progress,
+                    // The captured file contents, page-aligned per file:
+                    // deduplicated per page like memory.
+                    page_stored: vec![fstree::DATA_FILE.to_string()],
                 },
             )
             .map_err(|e| {
-                if self.tasks_survive && !self.opts.leave_running {
+                // Running on, the container needs no image: the staging
+                // (possibly hundreds of MiB of RAM on /dev/shm) goes.
+                if self.tasks_survive || self.opts.leave_running {
                     WorkflowError::NotStored {
                         source: Box::new(e),
                         id: id.clone(),
@@ -374,6 +379,8 @@ impl Commit<'_> {
                     WorkflowError::IngestFailed {
                         source: Box::new(e),
                         image: self.staging.keep_image(),
+                        bundle: self.st.bundle.clone(),
+                        id: id.clone(),
                     }
                 }
             })?;
@@ -1195,12 +1202,69 @@ pub fn restore_prepared(
     }
 }
 
+/// The most copies one `restore --from` brings up.
+pub const MAX_COPIES: usize = 1000;
+/// How many copies are restored at once.
+const RESTORE_WORKERS: usize = 4;
+
+/// Runs `one(index, id)` for every id on a small pool of worker threads (fewer
+/// when threads cannot be spawned, e.g. in a pids-limited cgroup: then the
+/// calling thread does the work). Results are in the order of `ids`.
+fn restore_copies<T: Send>(
+    ids: &[String],
+    one: impl Fn(usize, &str) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(id) = ids.get(i) else { break };
+            done.push((i, one(i, id)));
+        }
+        done
+    };
+    let mut all: Vec<(usize, Result<T>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (1..RESTORE_WORKERS.min(ids.len()))
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
+            .collect();
+        let mut all = work();
+        for w in workers {
+            // A worker that panicked leaves its copies unreported: they are
+            // reported below as failed.
+            if let Ok(done) = w.join() {
+                all.extend(done);
+            }
+        }
+        all
+    });
+    all.sort_by_key(|(i, _)| *i);
+    let mut out = Vec::with_capacity(ids.len());
+    let mut it = all.into_iter().peekable();
+    for (i, id) in ids.iter().enumerate() {
+        match it.next_if(|(j, _)| *j == i) {
+            Some((_, r)) => out.push(r),
+            None => out.push(Err(WorkflowError::Snapshot {
+                snapshot: id.clone(),
+                reason: "the thread restoring this copy panicked".into(),
+            })),
+        }
+    }
+    out
+}
+
 /// The ids of `restore --from`'s copies: `id` alone, or `PREFIX-0 .. PREFIX-(N-1)`
 /// (`PREFIX` is `name_prefix`, else `id`) with several copies or a prefix. Each is
 /// validated here, so a bad one is refused before anything is materialised or
 /// created.
 pub fn copy_ids(id: &str, copies: usize, name_prefix: Option<&str>) -> Result<Vec<String>> {
-    let n = copies.max(1);
+    if copies == 0 || copies > MAX_COPIES {
+        return Err(WorkflowError::CopiesOutOfRange {
+            copies,
+            max: MAX_COPIES,
+        });
+    }
+    let n = copies;
     let ids: Vec<String> = if n == 1 && name_prefix.is_none() {
         vec![id.to_string()]
     } else {
@@ -1222,7 +1286,11 @@ pub fn restore_from_store(
 ) -> Result<RestoreFromResult> {
     let ids = copy_ids(&r.restore.id, r.copies, r.name_prefix.as_deref())?;
     let n = ids.len();
+    // The snapshot stays in the store until the copies run: `snapshot rm`, gc
+    // and prune wait for the pin instead of removing the image under CRIU.
+    let pin = store.pin()?;
     let mut p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    crate::runtime::fault_point("restore.after-prepare");
     super::trust::choose(&mut p, r.bundle.is_some(), r.trust_snapshot_config);
     if let Some(reason) = &p.refused {
         return Err(WorkflowError::Snapshot {
@@ -1254,37 +1322,17 @@ pub fn restore_from_store(
         });
     }
     let t1 = Instant::now();
-    let results: Vec<Result<CriuStats>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let p = &p;
-                let generation = &generation;
-                scope.spawn(move || {
-                    let mut o = r.restore.clone();
-                    o.id = id.clone();
-                    let ident = Identity {
-                        generation: generation.clone(),
-                        index: i,
-                        snapshot: p.sid.short(),
-                    };
-                    restore_prepared(rt, store, p, &o, r.bundle.as_deref(), &ident, &r.copy)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(WorkflowError::Snapshot {
-                        snapshot: p.sid.short(),
-                        reason: "a restore thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+    let results = restore_copies(&ids, |i, id| {
+        let mut o = r.restore.clone();
+        o.id = id.to_string();
+        let ident = Identity {
+            generation: generation.clone(),
+            index: i,
+            snapshot: p.sid.short(),
+        };
+        restore_prepared(rt, store, &p, &o, r.bundle.as_deref(), &ident, &r.copy)
     });
+    drop(pin);
     let restore_ms = t1.elapsed().as_millis();
     let mut stats = CriuStats::default();
     let mut restored = Vec::new();

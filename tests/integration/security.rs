@@ -570,3 +570,43 @@ fn a_foreign_image_with_capabilities_beyond_the_default_set_is_refused() {
     let _g3 = sx.restore_from("caps", &id3, &[]);
     sx.wait_counter(&id3, "readable", |_| true);
 }
+
+#[test]
+fn device_nodes_of_a_foreign_snapshot_are_not_created() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    nix::sys::stat::mknod(
+        &b.join("rootfs/disk"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(7, 0),
+    )
+    .unwrap();
+    let id = unique_id("sec-dev");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "dev", &id]);
+    // Made here: the node comes back (under 0700 directories).
+    let local = unique_id("sec-dev-local");
+    let _gl = sx.restore_from("dev", &local, &[]);
+    let merged = |id: &str| sx.env.root.join(".copies").join(id).join("merged");
+    assert!(fs::symlink_metadata(merged(&local).join("disk")).is_ok());
+
+    let tar = sx.path("dev.tar");
+    sx.ok(&["snapshot", "export", "dev", "-o", tar.to_str().unwrap()]);
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    let id2 = unique_id("sec-dev2");
+    let _g2 = sx.guard(&id2);
+    let out = sx.restore_from_in(&store2, "dev", &id2, &[]).ok();
+    assert!(
+        out.stderr.contains("device node disk (block 7:0)"),
+        "the skipped node is not named: {out:#?}"
+    );
+    sx.wait_counter(&id2, "readable", |_| true);
+    assert!(
+        fs::symlink_metadata(merged(&id2).join("disk")).is_err(),
+        "a foreign snapshot's device node was created"
+    );
+}

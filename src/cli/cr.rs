@@ -154,6 +154,12 @@ pub struct RestoreArgs {
     /// Restore from the snapshot store: a tag NAME[:VER] or a snapshot id
     #[arg(long, conflicts_with = "image_path")]
     pub from: Option<String>,
+    /// With --from, for a snapshot not made on this host (imported): use its
+    /// stored config.json whole, including hooks that run on the host, host bind
+    /// mounts, devices, capabilities, sysctls and namespace paths. Without it (or
+    /// --bundle) those settings are skipped, one warning line each
+    #[arg(long)]
+    pub trust_snapshot_config: bool,
     /// With --from: restore N copies, each with its own id, cgroup, writable
     /// filesystem layer, volumes and network namespace
     #[arg(long, default_value_t = 1)]
@@ -266,12 +272,7 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
     } else {
         writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
     }
-    for d in &rep.damaged_packs {
-        eprintln!(
-            "warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
-             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
-        );
-    }
+    warn_damaged_packs(rep);
     if a.shared.print_stats && a.format == StatsFormat::Text {
         let mut stats = r.stats.clone();
         stats.entries.extend([
@@ -287,6 +288,17 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
         print_stats(&stats, a.shared.stats_format)?;
     }
     Ok(0)
+}
+
+/// Packs an ingest found damaged (and did not reuse): the new snapshot is sound,
+/// the older ones that use them are not.
+pub(crate) fn warn_damaged_packs(rep: &crate::store::IngestReport) {
+    for d in &rep.damaged_packs {
+        eprintln!(
+            "stasis: warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
+             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
+        );
+    }
 }
 
 pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result<i32> {
@@ -334,6 +346,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
                     copy_rootfs: a.copy_rootfs,
                     netns: a.netns.clone(),
                 },
+                trust_snapshot_config: a.trust_snapshot_config,
             },
         );
         // Some copies failed: the ones that came up are listed on stdout (as on

@@ -328,7 +328,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 // runc prints fatal errors on stderr as well as in the log file.
                 eprintln!("stasis: {msg}");
             }
-            1
+            // 127/126 for a command that does not exist / cannot be executed.
+            e.downcast_ref::<crate::runtime::RuntimeError>()
+                .map_or(1, crate::runtime::RuntimeError::exit_code)
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct LsRow<'a> {
     pub size: u64,
     /// Bytes it added to the store when it was taken.
     pub new_bytes: u64,
+    /// Where it came from: made here (`local`) or imported (foreign).
+    pub origin: String,
 }
 
 impl<'a> From<&'a SnapshotSummary> for LsRow<'a> {
@@ -49,6 +51,7 @@ impl<'a> From<&'a SnapshotSummary> for LsRow<'a> {
             container: &s.container,
             size: s.image_bytes,
             new_bytes: s.added_bytes,
+            origin: s.origin.to_string(),
         }
     }
 }

@@ -62,6 +62,11 @@ pub enum SnapshotCmd {
         /// With --repair: an export (`snapshot export`) holding good copies
         #[arg(long, value_name = "ARCHIVE", requires = "repair")]
         from: Option<PathBuf>,
+        /// Rebuild a missing or unparseable index.json from the snapshot
+        /// manifests in blobs/ (tags as recorded when each was checkpointed;
+        /// the damaged file is kept as index.json.damaged)
+        #[arg(long)]
+        rebuild_index: bool,
         /// Output format (json: the findings and the repair report as one record)
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -146,6 +151,64 @@ pub enum ExportFormat {
     Podman,
 }
 
+/// `snapshot verify [--read-data] [--repair [--from ARCHIVE]] [--format json]`:
+/// repairs first, then verifies; fails when verify finds errors or something was
+/// left damaged.
+fn verify(
+    store: &Store,
+    out: &mut impl Write,
+    read_data: bool,
+    repair: bool,
+    from: Option<&std::path::Path>,
+    format: Format,
+) -> Result<()> {
+    let repaired = if repair {
+        Some(store.repair(from)?)
+    } else {
+        None
+    };
+    let findings = store.verify(read_data)?;
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    if format == Format::Json {
+        let v = report::Verify::new(store.root(), &findings, repaired.as_ref());
+        report::print(out, &v)?;
+    } else {
+        if let Some(r) = &repaired {
+            for l in &r.repaired {
+                writeln!(out, "repaired {l}")?;
+            }
+            for l in &r.unrepaired {
+                writeln!(out, "could not repair {l}")?;
+            }
+            if r.repaired.is_empty() && r.unrepaired.is_empty() {
+                writeln!(out, "nothing to repair")?;
+            }
+        }
+        for f in &findings {
+            writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
+        }
+    }
+    if errors > 0 {
+        bail!(
+            "verify found {errors} error(s) in store {}",
+            store.root().display()
+        );
+    }
+    let unrepaired = repaired.map_or(0, |r| r.unrepaired.len());
+    if unrepaired > 0 {
+        bail!(
+            "{unrepaired} damaged or missing blob(s) in store {} could not be repaired: \
+             import an export that holds them (`stasis snapshot verify --repair --from EXPORT.tar`), \
+             or remove the snapshots named above with `stasis snapshot rm`",
+            store.root().display()
+        );
+    }
+    if format != Format::Json {
+        writeln!(out, "no errors found")?;
+    }
+    Ok(())
+}
+
 /// A byte count as people read it: `512 B`, `1.50 MiB` (powers of 1024).
 fn human(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
@@ -166,7 +229,7 @@ pub fn run(
             } else {
                 writeln!(
                     out,
-                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}  ORIGIN",
                     "ID", "TAGS", "CREATED", "CONTAINER", "SIZE", "ADDED"
                 )?;
                 for s in list {
@@ -177,13 +240,14 @@ pub fn run(
                     };
                     writeln!(
                         out,
-                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}  {}",
                         s.id.short(),
                         tags,
                         s.created,
                         s.container,
                         human(s.image_bytes),
-                        human(s.added_bytes)
+                        human(s.added_bytes),
+                        s.origin
                     )?;
                 }
             }
@@ -192,13 +256,17 @@ pub fn run(
             let id = store.resolve(snapshot)?;
             let mut cfg = store.config(&id)?;
             let fs = fs_summary(store, &id, &cfg)?;
+            // This store's record of where it came from, not the archive's.
+            let origin = store.origin(&id)?;
             if *format == Format::Json {
                 if let Some(obj) = cfg.as_object_mut() {
                     obj.insert("filesystem".into(), fs);
+                    obj.insert("origin".into(), serde_json::json!(origin));
                 }
                 writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
             } else {
                 writeln!(out, "snapshot {id}")?;
+                writeln!(out, "origin: {origin}")?;
                 print_fs_summary(&mut out, &fs)?;
                 print_tree(&mut out, &cfg, 0)?;
             }
@@ -215,49 +283,36 @@ pub fn run(
             read_data,
             repair,
             from,
+            rebuild_index,
             format,
         } => {
-            let repaired = if *repair {
-                Some(store.repair(from.as_deref())?)
-            } else {
-                None
-            };
-            if *format == Format::Json {
-                let findings = store.verify(*read_data)?;
-                let v = report::Verify::new(store.root(), &findings, repaired.as_ref());
-                report::print(&mut out, &v)?;
-                if v.errors > 0 {
-                    bail!(
-                        "verify found {} error(s) in store {}",
-                        v.errors,
-                        store.root().display()
-                    );
+            if *rebuild_index {
+                let r = store.rebuild_index()?;
+                if let Some(p) = &r.kept_damaged {
+                    writeln!(out, "kept the damaged index as {}", p.display())?;
                 }
-                return Ok(0);
-            }
-            if let Some(r) = &repaired {
-                for l in &r.repaired {
-                    writeln!(out, "repaired {l}")?;
-                }
-                for l in &r.unrepaired {
-                    writeln!(out, "could not repair {l}")?;
-                }
-                if r.repaired.is_empty() && r.unrepaired.is_empty() {
-                    writeln!(out, "nothing to repair")?;
+                writeln!(
+                    out,
+                    "rebuilt index.json: {} snapshot(s) found in blobs/",
+                    r.snapshots.len()
+                )?;
+                for (id, tags) in &r.snapshots {
+                    let tags = if tags.is_empty() {
+                        "untagged".to_string()
+                    } else {
+                        tags.join(", ")
+                    };
+                    writeln!(out, "  {} ({tags})", id.short())?;
                 }
             }
-            let findings = store.verify(*read_data)?;
-            let errors = findings.iter().filter(|f| f.level == Level::Error).count();
-            for f in &findings {
-                writeln!(out, "{f}")?;
-            }
-            if errors > 0 {
-                bail!(
-                    "verify found {errors} error(s) in store {}",
-                    store.root().display()
-                );
-            }
-            writeln!(out, "no errors found")?;
+            verify(
+                store,
+                &mut out,
+                *read_data,
+                *repair,
+                from.as_deref(),
+                *format,
+            )?
         }
         SnapshotCmd::Diff { format, a, b } => {
             let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);

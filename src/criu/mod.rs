@@ -7,6 +7,10 @@
 //! is not used: it leaks a blocking `criu swrk` when a request fails to serialise,
 //! drops the restore response, and its notify callback cannot carry state.
 
+mod creds;
+
+pub use creds::image_capabilities;
+
 use std::fs;
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -72,6 +76,8 @@ pub enum CriuError {
         feature: &'static str,
         why: &'static str,
     },
+    #[error("CRIU image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = CriuError> = std::result::Result<T, E>;
@@ -646,7 +652,9 @@ fn first_len_field(b: &[u8]) -> Option<(u64, &[u8])> {
     }
     let (len, m) = varint(&b[n..])?;
     let start = n + m;
-    Some((key >> 3, b.get(start..start + len as usize)?))
+    // The length comes from the file: an overflowing one is a malformed image.
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    Some((key >> 3, b.get(start..end)?))
 }
 
 fn varint(b: &[u8]) -> Option<(u64, usize)> {
@@ -777,6 +785,23 @@ impl LazyPages {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+
+        /// CRIU's stats image comes from the image directory (a snapshot's): any
+        /// bytes parse to some entries or to None, never a panic (a varint length
+        /// near 2^64 used to overflow the slice bound).
+        #[test]
+        fn stats_parser_is_total(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = parse_stats_entry(&body);
+            let mut huge = vec![0x0a];
+            huge.extend_from_slice(&[0xff; 9]);
+            huge.push(0x01);
+            huge.extend_from_slice(&body);
+            proptest::prop_assert!(parse_stats_entry(&huge).is_none());
+        }
+    }
 
     #[test]
     fn error_lines_skip_harmless_rlimit() {

@@ -38,6 +38,8 @@ pub fn check_request(opts: &ExecOptions) -> Result<()> {
 pub struct Prepared {
     pub file: ProcessFile,
     pub filter: Option<LinuxSeccomp>,
+    /// The process asks for a terminal (`-t`, or `terminal` in `--process`).
+    pub terminal: bool,
 }
 
 /// Reads the container's config.json (the one libcontainer's tenant builder
@@ -64,7 +66,11 @@ pub fn prepare(config: &Path, opts: &ExecOptions) -> Result<Prepared> {
         RuntimeError::Invalid(detail) => fail(detail),
         e => e,
     })?;
-    Ok(Prepared { file, filter })
+    Ok(Prepared {
+        file,
+        filter,
+        terminal: process.terminal() == Some(true),
+    })
 }
 
 /// The process as the JSON file the tenant builder reads, in a file with no name
@@ -95,17 +101,10 @@ impl ProcessFile {
 /// The process to run for `opts`, given the container's `process` from its
 /// config.json.
 fn exec_process(container: &Process, opts: &ExecOptions) -> Result<Process> {
-    let mut p = match &opts.process {
-        Some(path) => from_file(container, &read_process_file(path)?),
-        None => from_flags(container, opts)?,
-    };
-    // libcontainer 0.7 loads a seccomp filter early (before dropping capabilities)
-    // only when noNewPrivileges is absent, and treats `false` like `true`; both
-    // mean "do not set no_new_privs", so say it the way it handles right.
-    if p.no_new_privileges() == Some(false) {
-        p.set_no_new_privileges(None);
+    match &opts.process {
+        Some(path) => Ok(from_file(container, &read_process_file(path)?)),
+        None => from_flags(container, opts),
     }
-    Ok(p)
 }
 
 fn read_process_file(path: &Path) -> Result<Process> {
@@ -449,7 +448,7 @@ mod tests {
         )
         .unwrap();
         let p = exec_process(&c, &o).unwrap();
-        assert_eq!(p.no_new_privileges(), None);
+        assert_eq!(p.no_new_privileges(), Some(false));
         assert_ne!(p.capabilities(), c.capabilities());
 
         for bad in [

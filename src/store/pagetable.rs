@@ -152,6 +152,25 @@ impl<R: Read> TableReader<R> {
     }
 }
 
+impl<R: Read> TableReader<R> {
+    /// The index and digest of the first page matching `pred`, reading no further
+    /// than it; None when no page matches (the whole table then checked to its end).
+    pub(crate) fn find(
+        mut self,
+        mut pred: impl FnMut(&PageDigest) -> bool,
+    ) -> Result<Option<(u64, PageDigest)>> {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let mut i = 0u64;
+        while self.next_chunk(&mut chunk)? {
+            if let Some(k) = chunk.iter().position(&mut pred) {
+                return Ok(Some((i + k as u64, chunk[k])));
+            }
+            i += chunk.len() as u64;
+        }
+        Ok(None)
+    }
+}
+
 /// Opens page-table blob `d`, checks its digest (streaming) and starts reading it.
 pub(crate) fn open(blobs: &BlobDir, d: &BlobDigest) -> Result<TableReader<File>> {
     let f = blobs.open_verified(d, None, WHAT)?;

@@ -167,6 +167,8 @@ fn write_archive<W: Write>(store: &Store, src: &ExportSource, w: W, tmp: &Path) 
         }
     }
     let mut root = entry.descriptor.clone();
+    // The origin is this store's record; the importing store sets its own.
+    root.annotations.remove(layout::A_ORIGIN);
     if let Some(t) = &tag {
         root.annotations
             .insert(layout::A_REF_NAME.into(), t.clone());
@@ -505,6 +507,9 @@ pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Ve
                     // Annotations from the verified manifest, not from the archive's index.
                     let mut r = Descriptor::new(layout::MT_MANIFEST, md, d.size);
                     r.artifact_type = Some(layout::ARTIFACT_TYPE.into());
+                    // Whatever the archive says: it came from elsewhere.
+                    r.annotations
+                        .insert(layout::A_ORIGIN.into(), layout::ORIGIN_IMPORTED.into());
                     for k in [
                         layout::A_ID,
                         layout::A_CREATED,

@@ -974,7 +974,6 @@ fn podman_checkpoint_export_and_import_a_copy() {
 }
 
 #[test]
-#[ignore = "blocked: libcontainer 0.7.0's tenant builder drops linux.seccomp, so exec'd processes run unfiltered; fixing it needs a patched libcontainer"]
 fn podman_exec_runs_under_the_container_seccomp_filter() {
     requires_client!(PODMAN_TOOLS, false);
     let _one_at_a_time = podman_serial();

@@ -237,3 +237,41 @@ fn exec_runs_under_the_containers_seccomp_filter_like_runc() {
     }
     assert!(!Path::new(&format!("/proc/{}/root/tmp/d", b.stasis.pid(&b.sid))).exists());
 }
+
+#[test]
+fn exec_in_a_restored_copy_runs_as_the_containers_process() {
+    // A copy restored from the store gets exec'd processes with the same limits,
+    // capabilities and seccomp filter as the container it was checkpointed from.
+    // (The container's user stays root: this host has no CAP_SYS_RESOURCE, and
+    // CRIU cannot read the rlimits of another user's process without it.)
+    let Some(sx) = crate::store_flows::Sx::setup(crate::test_name!()) else {
+        return;
+    };
+    let b = sx.bundle("b", &["sleep", "1000"]);
+    edit_config(&b, |c| {
+        deny_mkdir(c);
+        c["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 256, "hard": 512}]);
+    });
+    let id = unique_id("xcopy");
+    let _g = sx.run_d(&b, &id);
+    let show = |id: &str| {
+        let status = sx.ok(&["exec", id, "cat", "/proc/self/status"]).stdout;
+        let limits = sx.ok(&["exec", id, "cat", "/proc/self/limits"]).stdout;
+        (privileges(&status), nofile(&limits))
+    };
+    let before = show(&id);
+    assert_eq!(field(&before.0, "Seccomp:"), "2");
+    assert_eq!(before.1, ("256".into(), "512".into()));
+
+    sx.ok(&["checkpoint", "--tag", "xcopy", &id]);
+    let id2 = unique_id("xcopy2");
+    let _g2 = sx.restore_from("xcopy", &id2, &[]);
+    assert_eq!(
+        show(&id2),
+        before,
+        "exec in the restored copy vs the original"
+    );
+    let out = sx.run(&["exec", &id2, "mkdir", "/tmp/d"]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("Operation not permitted"), "{out:?}");
+}

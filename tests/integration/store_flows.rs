@@ -1430,14 +1430,29 @@ fn copies_get_the_checkpoint_time_filesystem_and_do_not_see_each_other() {
     for (i, c) in ids.iter().enumerate() {
         // Restored from checkpoint-time content: the copy's file is consistent with
         // its memory (no MISMATCH) and started below what the original has now.
-        std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
             sh_in(&sx, c, "cat /data/bad 2>/dev/null || echo ok"),
             "ok",
             "copy {c}"
         );
-        let n: u64 = sh_in(&sx, c, "cat /data/n").parse().unwrap();
-        let lines: u64 = sh_in(&sx, c, "wc -l < /data/log").parse().unwrap();
+        // The counter and the file are read with the copy paused, from the
+        // host side of its overlay, so the loop cannot step between the reads.
+        let data = sx.env.root.join(".copies").join(c).join("merged/data");
+        let (mut n, mut lines) = (0u64, 0u64);
+        crate::common::wait_until(
+            "a paused copy with a number in /data/n",
+            Duration::from_secs(10),
+            || {
+                sx.ok(&["pause", c]);
+                let read = crate::common::read_trim(&data.join("n")).parse::<u64>();
+                lines =
+                    fs::read_to_string(data.join("log")).map_or(0, |l| l.lines().count() as u64);
+                sx.ok(&["resume", c]);
+                // Paused between the truncation and the write of `echo $n > /data/n`:
+                // let it step on and look again.
+                read.map(|v| n = v).is_ok()
+            },
+        );
         assert!(
             lines >= n && lines <= n + 1,
             "copy {c}: {lines} lines, n={n}"

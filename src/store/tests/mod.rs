@@ -5,8 +5,10 @@
 
 mod catalog;
 mod damaged;
+mod fuzz;
 mod gc_crash;
 mod integrity;
+mod names;
 mod roundtrip;
 mod transfer;
 

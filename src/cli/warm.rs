@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::oci::parse_duration;
+use super::parse::parse_duration;
 use super::Cli;
 use crate::runtime::Runtime;
 use crate::store::Store;

@@ -118,7 +118,7 @@ pub enum Command {
     Prewarm(warm::PrewarmArgs),
     /// Restore on request: relay connections to restored copies of a snapshot
     Serve(warm::ServeArgs),
-    /// Print a shell completion script (e.g. `stasis completion bash > /etc/bash_completion.d/stasis`)
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completion(docs::CompletionArgs),
     /// Write man pages (stasis.1 and one per command) into a directory
     Man(docs::ManArgs),

@@ -5,6 +5,7 @@
 mod cr;
 mod docs;
 mod oci;
+mod parse;
 mod report;
 mod snapshot;
 mod warm;
@@ -117,7 +118,7 @@ pub enum Command {
     Prewarm(warm::PrewarmArgs),
     /// Restore on request: relay connections to restored copies of a snapshot
     Serve(warm::ServeArgs),
-    /// Print a shell completion script (e.g. `stasis completion bash > /etc/bash_completion.d/stasis`)
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completion(docs::CompletionArgs),
     /// Write man pages (stasis.1 and one per command) into a directory
     Man(docs::ManArgs),
@@ -173,7 +174,7 @@ fn normalise_args(args: Vec<OsString>) -> Vec<OsString> {
 }
 
 /// Where log lines go: the `--log` file, or stderr.
-pub struct Logger {
+struct Logger {
     file: Option<std::fs::File>,
     format: LogFormat,
     debug: bool,
@@ -300,6 +301,43 @@ fn raw_error_chain(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Runs the parsed command: one call into the command's module, which makes one
+/// library call. Returns the exit code.
+fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
+    let rt = || {
+        crate::runtime::Runtime::new(&cli.root, cli.systemd_cgroup).map(|r| r.with_criu(&cli.criu))
+    };
+    match &cli.command {
+        Command::Spec(a) => oci::spec_cmd(a)?,
+        Command::Checkpoint(a) => return cr::checkpoint(&rt()?, &cli.store, a),
+        Command::Restore(a) => return cr::restore(&rt()?, &cli.store, a),
+        Command::Prewarm(a) => return warm::prewarm_cmd(cli, &rt()?, a),
+        Command::Serve(a) => return warm::serve_cmd(cli, rt()?, a),
+        Command::Snapshot(a) => {
+            return snapshot::run(&crate::store::Store::open(&cli.store)?, a, || Ok(rt()?))
+        }
+        Command::Completion(a) => docs::completion(a.shell, &mut std::io::stdout().lock()),
+        Command::Man(a) => docs::man(&a.dir)?,
+        Command::Features => oci::print_json(&crate::runtime::info::features(), true)?,
+        Command::Create(a) => {
+            rt()?.create(&a.into())?;
+        }
+        Command::Start(a) => rt()?.start(&a.id)?,
+        Command::Run(a) => return oci::run_cmd(&rt()?, a),
+        Command::State(a) => oci::state_cmd(&rt()?, a)?,
+        Command::List(a) => oci::list_cmd(&rt()?, a)?,
+        Command::Kill(a) => rt()?.kill(&a.id, &a.signal, a.all)?,
+        Command::Delete(a) => rt()?.delete(&a.id, a.force)?,
+        Command::Pause(a) => rt()?.pause(&a.id)?,
+        Command::Resume(a) => rt()?.resume(&a.id)?,
+        Command::Ps(a) => oci::ps(&rt()?, a)?,
+        Command::Exec(a) => return oci::exec_cmd(&rt()?, a),
+        Command::Update(a) => oci::update_cmd(&rt()?, a)?,
+        Command::Events(a) => oci::events_cmd(&rt()?, a)?,
+    }
+    Ok(0)
+}
+
 /// Parses `args`, runs the command and returns the process exit code.
 pub fn main(args: Vec<OsString>) -> i32 {
     // Internal: empties a container's output pipe (see runtime/stdio.rs).
@@ -319,7 +357,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
         init_debug_log(cli.log.as_ref(), cli.log_format);
     }
     let mut logger = Logger::new(cli.log.as_ref(), cli.log_format, cli.debug);
-    match oci::dispatch(&cli, &mut logger) {
+    match dispatch(&cli) {
         Ok(code) => code,
         Err(e) => {
             let msg = error_chain(&e);

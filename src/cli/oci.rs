@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-use super::{Cli, Command, Logger};
+use super::parse::{parse_duration, parse_size, parse_user, Format};
 use crate::runtime::{self, CreateOptions, ExecOptions, OciState, ResourceOverrides, Runtime};
 
 #[derive(Args, Debug)]
@@ -78,12 +78,6 @@ pub struct RunArgs {
     /// Keep the container after it exits (ignored in detached mode)
     #[arg(long)]
     pub keep: bool,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Json,
 }
 
 #[derive(Args, Debug)]
@@ -225,44 +219,7 @@ pub struct EventsArgs {
     pub id: String,
 }
 
-/// Parses runc's sizes: bytes, or a number with k/m/g/t (powers of 1024); -1 passes.
-fn parse_size(s: &str) -> Result<i64, String> {
-    if s == "-1" {
-        return Ok(-1);
-    }
-    let lower = s.trim().to_ascii_lowercase();
-    let lower = lower.trim_end_matches('b');
-    let (num, mult) = match lower.chars().last() {
-        Some('k') => (&lower[..lower.len() - 1], 1i64 << 10),
-        Some('m') => (&lower[..lower.len() - 1], 1 << 20),
-        Some('g') => (&lower[..lower.len() - 1], 1 << 30),
-        Some('t') => (&lower[..lower.len() - 1], 1 << 40),
-        _ => (lower, 1),
-    };
-    num.parse::<i64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid size {s:?}: use bytes or a number with k, m, g or t"))
-}
-
-/// Parses a duration as runc and Go do (`5s`, `500ms`, `1m30s`, `2h45m`; humantime
-/// also takes `1h 30m`, `2days`) or a bare number of seconds (`2`, `0.5`). Too large
-/// a value is an error, never a panic.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let bad = |why: &dyn std::fmt::Display| {
-        format!("invalid duration {s:?}: {why} (use e.g. 5s, 500ms, 1m30s, 2h)")
-    };
-    if s.starts_with(|c: char| c.is_ascii_digit() || c == '.')
-        && s.chars().all(|c| c.is_ascii_digit() || c == '.')
-    {
-        let secs: f64 = s.parse().map_err(|e| bad(&e))?;
-        return Duration::try_from_secs_f64(secs).map_err(|e| bad(&e));
-    }
-    humantime::parse_duration(s).map_err(|e| bad(&e))
-}
-
-fn print_json<T: serde::Serialize>(v: &T, pretty: bool) -> Result<()> {
+pub(super) fn print_json<T: serde::Serialize>(v: &T, pretty: bool) -> Result<()> {
     let s = if pretty {
         serde_json::to_string_pretty(v)?
     } else {
@@ -310,141 +267,7 @@ fn print_table(states: &[OciState]) -> Result<()> {
     Ok(())
 }
 
-fn parse_user(s: &str) -> Result<(u32, Option<u32>)> {
-    let (u, g) = match s.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (s, None),
-    };
-    let uid = u
-        .parse()
-        .with_context(|| format!("--user {s:?}: uid must be a number (UID[:GID])"))?;
-    let gid = match g {
-        Some(g) => Some(
-            g.parse()
-                .with_context(|| format!("--user {s:?}: gid must be a number (UID[:GID])"))?,
-        ),
-        None => None,
-    };
-    Ok((uid, gid))
-}
-
-pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
-    let rt = || Runtime::new(&cli.root, cli.systemd_cgroup).map(|r| r.with_criu(&cli.criu));
-    match &cli.command {
-        Command::Spec(a) => {
-            let rootless = match a.rootless.as_deref() {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(v) => bail!("spec --rootless {v:?}: expected true or false"),
-            };
-            runtime::info::write_spec(&a.bundle, rootless)?;
-        }
-        Command::Checkpoint(a) => return super::cr::checkpoint(&rt()?, &cli.store, a),
-        Command::Restore(a) => return super::cr::restore(&rt()?, &cli.store, a),
-        Command::Prewarm(a) => return super::warm::prewarm_cmd(cli, &rt()?, a),
-        Command::Serve(a) => return super::warm::serve_cmd(cli, rt()?, a),
-        Command::Snapshot(a) => {
-            return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a, || Ok(rt()?))
-        }
-        Command::Completion(a) => super::docs::completion(a.shell, &mut std::io::stdout().lock()),
-        Command::Man(a) => super::docs::man(&a.dir)?,
-        Command::Features => print_json(&runtime::info::features(), true)?,
-        Command::Create(a) => {
-            rt()?.create(&a.into())?;
-        }
-        Command::Start(a) => rt()?.start(&a.id)?,
-        Command::Run(a) => {
-            let opts = CreateOptions {
-                keep: a.keep,
-                ..(&a.create).into()
-            };
-            return Ok(rt()?.run(&opts, a.detach)?);
-        }
-        Command::State(a) => {
-            // runc leaves `owner` empty in `state` and fills it in `list`.
-            let mut st = rt()?.state(&a.id)?;
-            st.owner.clear();
-            print_json(&st, true)?
-        }
-        Command::List(a) => {
-            let states = rt()?.list()?;
-            if a.quiet {
-                let mut out = std::io::stdout().lock();
-                for s in &states {
-                    writeln!(out, "{}", s.id)?;
-                }
-            } else if a.format == Format::Json {
-                print_json(&states, false)?;
-            } else {
-                print_table(&states)?;
-            }
-        }
-        Command::Kill(a) => rt()?.kill(&a.id, &a.signal, a.all)?,
-        Command::Delete(a) => rt()?.delete(&a.id, a.force)?,
-        Command::Pause(a) => rt()?.pause(&a.id)?,
-        Command::Resume(a) => rt()?.resume(&a.id)?,
-        Command::Ps(a) => ps(&rt()?, a)?,
-        Command::Exec(a) => {
-            let opts = ExecOptions {
-                id: a.id.clone(),
-                process: a.process.clone(),
-                args: a.command.clone(),
-                detach: a.detach,
-                pid_file: a.pid_file.clone(),
-                tty: a.tty,
-                console_socket: a.console_socket.clone(),
-                cwd: a.cwd.clone(),
-                env: a.env.clone(),
-                user: a.user.as_deref().map(parse_user).transpose()?,
-                additional_gids: a.additional_gids.clone(),
-                caps: a.cap.clone(),
-                no_new_privs: a.no_new_privs,
-                preserve_fds: a.preserve_fds,
-            };
-            return Ok(rt()?.exec(&opts)?);
-        }
-        Command::Update(a) => {
-            let json = match a.resources.as_deref() {
-                None => Vec::new(),
-                Some("-") => {
-                    let mut b = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut b)
-                        .context("read --resources from stdin")?;
-                    b
-                }
-                Some(p) => std::fs::read(p).with_context(|| format!("read --resources {p}"))?,
-            };
-            let o = ResourceOverrides {
-                memory: a.memory,
-                memory_swap: a.memory_swap,
-                memory_reservation: a.memory_reservation,
-                pids_limit: a.pids_limit,
-                cpu_shares: a.cpu_shares,
-                cpu_quota: a.cpu_quota,
-                cpu_period: a.cpu_period,
-                cpuset_cpus: a.cpuset_cpus.clone(),
-                cpuset_mems: a.cpuset_mems.clone(),
-                blkio_weight: a.blkio_weight,
-            };
-            rt()?.update(&a.id, &json, &o)?;
-        }
-        Command::Events(a) => {
-            let mut failed = None;
-            rt()?.events(&a.id, a.interval, a.stats, |v| {
-                if failed.is_none() {
-                    failed = print_json(v, false).err();
-                }
-            })?;
-            if let Some(e) = failed {
-                return Err(e);
-            }
-        }
-    }
-    Ok(0)
-}
-
-fn ps(rt: &Runtime, a: &PsArgs) -> Result<()> {
+pub(super) fn ps(rt: &Runtime, a: &PsArgs) -> Result<()> {
     let pids = rt.pids(&a.id)?;
     if a.format == Format::Json {
         return print_json(&pids, false);
@@ -486,50 +309,102 @@ fn ps(rt: &Runtime, a: &PsArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `spec`: runc's `--rootless` takes an optional true/false.
+pub(super) fn spec_cmd(a: &SpecArgs) -> Result<()> {
+    let rootless = match a.rootless.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => bail!("spec --rootless {v:?}: expected true or false"),
+    };
+    Ok(runtime::info::write_spec(&a.bundle, rootless)?)
+}
 
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(parse_size("1024").unwrap(), 1024);
-        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("-1").unwrap(), -1);
-        assert!(parse_size("x").is_err());
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
+pub(super) fn run_cmd(rt: &Runtime, a: &RunArgs) -> Result<i32> {
+    let opts = CreateOptions {
+        keep: a.keep,
+        ..(&a.create).into()
+    };
+    Ok(rt.run(&opts, a.detach)?)
+}
 
-    /// Go-style compound durations, as runc accepts them.
-    #[test]
-    fn go_style_durations() {
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("2h45m").unwrap(), Duration::from_secs(9900));
-        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
-    }
+pub(super) fn state_cmd(rt: &Runtime, a: &IdArg) -> Result<()> {
+    // runc leaves `owner` empty in `state` and fills it in `list`.
+    let mut st = rt.state(&a.id)?;
+    st.owner.clear();
+    print_json(&st, true)
+}
 
-    /// `--interval 99999999999999999999h` panicked in Duration::from_secs_f64 (with
-    /// panic=abort, the process died); it is a usage error now.
-    #[test]
-    fn huge_duration_is_an_error_not_a_panic() {
-        for s in ["99999999999999999999h", "99999999999999999999999", "1e400"] {
-            let e = parse_duration(s).unwrap_err();
-            assert!(e.contains("invalid duration"), "{s}: {e}");
+pub(super) fn list_cmd(rt: &Runtime, a: &ListArgs) -> Result<()> {
+    let states = rt.list()?;
+    if a.quiet {
+        let mut out = std::io::stdout().lock();
+        for s in &states {
+            writeln!(out, "{}", s.id)?;
         }
-        let e = <super::super::Cli as clap::Parser>::try_parse_from([
-            "stasis",
-            "events",
-            "--interval",
-            "99999999999999999999h",
-            "x",
-        ])
-        .unwrap_err();
-        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
+        Ok(())
+    } else if a.format == Format::Json {
+        print_json(&states, false)
+    } else {
+        print_table(&states)
+    }
+}
+
+pub(super) fn exec_cmd(rt: &Runtime, a: &ExecArgs) -> Result<i32> {
+    let opts = ExecOptions {
+        id: a.id.clone(),
+        process: a.process.clone(),
+        args: a.command.clone(),
+        detach: a.detach,
+        pid_file: a.pid_file.clone(),
+        tty: a.tty,
+        console_socket: a.console_socket.clone(),
+        cwd: a.cwd.clone(),
+        env: a.env.clone(),
+        user: a.user.as_deref().map(parse_user).transpose()?,
+        additional_gids: a.additional_gids.clone(),
+        caps: a.cap.clone(),
+        no_new_privs: a.no_new_privs,
+        preserve_fds: a.preserve_fds,
+    };
+    Ok(rt.exec(&opts)?)
+}
+
+pub(super) fn update_cmd(rt: &Runtime, a: &UpdateArgs) -> Result<()> {
+    let json = match a.resources.as_deref() {
+        None => Vec::new(),
+        Some("-") => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("read --resources from stdin")?;
+            b
+        }
+        Some(p) => std::fs::read(p).with_context(|| format!("read --resources {p}"))?,
+    };
+    let o = ResourceOverrides {
+        memory: a.memory,
+        memory_swap: a.memory_swap,
+        memory_reservation: a.memory_reservation,
+        pids_limit: a.pids_limit,
+        cpu_shares: a.cpu_shares,
+        cpu_quota: a.cpu_quota,
+        cpu_period: a.cpu_period,
+        cpuset_cpus: a.cpuset_cpus.clone(),
+        cpuset_mems: a.cpuset_mems.clone(),
+        blkio_weight: a.blkio_weight,
+    };
+    Ok(rt.update(&a.id, &json, &o)?)
+}
+
+pub(super) fn events_cmd(rt: &Runtime, a: &EventsArgs) -> Result<()> {
+    let mut failed = None;
+    rt.events(&a.id, a.interval, a.stats, |v| {
+        if failed.is_none() {
+            failed = print_json(v, false).err();
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
-use super::oci::{parse_duration, Format};
+use super::parse::{parse_duration, Format};
 use super::report;
 use crate::store::{DiffReport, FileChange, Level, SnapshotId, Store};
 use crate::workflows::fstree;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::oci::parse_duration;
+use super::parse::parse_duration;
 use super::Cli;
 use crate::runtime::Runtime;
 use crate::store::Store;
@@ -21,6 +21,11 @@ pub struct PrewarmArgs {
     /// Readiness probe: tcp:HOST:PORT, exec:CMD ARGS, http://HOST:PORT/PATH, log:REGEX, file:PATH
     #[arg(long, value_parser = Probe::parse)]
     pub ready: Probe,
+    /// With an exec: probe, pass only when a line of the command's stdout matches REGEX
+    /// (e.g. --ready 'exec:redis-cli ping' --ready-output PONG: redis-cli exits 0
+    /// with "LOADING" while Redis loads its data)
+    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
+    pub ready_output: Option<regex::Regex>,
     /// How long to wait for the probe to pass
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
@@ -45,6 +50,14 @@ pub struct PrewarmArgs {
 }
 
 pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
+    let ready = match &a.ready_output {
+        Some(re) => a
+            .ready
+            .clone()
+            .require_output(re.clone())
+            .map_err(anyhow::Error::msg)?,
+        None => a.ready.clone(),
+    };
     let store = Store::open(&cli.store)?;
     let self_exe = std::env::current_exe().context("find the stasis binary")?;
     let global_args = vec![
@@ -59,7 +72,7 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
             .id
             .clone()
             .unwrap_or_else(|| format!("prewarm-{}", std::process::id())),
-        ready: a.ready.clone(),
+        ready,
         ready_timeout: a.ready_timeout,
         warmup: a
             .warmup
@@ -209,6 +222,10 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
     };
     serve(rt, store, opts)?;
     Ok(0)
+}
+
+fn parse_regex(s: &str) -> std::result::Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| format!("bad regex: {e}"))
 }
 
 /// `--warmup` must name a command.

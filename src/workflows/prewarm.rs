@@ -23,8 +23,13 @@ use crate::store::Store;
 pub enum Probe {
     /// Connect succeeds (inside the container's network namespace when it has one).
     Tcp(String),
-    /// The command exits 0 inside the container.
-    Exec(Vec<String>),
+    /// The command exits 0 inside the container and, with `output`, a line of
+    /// its stdout matches (a service may answer 0 before it is ready: redis-cli prints
+    /// "LOADING ..." and exits 0 while Redis loads its dataset).
+    Exec {
+        args: Vec<String>,
+        output: Option<regex::Regex>,
+    },
     /// GET returns a 2xx status.
     Http(String),
     /// A line of the container's stdout/stderr matches.
@@ -54,7 +59,7 @@ impl Probe {
                 if args.is_empty() {
                     return Err(format!("probe {s:?}: exec needs a command"));
                 }
-                Ok(Probe::Exec(args))
+                Ok(Probe::Exec { args, output: None })
             }
             "http" => {
                 let url = format!("http:{rest}");
@@ -67,6 +72,24 @@ impl Probe {
             "file" => Ok(Probe::File(PathBuf::from(rest))),
             other => Err(format!(
                 "probe {s:?}: unknown kind {other:?} (use tcp, exec, http, log or file)"
+            )),
+        }
+    }
+}
+
+impl Probe {
+    /// The `exec:` probe passes only when a line of the command's stdout matches `re`
+    /// (`--ready-output`); other kinds refuse it.
+    pub fn require_output(self, re: regex::Regex) -> std::result::Result<Probe, String> {
+        match self {
+            Probe::Exec { args, .. } => Ok(Probe::Exec {
+                args,
+                output: Some(re),
+            }),
+            other => Err(format!(
+                "--ready-output applies to exec: probes only, not {}; to wait for a line \
+                 of the service's own output use --ready log:REGEX",
+                describe(&other)
             )),
         }
     }
@@ -434,7 +457,15 @@ fn settle_connections(pid: i32) {
 fn describe(p: &Probe) -> String {
     match p {
         Probe::Tcp(a) => format!("tcp:{a}"),
-        Probe::Exec(a) => format!("exec:{}", a.join(" ")),
+        Probe::Exec { args, output: None } => format!("exec:{}", args.join(" ")),
+        Probe::Exec {
+            args,
+            output: Some(re),
+        } => format!(
+            "exec:{} (output matching {:?})",
+            args.join(" "),
+            re.as_str()
+        ),
         Probe::Http(u) => u.clone(),
         Probe::Log(r) => format!("log:{}", r.as_str()),
         Probe::File(p) => format!("file:{}", p.display()),
@@ -458,7 +489,7 @@ fn check_probe(o: &PrewarmOptions, pid: i32, tail: &OutputTail) -> std::result::
                 .map(|_| ())
                 .map_err(|e| format!("connect {addr}: {e}"))
         }
-        Probe::Exec(args) => {
+        Probe::Exec { args, output } => {
             let out = stasis_cmd(o)
                 .arg("exec")
                 .arg(&o.id)
@@ -467,7 +498,19 @@ fn check_probe(o: &PrewarmOptions, pid: i32, tail: &OutputTail) -> std::result::
                 .output()
                 .map_err(|e| format!("run stasis exec: {e}"))?;
             if out.status.success() {
-                Ok(())
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                match output {
+                    Some(re) if !stdout.lines().any(|l| re.is_match(l)) => {
+                        let mut seen: String = stdout.trim().chars().take(200).collect();
+                        seen = crate::store::printable(&seen);
+                        Err(format!(
+                            "{} printed {seen:?}, not output matching {:?}",
+                            args.join(" "),
+                            re.as_str()
+                        ))
+                    }
+                    _ => Ok(()),
+                }
             } else {
                 let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
                 if msg.is_empty() {
@@ -533,7 +576,9 @@ mod tests {
             Probe::parse("tcp:127.0.0.1:6379"),
             Ok(Probe::Tcp(_))
         ));
-        assert!(matches!(Probe::parse("exec:redis-cli ping"), Ok(Probe::Exec(a)) if a.len() == 2));
+        assert!(
+            matches!(Probe::parse("exec:redis-cli ping"), Ok(Probe::Exec { args, output: None }) if args.len() == 2)
+        );
         assert!(matches!(
             Probe::parse("http://127.0.0.1:8080/"),
             Ok(Probe::Http(_))
@@ -552,6 +597,27 @@ mod tests {
         assert_eq!(
             parse_http_url("http://h:81/x").unwrap(),
             ("h:81".to_string(), "/x".to_string())
+        );
+    }
+
+    #[test]
+    fn ready_output_is_for_exec_probes_only() {
+        let re = regex::Regex::new("PONG").unwrap();
+        let p = Probe::parse("exec:redis-cli ping").unwrap();
+        assert!(matches!(
+            p.require_output(re.clone()),
+            Ok(Probe::Exec {
+                output: Some(_),
+                ..
+            })
+        ));
+        let e = Probe::parse("tcp:127.0.0.1:6379")
+            .unwrap()
+            .require_output(re)
+            .unwrap_err();
+        assert!(
+            e.contains("exec: probes only") && e.contains("log:REGEX"),
+            "{e}"
         );
     }
 }

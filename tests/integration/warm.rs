@@ -961,3 +961,62 @@ fn serve_warms_up_pool_copies_and_drops_those_whose_warmup_fails() {
     );
     stop_cleanly(&sx, &mut srv);
 }
+
+/// An exec: probe that counts its runs in /tmp/probe-n and exits 0 every time,
+/// printing NOT-YET on the first two and OK from the third on (as redis-cli exits 0
+/// with "LOADING" while Redis loads).
+const COUNTING_PROBE: &str = "n=$(cat /tmp/probe-n 2>/dev/null || echo 0); n=$((n+1)); \
+     echo $n > /tmp/probe-n; if [ $n -ge 3 ]; then echo OK; else echo NOT-YET; fi\n";
+
+/// `--ready-output`: an exec: probe passes only when its stdout matches, so the
+/// snapshot is of a service that said OK, not of the first run that exited 0.
+#[test]
+fn prewarm_exec_probe_with_ready_output_waits_for_the_output() {
+    let sx = setup!();
+    let b = sx.bundle("svc", &["sh", "-c", "echo started; exec sleep 1000"]);
+    fs::write(b.join("rootfs/probe.sh"), COUNTING_PROBE).unwrap();
+    fs::write(b.join("rootfs/never.sh"), "echo NOT-YET\n").unwrap();
+    let wid = unique_id("warm-out");
+    let _gw = sx.guard(&wid);
+    let extra = ["--ready-output", "^OK$", "--keep-running"];
+    let out = prewarm(&sx, &b, "exec:sh /probe.sh", "out:v1", &wid, &extra).ok();
+    printed_snapshot_id(&out);
+    // Runs 1 and 2 printed NOT-YET (exit 0) and were not taken as ready.
+    let n = sx.ok(&["exec", &wid, "cat", "/tmp/probe-n"]);
+    assert_eq!(n.stdout.trim(), "3", "{n:#?}");
+    let rid = unique_id("warm-out-r");
+    let _gr = sx.restore_from("out:v1", &rid, &[]);
+    let n = sx.ok(&["exec", &rid, "cat", "/tmp/probe-n"]);
+    assert_eq!(n.stdout.trim(), "3", "the snapshot predates the OK: {n:#?}");
+
+    // A probe that never prints the output fails, quoting what it printed.
+    let fid = unique_id("warm-out-f");
+    let _gf = sx.guard(&fid);
+    let extra = ["--ready-output", "^OK$", "--ready-timeout", "2s"];
+    let out = prewarm(&sx, &b, "exec:sh /never.sh", "never:v1", &fid, &extra);
+    assert_fails(&out, &["NOT-YET", "^OK$"]);
+    assert!(
+        sx.state(&fid).is_none(),
+        "{fid} left after a failed prewarm"
+    );
+    assert!(entry_with_tag_absent(&sx, "never:v1"));
+
+    // Other probe kinds refuse it, before anything starts.
+    let out = prewarm(
+        &sx,
+        &b,
+        "tcp:127.0.0.1:1",
+        "x",
+        &fid,
+        &["--ready-output", "x"],
+    );
+    assert_fails(&out, &["exec: probes only", "log:REGEX"]);
+}
+
+fn entry_with_tag_absent(sx: &Sx, tag: &str) -> bool {
+    sx.ls().iter().all(|e| {
+        e["tags"]
+            .as_array()
+            .is_none_or(|t| !t.iter().any(|x| x == tag))
+    })
+}

@@ -456,6 +456,31 @@ mod tests {
     }
 
     #[test]
+    fn console_plan_follows_runc() {
+        let given = PathBuf::from("/run/x.sock");
+        // Foreground terminal, no socket: our own, libcontainer told "detached".
+        let p = ConsolePlan::new(true, false, None).unwrap();
+        assert!(p.own.is_some() && p.libcontainer_detach);
+        assert_eq!(p.socket, p.own.as_ref().map(|o| o.path()));
+        // Detached with the caller's socket: theirs.
+        let p = ConsolePlan::new(true, true, Some(&given)).unwrap();
+        assert!(p.own.is_none() && p.socket.as_ref() == Some(&given));
+        // No terminal: nothing.
+        let p = ConsolePlan::new(false, false, None).unwrap();
+        assert!(p.own.is_none() && p.socket.is_none() && !p.libcontainer_detach);
+        // Refused, naming --console-socket: detached terminal without a socket, a
+        // socket in the foreground, a socket without a terminal.
+        for (t, d, g) in [
+            (true, true, None),
+            (true, false, Some(&given)),
+            (false, true, Some(&given)),
+        ] {
+            let e = ConsolePlan::new(t, d, g).err().unwrap().to_string();
+            assert!(e.contains("--console-socket"), "{e}");
+        }
+    }
+
+    #[test]
     fn nothing_sent_is_an_error_not_a_hang() {
         let sock = ConsoleSocket::new().unwrap();
         assert!(sock.receive_master().is_err(), "no connection");

@@ -266,25 +266,23 @@ pub fn create(
     let bundle = bundle_info.path.as_path();
     let cgroup = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
     let cgroup_existed = cgroup::exists(&cgroup);
-    let own = tty::own_console(bundle_info.terminal, detach, opts.console_socket.as_ref())?;
-    let console_socket = own
-        .as_ref()
-        .map(|s| s.path())
-        .or(opts.console_socket.clone());
+    let console = tty::ConsolePlan::new(
+        bundle_info.terminal,
+        detach,
+        opts.console_socket.as_ref(),
+    )?;
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("create", id))?
-        .with_console_socket(console_socket.as_ref())
+        .with_console_socket(console.socket.as_ref())
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("create", id))?
         .as_init(bundle)
         .with_systemd(false)
-        // libcontainer's `detach` only decides whether a console socket is
-        // required or refused; with our own socket it must be given.
-        .with_detach(detach || own.is_some())
+        .with_detach(console.libcontainer_detach)
         .with_no_pivot(opts.no_pivot)
         .build()
         .map_err(|e| {
@@ -297,7 +295,7 @@ pub fn create(
             }
             build_err("create", id)(e)
         })?;
-    let console = own.as_ref().map(tty::receive_console).transpose()?;
+    let console = console.own.as_ref().map(tty::receive_console).transpose()?;
     if let (Some(master), Some(ws)) = (&console, tty::caller_winsize()) {
         // Before `start`, so that the process sees the caller's size from its
         // first instruction (the relay keeps it following later changes).
@@ -524,26 +522,23 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
     super::exec::check_request(opts)?;
     let config = load(&root.join(id), id)?.bundle().join("config.json");
     let prepared = super::exec::prepare(&config, opts)?;
-    let own = tty::own_console(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
-    let console_socket = own
-        .as_ref()
-        .map(|s| s.path())
-        .or(opts.console_socket.clone());
+    let console =
+        tty::ConsolePlan::new(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(ExecUnderSeccomp {
             filter: prepared.filter,
-            winsize: own.as_ref().and_then(|_| tty::caller_winsize()),
+            winsize: console.own.as_ref().and_then(|_| tty::caller_winsize()),
         })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
-        .with_console_socket(console_socket.as_ref())
+        .with_console_socket(console.socket.as_ref())
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("exec in", id))?
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("exec in", id))?
         .as_tenant()
-        .with_detach(opts.detach || own.is_some())
+        .with_detach(console.libcontainer_detach)
         .with_process(Some(prepared.file.path()))
         .build()
         .map_err(|e| match build_err("exec in", id)(e) {
@@ -557,7 +552,7 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
             }
             e => e,
         })?;
-    let console = match own.as_ref().map(tty::receive_console).transpose() {
+    let console = match console.own.as_ref().map(tty::receive_console).transpose() {
         Ok(c) => c,
         Err(e) => {
             // Nobody could ever talk to it: do not leave it running.

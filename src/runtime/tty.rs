@@ -69,23 +69,61 @@ impl ConsoleSocket {
     }
 }
 
-/// A console socket of our own when a foreground process with a terminal has no
-/// `--console-socket` (runc then allocates and relays the pty itself).
-pub fn own_console(
-    terminal: bool,
-    detach: bool,
-    given: Option<&PathBuf>,
-) -> Result<Option<ConsoleSocket>> {
-    if !terminal || detach || given.is_some() {
-        return Ok(None);
+/// Where the pty master of a process goes, decided before libcontainer runs.
+pub struct ConsolePlan {
+    /// Our own socket: a foreground process with a terminal and no
+    /// `--console-socket` (runc then allocates and relays the pty itself).
+    pub own: Option<ConsoleSocket>,
+    /// The socket libcontainer sends the master to (ours or the caller's).
+    pub socket: Option<PathBuf>,
+    /// What to tell libcontainer about detaching: its `detach` only decides
+    /// whether a console socket is required or refused, and it refuses one for a
+    /// foreground process, which our own socket is for.
+    pub libcontainer_detach: bool,
+}
+
+impl ConsolePlan {
+    pub fn new(terminal: bool, detach: bool, given: Option<&PathBuf>) -> Result<Self> {
+        let plan = |own: Option<ConsoleSocket>, socket: Option<PathBuf>, d: bool| {
+            Ok(Self {
+                own,
+                socket,
+                libcontainer_detach: d,
+            })
+        };
+        match (terminal, given) {
+            (true, Some(p)) if detach => plan(None, Some(p.clone()), true),
+            (true, Some(_)) => Err(RuntimeError::Invalid(
+                "--console-socket is used only with --detach (as in runc): in the \
+                 foreground stasis relays the terminal itself; drop --console-socket, \
+                 or add --detach"
+                    .into(),
+            )),
+            (true, None) if detach => Err(RuntimeError::Invalid(
+                "the process asks for a terminal (process.terminal, or exec -t) but is \
+                 detached without --console-socket: a detached process's terminal can \
+                 only be handed to a console socket; pass --console-socket, run it in \
+                 the foreground, or do without a terminal"
+                    .into(),
+            )),
+            (true, None) => {
+                let own = ConsoleSocket::new().map_err(|source| RuntimeError::Io {
+                    op: "create a console socket for the container's terminal in",
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
+                let socket = own.path();
+                plan(Some(own), Some(socket), true)
+            }
+            (false, Some(p)) => Err(RuntimeError::Invalid(format!(
+                "--console-socket {} is given but the process has no terminal (as \
+                 runc, stasis refuses it): set process.terminal to true (exec: add -t), \
+                 or drop --console-socket",
+                p.display()
+            ))),
+            (false, None) => plan(None, None, detach),
+        }
     }
-    ConsoleSocket::new()
-        .map(Some)
-        .map_err(|source| RuntimeError::Io {
-            op: "create a console socket for the container's terminal in",
-            path: std::env::temp_dir(),
-            source,
-        })
 }
 
 pub fn receive_console(sock: &ConsoleSocket) -> Result<OwnedFd> {
@@ -415,6 +453,31 @@ mod tests {
             0
         );
         assert_eq!((back.ws_row, back.ws_col), (33, 77));
+    }
+
+    #[test]
+    fn console_plan_follows_runc() {
+        let given = PathBuf::from("/run/x.sock");
+        // Foreground terminal, no socket: our own, libcontainer told "detached".
+        let p = ConsolePlan::new(true, false, None).unwrap();
+        assert!(p.own.is_some() && p.libcontainer_detach);
+        assert_eq!(p.socket, p.own.as_ref().map(|o| o.path()));
+        // Detached with the caller's socket: theirs.
+        let p = ConsolePlan::new(true, true, Some(&given)).unwrap();
+        assert!(p.own.is_none() && p.socket.as_ref() == Some(&given));
+        // No terminal: nothing.
+        let p = ConsolePlan::new(false, false, None).unwrap();
+        assert!(p.own.is_none() && p.socket.is_none() && !p.libcontainer_detach);
+        // Refused, naming --console-socket: detached terminal without a socket, a
+        // socket in the foreground, a socket without a terminal.
+        for (t, d, g) in [
+            (true, true, None),
+            (true, false, Some(&given)),
+            (false, true, Some(&given)),
+        ] {
+            let e = ConsolePlan::new(t, d, g).err().unwrap().to_string();
+            assert!(e.contains("--console-socket"), "{e}");
+        }
     }
 
     #[test]

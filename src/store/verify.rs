@@ -506,7 +506,18 @@ impl<'a> Checker<'a> {
         let first = match pages {
             // Stops at the first missing page: a hostile table claiming a huge file
             // of pages no pack holds is rejected after one chunk, not after all.
-            Some(p) => reader.find(|d| !p.contains(d))?,
+            Some(p) => {
+                // Runs of one page (zero pages, or a hostile table repeating one
+                // page) are looked up once.
+                let mut last = None;
+                reader.find(|d| {
+                    if last == Some(*d) {
+                        return false;
+                    }
+                    last = Some(*d);
+                    !p.contains(d)
+                })?
+            }
             None => reader.find(|_| false)?,
         };
         if let Some((first, _)) = first {

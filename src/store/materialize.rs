@@ -133,49 +133,11 @@ pub(crate) fn materialize(
         });
     }
     let created = prepare_dest(dest)?;
-    let res = check_space(store, &cfg, dest)
-        .and_then(|()| write_all(store, id, &cfg, &manifest, dest, progress));
+    let res = write_all(store, id, &cfg, &manifest, dest, progress);
     if res.is_err() {
         cleanup(dest, created);
     }
     res
-}
-
-/// Refuses to start when `dest`'s filesystem cannot hold what materialize will
-/// write: the small files plus every page that is not the zero page (those stay
-/// holes). A page table may claim up to 1 TiB of one page a pack really holds;
-/// this keeps such a claim from filling the disk (counting streams the tables).
-fn check_space(store: &Store, cfg: &SnapshotConfig, dest: &Path) -> Result<()> {
-    let zero = zero_page_digest();
-    let mut need = 0u64;
-    for rec in &cfg.files {
-        if rec.kind != KIND_PAGES {
-            need = need.saturating_add(rec.size);
-            continue;
-        }
-        // A missing or malformed table is reported by write_pages_file.
-        let Some(d) = rec.page_table.as_deref().and_then(BlobDigest::parse) else {
-            continue;
-        };
-        let mut pages = 0u64;
-        pagetable::open(&store.blobs(), &d)?.for_each(|_, p| {
-            pages += u64::from(*p != zero);
-            Ok(())
-        })?;
-        need = need.saturating_add(pages.saturating_mul(PAGE_SIZE as u64));
-    }
-    let st = nix::sys::statvfs::statvfs(dest)
-        .map_err(|e| io_err("statvfs", dest)(io::Error::from(e)))?;
-    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
-    if need > free {
-        return Err(StoreError::Destination {
-            path: dest.to_path_buf(),
-            reason: format!(
-                "the snapshot's image needs {need} bytes (its files, zero pages left out) and only {free} are free there; free some space or check where the snapshot came from"
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// `dest` must be missing (created here) or an empty directory. Returns whether it
@@ -233,6 +195,7 @@ fn write_all(
 ) -> Result<()> {
     let bar = util::progress(progress, cfg.sizes.image_bytes, "restoring");
     let packs = PackSet::open(store, manifest)?;
+    super::space::check_space(store, id, cfg, &packs, dest)?;
     for rec in cfg.files.iter().filter(|r| r.kind == KIND_PAGES) {
         write_pages_file(store, id, rec, &packs, dest, &bar)?;
     }

@@ -29,6 +29,7 @@ mod materialize;
 mod pack;
 mod pagetable;
 mod repair;
+mod space;
 mod staging;
 mod transfer;
 mod util;

@@ -449,6 +449,8 @@ fn bounded_everywhere(
         hx.run(&["snapshot", "inspect", "evil:v1"])
             .fails_cleanly(&restore_needles[..1]);
     }
+    hx.run(&["snapshot", "verify", "--read-data"])
+        .fails_cleanly(&["verify found"]);
     let id = unique_id("hostile");
     hx.run(&["restore", "-d", "--from", "evil:v1", &id])
         .fails_cleanly(restore_needles);

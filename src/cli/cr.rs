@@ -30,7 +30,8 @@ pub enum StatsFormat {
     Json,
 }
 
-/// Flags shared by checkpoint and restore.
+// Flags shared by checkpoint and restore. (A `///` comment here would become
+// the help text of both commands: clap reads a flattened struct's doc as `about`.)
 #[derive(Args, Debug)]
 pub struct SharedFlags {
     /// Directory for CRIU's logs and stats (default: the image path on checkpoint,
@@ -131,6 +132,10 @@ pub struct CheckpointArgs {
     /// Skip in-flight TCP connections
     #[arg(long)]
     pub tcp_skip_in_flight: bool,
+    /// With --tag: output format (json: the snapshot id, sizes, timings and
+    /// CRIU's statistics as one record)
+    #[arg(long, value_enum, default_value_t = StatsFormat::Text, requires = "tag")]
+    pub format: StatsFormat,
     #[command(flatten)]
     pub shared: SharedFlags,
     /// Container id
@@ -149,6 +154,12 @@ pub struct RestoreArgs {
     /// Restore from the snapshot store: a tag NAME[:VER] or a snapshot id
     #[arg(long, conflicts_with = "image_path")]
     pub from: Option<String>,
+    /// With --from, for a snapshot not made on this host (imported): use its
+    /// stored config.json whole, including hooks that run on the host, host bind
+    /// mounts, devices, capabilities, sysctls and namespace paths. Without it (or
+    /// --bundle) those settings are skipped, one warning line each
+    #[arg(long)]
+    pub trust_snapshot_config: bool,
     /// With --from: restore N copies, each with its own id, cgroup, writable
     /// filesystem layer, volumes and network namespace
     #[arg(long, default_value_t = 1)]
@@ -256,14 +267,13 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
     )?;
     let rep = &r.report;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
-    for d in &rep.damaged_packs {
-        eprintln!(
-            "warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
-             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
-        );
+    if a.format == StatsFormat::Json {
+        super::report::print(&mut out, &super::report::Checkpoint::new(&r, &a.tag))?;
+    } else {
+        writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
     }
-    if a.shared.print_stats {
+    warn_damaged_packs(rep);
+    if a.shared.print_stats && a.format == StatsFormat::Text {
         let mut stats = r.stats.clone();
         stats.entries.extend([
             ("dump_ms", r.dump_ms as u64),
@@ -278,6 +288,17 @@ pub fn checkpoint(rt: &Runtime, store: &std::path::Path, a: &CheckpointArgs) -> 
         print_stats(&stats, a.shared.stats_format)?;
     }
     Ok(0)
+}
+
+/// Packs an ingest found damaged (and did not reuse): the new snapshot is sound,
+/// the older ones that use them are not.
+pub(crate) fn warn_damaged_packs(rep: &crate::store::IngestReport) {
+    for d in &rep.damaged_packs {
+        eprintln!(
+            "stasis: warning: pack {d} in the store is damaged; this snapshot stored its pages again, \
+             but older snapshots that use it cannot be restored: run `stasis snapshot verify --repair`"
+        );
+    }
 }
 
 pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result<i32> {
@@ -325,6 +346,7 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
                     copy_rootfs: a.copy_rootfs,
                     netns: a.netns.clone(),
                 },
+                trust_snapshot_config: a.trust_snapshot_config,
             },
         );
         // Some copies failed: the ones that came up are listed on stdout (as on

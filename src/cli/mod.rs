@@ -3,7 +3,9 @@
 //! and logs an error once, here, in runc's text or JSON log format.
 
 mod cr;
+mod docs;
 mod oci;
+mod report;
 mod snapshot;
 mod warm;
 
@@ -13,12 +15,15 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// The help heading of the flags every command accepts (runc and podman list
+/// them apart from a command's own).
+const GLOBAL: &str = "Global options";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "stasis",
     version = concat!(env!("CARGO_PKG_VERSION"), "\nspec: 1.0.2-dev\nlibcontainer: 0.7.0"),
     about = "An OCI container runtime built around warm starts (runc-compatible)",
-    disable_help_subcommand = true,
     // Go-flag clients repeat flags (podman 4.3 sends `checkpoint ... --leave-running
     // ... --leave-running`); runc takes the last, so do we.
     args_override_self = true
@@ -28,29 +33,31 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL,
         default_value = "/run/stasis",
         env = "STASIS_ROOT"
     )]
     pub root: PathBuf,
     /// Write log lines to this file instead of stderr
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub log: Option<PathBuf>,
     /// Log format: text or json (runc's JSON lines, read by containerd)
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, help_heading = GLOBAL, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Log debug output
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub debug: bool,
     /// Use systemd to manage cgroups (not supported yet: refused with a clear error)
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     pub systemd_cgroup: bool,
     /// Path to the criu binary used for checkpoint and restore
-    #[arg(long, global = true, default_value = "criu")]
+    #[arg(long, global = true, help_heading = GLOBAL, default_value = "criu")]
     pub criu: PathBuf,
     /// Snapshot store directory (an OCI image layout)
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL,
         env = "STASIS_STORE",
         default_value = "/var/lib/stasis"
     )]
@@ -70,22 +77,39 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Write a default config.json (an OCI runtime spec) into a bundle
     Spec(oci::SpecArgs),
+    /// Create a container from a bundle, ready for `start`
     Create(oci::CreateArgs),
+    /// Run the user process of a created container
     Start(oci::IdArg),
+    /// Create and start a container
     Run(oci::RunArgs),
+    /// Print a container's state as JSON
     State(oci::IdArg),
+    /// List containers
     List(oci::ListArgs),
+    /// Send a signal to a container's init process (or every process with --all)
     Kill(oci::KillArgs),
+    /// Delete a container and its resources
     Delete(oci::DeleteArgs),
+    /// List the processes of a container
     Ps(oci::PsArgs),
+    /// Run a process in a running container
     Exec(oci::ExecArgs),
+    /// Freeze every process of a container
     Pause(oci::IdArg),
+    /// Thaw a paused container
     Resume(oci::IdArg),
+    /// Change a running container's resource limits
     Update(oci::UpdateArgs),
+    /// Print a container's events and resource usage as JSON
     Events(oci::EventsArgs),
+    /// Print the features this runtime supports as JSON
     Features,
+    /// Checkpoint a running container with CRIU (into the store with --tag)
     Checkpoint(cr::CheckpointArgs),
+    /// Restore a container from a checkpoint (or from the store with --from)
     Restore(cr::RestoreArgs),
     /// Manage snapshots in the store
     Snapshot(snapshot::SnapshotArgs),
@@ -93,6 +117,10 @@ pub enum Command {
     Prewarm(warm::PrewarmArgs),
     /// Restore on request: relay connections to restored copies of a snapshot
     Serve(warm::ServeArgs),
+    /// Print a shell completion script (e.g. `stasis completion bash > /etc/bash_completion.d/stasis`)
+    Completion(docs::CompletionArgs),
+    /// Write man pages (stasis.1 and one per command) into a directory
+    Man(docs::ManArgs),
 }
 
 /// Long flags that Go-style clients may send with a single dash (the containerd
@@ -300,7 +328,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 // runc prints fatal errors on stderr as well as in the log file.
                 eprintln!("stasis: {msg}");
             }
-            1
+            // 127/126 for a command that does not exist / cannot be executed.
+            e.downcast_ref::<crate::runtime::RuntimeError>()
+                .map_or(1, crate::runtime::RuntimeError::exit_code)
         }
     }
 }
@@ -308,6 +338,74 @@ pub fn main(args: Vec<OsString>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command and subcommand has a description and every visible argument
+    /// a help text (`stasis --help` once listed 15 commands with none).
+    #[test]
+    fn every_command_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{p}: no description"));
+                }
+                for a in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                    if a.get_help().is_none() {
+                        missing.push(format!("{p} {}: no help", a.get_id()));
+                    }
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "stasis", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+        let top = cmd.render_help().to_string();
+        assert!(!top.contains("Flags shared"), "{top}");
+    }
+
+    /// A command's help lists the global flags under their own heading, after its own.
+    #[test]
+    fn global_flags_have_their_own_heading() {
+        let e = Cli::try_parse_from(["stasis", "checkpoint", "--help"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        let help = e.to_string();
+        let (own, global) = help
+            .split_once(&format!("{GLOBAL}:"))
+            .unwrap_or_else(|| panic!("no {GLOBAL:?} heading in:\n{help}"));
+        assert!(
+            own.contains("--leave-running") && !own.contains("--store"),
+            "{help}"
+        );
+        assert!(
+            global.contains("--store") && global.contains("--root"),
+            "{help}"
+        );
+        assert!(help.starts_with("Checkpoint a running container"), "{help}");
+    }
+
+    /// `stasis help` and `stasis help run` print help, as runc's and podman's do.
+    #[test]
+    fn help_subcommand_prints_help() {
+        let e = Cli::try_parse_from(["stasis", "help"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        let e = Cli::try_parse_from(["stasis", "help", "run"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(
+            e.to_string().contains("Create and start a container"),
+            "{e}"
+        );
+        let e = Cli::try_parse_from(["stasis", "snapshot", "help", "export"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
 
     #[test]
     fn single_dash_long_flags_are_rewritten() {

@@ -245,26 +245,21 @@ fn parse_size(s: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("invalid size {s:?}: use bytes or a number with k, m, g or t"))
 }
 
-/// Parses `5s`, `500ms`, `1m` or a bare number of seconds.
+/// Parses a duration as runc and Go do (`5s`, `500ms`, `1m30s`, `2h45m`; humantime
+/// also takes `1h 30m`, `2days`) or a bare number of seconds (`2`, `0.5`). Too large
+/// a value is an error, never a panic.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: use e.g. 5s, 500ms, 2m");
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
+    let bad = |why: &dyn std::fmt::Display| {
+        format!("invalid duration {s:?}: {why} (use e.g. 5s, 500ms, 1m30s, 2h)")
     };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(bad());
+    if s.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        && s.chars().all(|c| c.is_ascii_digit() || c == '.')
+    {
+        let secs: f64 = s.parse().map_err(|e| bad(&e))?;
+        return Duration::try_from_secs_f64(secs).map_err(|e| bad(&e));
     }
-    Ok(Duration::from_secs_f64(secs))
+    humantime::parse_duration(s).map_err(|e| bad(&e))
 }
 
 fn print_json<T: serde::Serialize>(v: &T, pretty: bool) -> Result<()> {
@@ -351,6 +346,8 @@ pub fn dispatch(cli: &Cli, _log: &mut Logger) -> Result<i32> {
         Command::Snapshot(a) => {
             return super::snapshot::run(&crate::store::Store::open(&cli.store)?, a, || Ok(rt()?))
         }
+        Command::Completion(a) => super::docs::completion(a.shell, &mut std::io::stdout().lock()),
+        Command::Man(a) => super::docs::man(&a.dir)?,
         Command::Features => print_json(&runtime::info::features(), true)?,
         Command::Create(a) => {
             rt()?.create(&a.into())?;
@@ -502,6 +499,37 @@ mod tests {
         assert!(parse_size("x").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    /// Go-style compound durations, as runc accepts them.
+    #[test]
+    fn go_style_durations() {
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2h45m").unwrap(), Duration::from_secs(9900));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+    }
+
+    /// `--interval 99999999999999999999h` panicked in Duration::from_secs_f64 (with
+    /// panic=abort, the process died); it is a usage error now.
+    #[test]
+    fn huge_duration_is_an_error_not_a_panic() {
+        for s in ["99999999999999999999h", "99999999999999999999999", "1e400"] {
+            let e = parse_duration(s).unwrap_err();
+            assert!(e.contains("invalid duration"), "{s}: {e}");
+        }
+        let e = <super::super::Cli as clap::Parser>::try_parse_from([
+            "stasis",
+            "events",
+            "--interval",
+            "99999999999999999999h",
+            "x",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{e}");
     }
 }

@@ -2,12 +2,13 @@
 //! import — restic/git-style management of the snapshot store.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::oci::{parse_duration, Format};
+use super::report;
 use crate::store::{DiffReport, FileChange, Level, SnapshotId, Store};
 use crate::workflows::fstree;
 
@@ -21,11 +22,13 @@ pub struct SnapshotArgs {
 pub enum SnapshotCmd {
     /// List snapshots
     Ls {
+        /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
     },
     /// Show everything recorded about a snapshot
     Inspect {
+        /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Tag (NAME[:VER]) or id
@@ -40,6 +43,7 @@ pub enum SnapshotCmd {
     },
     /// Remove a tag (or, given an id, the snapshot's every tag); `gc` frees the data
     Rm {
+        /// Tags (NAME[:VER]) or ids of the snapshots
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
@@ -58,18 +62,33 @@ pub enum SnapshotCmd {
         /// With --repair: an export (`snapshot export`) holding good copies
         #[arg(long, value_name = "ARCHIVE", requires = "repair")]
         from: Option<PathBuf>,
+        /// Rebuild a missing or unparseable index.json from the snapshot
+        /// manifests in blobs/ (tags as recorded when each was checkpointed;
+        /// the damaged file is kept as index.json.damaged)
+        #[arg(long)]
+        rebuild_index: bool,
+        /// Output format (json: the findings and the repair report as one record)
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Compare two snapshots: files and pages changed
     Diff {
+        /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// The older snapshot: tag (NAME[:VER]) or id
         a: String,
+        /// The newer snapshot: tag (NAME[:VER]) or id
         b: String,
     },
     /// Remove blobs no snapshot references, and stale temp files
     Gc {
+        /// Report what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Forget old snapshots per container, then gc
     Prune {
@@ -79,15 +98,22 @@ pub enum SnapshotCmd {
         /// Keep snapshots newer than this (e.g. 24h, 30m)
         #[arg(long, value_parser = parse_duration)]
         keep_within: Option<std::time::Duration>,
+        /// Report what would be forgotten, change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Write a snapshot as an OCI layout tar, or (`--format podman`) as a
     /// checkpoint archive for `podman container restore --import`
     Export {
+        /// Tag (NAME[:VER]) or id of the snapshot
         snapshot: String,
+        /// File to write the archive to, or - for standard output
         #[arg(long, short = 'o')]
         output: PathBuf,
+        /// Archive format
         #[arg(long, value_enum, default_value_t = ExportFormat::Oci)]
         format: ExportFormat,
         /// With --format podman: full id of the base image in the importing
@@ -111,7 +137,10 @@ pub enum SnapshotCmd {
         podman_runtime: String,
     },
     /// Import snapshots from an OCI layout tar (verified before anything is added)
-    Import { file: PathBuf },
+    Import {
+        /// An archive written by `snapshot export`, or - for standard input
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,19 +151,67 @@ pub enum ExportFormat {
     Podman,
 }
 
-fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
+/// `snapshot verify [--read-data] [--repair [--from ARCHIVE]] [--format json]`:
+/// repairs first, then verifies; fails when verify finds errors or something was
+/// left damaged.
+fn verify(
+    store: &Store,
+    out: &mut impl Write,
+    read_data: bool,
+    repair: bool,
+    from: Option<&std::path::Path>,
+    format: Format,
+) -> Result<()> {
+    let repaired = if repair {
+        Some(store.repair(from)?)
     } else {
-        format!("{v:.1} {}", U[i])
+        None
+    };
+    let findings = store.verify(read_data)?;
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    if format == Format::Json {
+        let v = report::Verify::new(store.root(), &findings, repaired.as_ref());
+        report::print(out, &v)?;
+    } else {
+        if let Some(r) = &repaired {
+            for l in &r.repaired {
+                writeln!(out, "repaired {l}")?;
+            }
+            for l in &r.unrepaired {
+                writeln!(out, "could not repair {l}")?;
+            }
+            if r.repaired.is_empty() && r.unrepaired.is_empty() {
+                writeln!(out, "nothing to repair")?;
+            }
+        }
+        for f in &findings {
+            writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
+        }
     }
+    if errors > 0 {
+        bail!(
+            "verify found {errors} error(s) in store {}",
+            store.root().display()
+        );
+    }
+    let unrepaired = repaired.map_or(0, |r| r.unrepaired.len());
+    if unrepaired > 0 {
+        bail!(
+            "{unrepaired} damaged or missing blob(s) in store {} could not be repaired: \
+             import an export that holds them (`stasis snapshot verify --repair --from EXPORT.tar`), \
+             or remove the snapshots named above with `stasis snapshot rm`",
+            store.root().display()
+        );
+    }
+    if format != Format::Json {
+        writeln!(out, "no errors found")?;
+    }
+    Ok(())
+}
+
+/// A byte count as people read it: `512 B`, `1.50 MiB` (powers of 1024).
+fn human(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
 }
 
 pub fn run(
@@ -147,20 +224,12 @@ pub fn run(
         SnapshotCmd::Ls { format } => {
             let list = store.list()?;
             if *format == Format::Json {
-                let v: Vec<serde_json::Value> = list
-                    .iter()
-                    .map(|s| {
-                        serde_json::json!({
-                            "id": s.id.to_string(), "tags": s.tags, "created": s.created,
-                            "container": s.container, "size": s.image_bytes, "new_bytes": s.added_bytes,
-                        })
-                    })
-                    .collect();
-                writeln!(out, "{}", serde_json::Value::Array(v))?;
+                let rows: Vec<report::LsRow> = list.iter().map(Into::into).collect();
+                report::print(&mut out, &rows)?;
             } else {
                 writeln!(
                     out,
-                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                    "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}  ORIGIN",
                     "ID", "TAGS", "CREATED", "CONTAINER", "SIZE", "ADDED"
                 )?;
                 for s in list {
@@ -171,13 +240,14 @@ pub fn run(
                     };
                     writeln!(
                         out,
-                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}",
+                        "{:<14}{:<28}{:<32}{:<16}{:>12}{:>12}  {}",
                         s.id.short(),
                         tags,
                         s.created,
                         s.container,
                         human(s.image_bytes),
-                        human(s.added_bytes)
+                        human(s.added_bytes),
+                        s.origin
                     )?;
                 }
             }
@@ -186,13 +256,17 @@ pub fn run(
             let id = store.resolve(snapshot)?;
             let mut cfg = store.config(&id)?;
             let fs = fs_summary(store, &id, &cfg)?;
+            // This store's record of where it came from, not the archive's.
+            let origin = store.origin(&id)?;
             if *format == Format::Json {
                 if let Some(obj) = cfg.as_object_mut() {
                     obj.insert("filesystem".into(), fs);
+                    obj.insert("origin".into(), serde_json::json!(origin));
                 }
                 writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
             } else {
                 writeln!(out, "snapshot {id}")?;
+                writeln!(out, "origin: {origin}")?;
                 print_fs_summary(&mut out, &fs)?;
                 print_tree(&mut out, &cfg, 0)?;
             }
@@ -209,31 +283,36 @@ pub fn run(
             read_data,
             repair,
             from,
+            rebuild_index,
+            format,
         } => {
-            if *repair {
-                let r = store.repair(from.as_deref())?;
-                for l in &r.repaired {
-                    writeln!(out, "repaired {l}")?;
+            if *rebuild_index {
+                let r = store.rebuild_index()?;
+                if let Some(p) = &r.kept_damaged {
+                    writeln!(out, "kept the damaged index as {}", p.display())?;
                 }
-                for l in &r.unrepaired {
-                    writeln!(out, "could not repair {l}")?;
-                }
-                if r.repaired.is_empty() && r.unrepaired.is_empty() {
-                    writeln!(out, "nothing to repair")?;
+                writeln!(
+                    out,
+                    "rebuilt index.json: {} snapshot(s) found in blobs/",
+                    r.snapshots.len()
+                )?;
+                for (id, tags) in &r.snapshots {
+                    let tags = if tags.is_empty() {
+                        "untagged".to_string()
+                    } else {
+                        tags.join(", ")
+                    };
+                    writeln!(out, "  {} ({tags})", id.short())?;
                 }
             }
-            let findings = store.verify(*read_data)?;
-            let errors = findings.iter().filter(|f| f.level == Level::Error).count();
-            for f in &findings {
-                writeln!(out, "{}", crate::store::printable(&f.to_string()))?;
-            }
-            if errors > 0 {
-                bail!(
-                    "verify found {errors} error(s) in store {}",
-                    store.root().display()
-                );
-            }
-            writeln!(out, "no errors found")?;
+            verify(
+                store,
+                &mut out,
+                *read_data,
+                *repair,
+                from.as_deref(),
+                *format,
+            )?
         }
         SnapshotCmd::Diff { format, a, b } => {
             let (ia, ib) = (store.resolve(a)?, store.resolve(b)?);
@@ -250,9 +329,13 @@ pub fn run(
                 print_fs_diff(&mut out, &fs)?;
             }
         }
-        SnapshotCmd::Gc { dry_run } => {
+        SnapshotCmd::Gc { dry_run, format } => {
             let r = store.gc(*dry_run)?;
             let (dirs, cache_bytes) = crate::workflows::snapshot::gc_fs_cache(store, *dry_run)?;
+            if *format == Format::Json {
+                report::print(&mut out, &report::Gc::new(&r, dirs, cache_bytes))?;
+                return Ok(0);
+            }
             let verb = if *dry_run { "would remove" } else { "removed" };
             writeln!(
                 out,
@@ -267,12 +350,17 @@ pub fn run(
             keep_last,
             keep_within,
             dry_run,
+            format,
         } => {
             if keep_last.is_none() && keep_within.is_none() {
                 bail!("prune needs --keep-last N and/or --keep-within DURATION");
             }
             let removed = store.prune(*keep_last, *keep_within, *dry_run)?;
             crate::workflows::snapshot::gc_fs_cache(store, *dry_run)?;
+            if *format == Format::Json {
+                report::print(&mut out, &report::Prune::new(*dry_run, &removed))?;
+                return Ok(0);
+            }
             let verb = if *dry_run { "would forget" } else { "forgot" };
             for id in &removed {
                 writeln!(out, "{verb} {}", id.short())?;
@@ -289,28 +377,78 @@ pub fn run(
             podman_cgroup_parent,
             podman_runtime,
         } => {
+            let podman = || crate::workflows::podman::PodmanExport {
+                image_id: podman_image_id.clone().unwrap_or_default(),
+                image_name: podman_image.clone(),
+                name: podman_name.clone(),
+                cgroup_parent: podman_cgroup_parent.clone(),
+                runtime: podman_runtime.clone(),
+            };
+            if output.as_os_str() == "-" {
+                if out.is_terminal() {
+                    bail!(
+                        "snapshot export -o -: standard output is a terminal; \
+                         redirect it to a file or a pipe (or use -o FILE)"
+                    );
+                }
+                match format {
+                    ExportFormat::Oci => store.export_to(snapshot, &mut out, Path::new(STDOUT))?,
+                    ExportFormat::Podman => {
+                        podman_to_stdout(&rt()?, store, snapshot, &podman(), &mut out)?
+                    }
+                }
+                eprintln!("exported {snapshot} to standard output");
+                return Ok(0);
+            }
             match format {
                 ExportFormat::Oci => store.export(snapshot, output)?,
                 ExportFormat::Podman => {
-                    let o = crate::workflows::podman::PodmanExport {
-                        image_id: podman_image_id.clone().unwrap_or_default(),
-                        image_name: podman_image.clone(),
-                        name: podman_name.clone(),
-                        cgroup_parent: podman_cgroup_parent.clone(),
-                        runtime: podman_runtime.clone(),
-                    };
-                    crate::workflows::podman::export(&rt()?, store, snapshot, output, &o)?;
+                    crate::workflows::podman::export(&rt()?, store, snapshot, output, &podman())?
                 }
             }
             writeln!(out, "exported {snapshot} to {}", output.display())?;
         }
         SnapshotCmd::Import { file } => {
-            for id in store.import(file)? {
+            let ids = if file.as_os_str() == "-" {
+                if std::io::stdin().is_terminal() {
+                    bail!("snapshot import -: standard input is a terminal; pipe or redirect an archive into it");
+                }
+                store.import_from(&mut std::io::stdin().lock(), Path::new(STDIN))?
+            } else {
+                store.import(file)?
+            };
+            for id in ids {
                 writeln!(out, "imported {}", id.short())?;
             }
         }
     }
     Ok(0)
+}
+
+/// How errors name the standard streams given as `-`.
+const STDOUT: &str = "standard output";
+const STDIN: &str = "standard input";
+
+/// A podman archive is written to a file (it is built in place); for `-o -` that
+/// file is in a private temp directory, then copied to `out`.
+fn podman_to_stdout(
+    rt: &crate::runtime::Runtime,
+    store: &Store,
+    snapshot: &str,
+    o: &crate::workflows::podman::PodmanExport,
+    out: &mut impl Write,
+) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("stasis-export-")
+        .tempdir()
+        .context("create a temp directory for the podman archive")?;
+    let path = dir.path().join("checkpoint.tar.zst");
+    crate::workflows::podman::export(rt, store, snapshot, &path, o)?;
+    let mut f = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    std::io::copy(&mut f, out).context("write the archive to standard output")?;
+    out.flush()
+        .context("write the archive to standard output")?;
+    Ok(())
 }
 
 fn print_tree(out: &mut impl Write, v: &serde_json::Value, depth: usize) -> Result<()> {
@@ -531,4 +669,18 @@ fn print_fs_diff(out: &mut impl Write, fs: &[fstree::FileDelta]) -> Result<()> {
         "filesystem: {added} added, {changed} changed, {removed} removed"
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.50 KiB");
+        assert_eq!(human(64 << 20), "64.00 MiB");
+        assert_eq!(human(u64::MAX), "16.00 EiB");
+    }
 }

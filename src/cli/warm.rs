@@ -76,6 +76,7 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     let rep = &r.checkpoint.report;
     writeln!(out, "snapshot {} ({})", rep.id.short(), a.tag.join(", "))?;
+    super::cr::warn_damaged_packs(rep);
     if let Some(e) = &r.cache_error {
         eprintln!(
             "stasis: warning: the snapshot is stored, but its restore caches were not built (the first restore builds them): {e}"
@@ -142,7 +143,7 @@ pub struct ServeArgs {
     /// Bundle for restores and cold starts (default: the one recorded in the snapshot)
     #[arg(long, short = 'b')]
     pub bundle: Option<PathBuf>,
-    /// Counters file (default: --root/serve-ADDR-PORT.json)
+    /// Counters file (default: --root/.serve-ADDR-PORT.json)
     #[arg(long)]
     pub stats_file: Option<PathBuf>,
     /// Print the counters of the server listening on --listen and exit

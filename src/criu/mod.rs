@@ -7,6 +7,10 @@
 //! is not used: it leaks a blocking `criu swrk` when a request fails to serialise,
 //! drops the restore response, and its notify callback cannot carry state.
 
+mod creds;
+
+pub use creds::image_capabilities;
+
 use std::fs;
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -72,6 +76,8 @@ pub enum CriuError {
         feature: &'static str,
         why: &'static str,
     },
+    #[error("CRIU image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = CriuError> = std::result::Result<T, E>;

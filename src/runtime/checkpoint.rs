@@ -15,7 +15,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use protobuf::EnumOrUnknown;
 
-use super::state::{self, Checkpointer, ContainerState, Op, Status};
+use super::state::{self, ContainerState, Op, Status, Worker};
 use super::{core, foreground, netns, Result, Runtime, RuntimeError};
 use crate::criu::{self, rpc, Call, Criu, CriuError, Notify};
 
@@ -407,15 +407,121 @@ fn mkdir_private(p: &Path) -> Result<()> {
         })
 }
 
+/// Refuses a pre-dump or lazy-pages checkpoint the kernel cannot do, up front.
+fn check_dump_features(criu: &Criu, o: &CheckpointOptions) -> Result<()> {
+    if o.pre_dump || o.flags.lazy_pages {
+        let (mem_track, lazy) = criu.features()?;
+        if o.pre_dump && !mem_track {
+            return Err(CriuError::MissingFeature {
+                feature: "memory tracking (soft-dirty pages), needed by --pre-dump",
+                why: "the kernel does not track dirty pages (CONFIG_MEM_SOFT_DIRTY); take a full checkpoint instead",
+            }
+            .into());
+        }
+        if o.flags.lazy_pages && !lazy {
+            return Err(CriuError::MissingFeature {
+                feature: "userfaultfd lazy pages, needed by --lazy-pages",
+                why: "the kernel has no usable userfaultfd; checkpoint without --lazy-pages",
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// CRIU's options for dumping container `st` (`defer_stop`: keep the tasks
+/// for the caller to stop, see `defers_stop`), and the descriptors CRIU must
+/// inherit.
+fn dump_opts(
+    o: &CheckpointOptions,
+    st: &ContainerState,
+    spec: &Spec,
+    defer_stop: bool,
+) -> Result<(criu::Opts, Vec<RawFd>)> {
+    let pid = st.pid;
+    let mut opts = criu::Opts::new();
+    opts.pid = Some(pid);
+    opts.root = Some(st.rootfs.display().to_string());
+    opts.leave_running = Some(o.leave_running || o.pre_dump || defer_stop);
+    opts.manage_cgroups = Some(true);
+    opts.manage_cgroups_mode = Some(EnumOrUnknown::new(o.flags.manage_cgroups_mode.to_rpc()));
+    opts.notify_scripts = Some(true);
+    opts.shell_job = Some(o.flags.shell_job);
+    opts.tcp_established = Some(o.flags.tcp_established);
+    opts.ext_unix_sk = Some(o.flags.ext_unix_sk);
+    opts.file_locks = Some(o.flags.file_locks);
+    opts.auto_dedup = Some(o.flags.auto_dedup);
+    opts.lazy_pages = Some(o.flags.lazy_pages);
+    opts.link_remap = Some(o.link_remap);
+    opts.tcp_skip_in_flight = Some(o.tcp_skip_in_flight);
+    let empty = empty_ns_flags(&o.flags.empty_ns)?;
+    if empty != 0 {
+        opts.empty_ns = Some(empty);
+    }
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    opts.orphan_pts_master = Some(terminal);
+    if let Some(parent) = &o.parent_path {
+        opts.parent_img = Some(parent.display().to_string());
+        opts.track_mem = Some(true);
+    }
+    if o.pre_dump {
+        opts.track_mem = Some(true);
+    }
+    if let Some(ps) = &o.page_server {
+        let (addr, port) = ps.rsplit_once(':').ok_or_else(|| {
+            RuntimeError::Invalid(format!("--page-server {ps:?}: expected ADDRESS:PORT"))
+        })?;
+        let mut info = rpc::Criu_page_server_info::new();
+        info.address = Some(addr.to_string());
+        info.port = Some(port.parse().map_err(|_| {
+            RuntimeError::Invalid(format!("--page-server {ps:?}: port is not a number"))
+        })?);
+        opts.ps = Some(info).into();
+    }
+    let mut keep = Vec::new();
+    if let Some(fd) = o.status_fd {
+        opts.status_fd = Some(fd);
+        keep.push(fd);
+    }
+    for (k, v) in external_mounts(spec, &st.bundle, false, Some(pid), &st.cgroup_path) {
+        let mut m = rpc::Ext_mount_map::new();
+        m.key = Some(k);
+        m.val = Some(v);
+        opts.ext_mnt.push(m);
+    }
+    if let Some(p) = netns_path(spec) {
+        use std::os::unix::fs::MetadataExt;
+        let ino = fs::metadata(&p)
+            .map_err(|source| RuntimeError::Io {
+                op: "stat network namespace",
+                path: p.clone(),
+                source,
+            })?
+            .ino();
+        opts.external.push(format!("net[{ino}]:{EXT_NETNS_KEY}"));
+    }
+    Ok((opts, keep))
+}
+
 /// Whether a checkpoint that stops the container can leave its tasks to CRIU's
 /// leave-running and kill them itself after storing the image. Not with
 /// `--tcp-established`: at the end of a leave-running dump CRIU takes the
 /// sockets out of repair mode and unlocks the network, so killing the tasks
 /// afterwards would reset the connections the image holds; CRIU kills them
-/// while they are still locked. Not with lazy pages or a pre-dump either (the
-/// dumped tasks serve the pages / keep running anyway).
-fn defers_stop(o: &CheckpointOptions) -> bool {
-    !o.leave_running && !o.pre_dump && !o.flags.tcp_established && !o.flags.lazy_pages
+/// while they are still locked. Not with `--link-remap`: CRIU deletes the
+/// link-remap files it made for open unlinked files at the end of a
+/// leave-running dump, and the captured filesystem must hold them. Not with lazy
+/// pages or a pre-dump either (the dumped tasks serve the pages / keep running).
+pub fn defers_stop(o: &CheckpointOptions) -> bool {
+    !o.leave_running
+        && !o.pre_dump
+        && !o.flags.tcp_established
+        && !o.flags.lazy_pages
+        && !o.link_remap
 }
 
 fn read_stats(path: &Path) -> CriuStats {
@@ -477,23 +583,7 @@ impl Runtime {
         let criu = self.criu();
         // A dot name: no id starts with '.', so no container's lock file is this cache.
         criu.require_version_cached(&self.root.join(".locks").join(".criu-version"))?;
-        if o.pre_dump || o.flags.lazy_pages {
-            let (mem_track, lazy) = criu.features()?;
-            if o.pre_dump && !mem_track {
-                return Err(CriuError::MissingFeature {
-                    feature: "memory tracking (soft-dirty pages), needed by --pre-dump",
-                    why: "the kernel does not track dirty pages (CONFIG_MEM_SOFT_DIRTY); take a full checkpoint instead",
-                }
-                .into());
-            }
-            if o.flags.lazy_pages && !lazy {
-                return Err(CriuError::MissingFeature {
-                    feature: "userfaultfd lazy pages, needed by --lazy-pages",
-                    why: "the kernel has no usable userfaultfd; checkpoint without --lazy-pages",
-                }
-                .into());
-            }
-        }
+        check_dump_features(&criu, o)?;
         mkdir_private(&o.image_path)?;
         let work = o.work_path.clone().unwrap_or_else(|| o.image_path.clone());
         mkdir_private(&work)?;
@@ -515,71 +605,7 @@ impl Runtime {
             o.image_path.join("config.json"),
         );
 
-        let mut opts = criu::Opts::new();
-        opts.pid = Some(pid);
-        opts.root = Some(st.rootfs.display().to_string());
-        opts.leave_running = Some(o.leave_running || o.pre_dump || defer_stop);
-        opts.manage_cgroups = Some(true);
-        opts.manage_cgroups_mode = Some(EnumOrUnknown::new(o.flags.manage_cgroups_mode.to_rpc()));
-        opts.notify_scripts = Some(true);
-        opts.shell_job = Some(o.flags.shell_job);
-        opts.tcp_established = Some(o.flags.tcp_established);
-        opts.ext_unix_sk = Some(o.flags.ext_unix_sk);
-        opts.file_locks = Some(o.flags.file_locks);
-        opts.auto_dedup = Some(o.flags.auto_dedup);
-        opts.lazy_pages = Some(o.flags.lazy_pages);
-        opts.link_remap = Some(o.link_remap);
-        opts.tcp_skip_in_flight = Some(o.tcp_skip_in_flight);
-        let empty = empty_ns_flags(&o.flags.empty_ns)?;
-        if empty != 0 {
-            opts.empty_ns = Some(empty);
-        }
-        let terminal = spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false);
-        opts.orphan_pts_master = Some(terminal);
-        if let Some(parent) = &o.parent_path {
-            opts.parent_img = Some(parent.display().to_string());
-            opts.track_mem = Some(true);
-        }
-        if o.pre_dump {
-            opts.track_mem = Some(true);
-        }
-        if let Some(ps) = &o.page_server {
-            let (addr, port) = ps.rsplit_once(':').ok_or_else(|| {
-                RuntimeError::Invalid(format!("--page-server {ps:?}: expected ADDRESS:PORT"))
-            })?;
-            let mut info = rpc::Criu_page_server_info::new();
-            info.address = Some(addr.to_string());
-            info.port = Some(port.parse().map_err(|_| {
-                RuntimeError::Invalid(format!("--page-server {ps:?}: port is not a number"))
-            })?);
-            opts.ps = Some(info).into();
-        }
-        let mut keep = Vec::new();
-        if let Some(fd) = o.status_fd {
-            opts.status_fd = Some(fd);
-            keep.push(fd);
-        }
-        for (k, v) in external_mounts(&spec, &st.bundle, false, Some(pid), &st.cgroup_path) {
-            let mut m = rpc::Ext_mount_map::new();
-            m.key = Some(k);
-            m.val = Some(v);
-            opts.ext_mnt.push(m);
-        }
-        if let Some(p) = netns_path(&spec) {
-            use std::os::unix::fs::MetadataExt;
-            let ino = fs::metadata(&p)
-                .map_err(|source| RuntimeError::Io {
-                    op: "stat network namespace",
-                    path: p.clone(),
-                    source,
-                })?
-                .ino();
-            opts.external.push(format!("net[{ino}]:{EXT_NETNS_KEY}"));
-        }
+        let (mut opts, keep) = dump_opts(o, &st, &spec, defer_stop)?;
 
         // Freeze through the cgroup freezer at CRIU's `pre-dump` notification,
         // right before it collects the tree: CRIU then finds the cgroup frozen and
@@ -591,7 +617,7 @@ impl Runtime {
         let cdir = self.dir(&o.id);
         // Record the checkpointer (and, once spawned, its CRIU) before anything is
         // frozen: if this process dies, the next command thaws the container.
-        st.checkpointer = Some(Checkpointer::this_process(freeze_wanted));
+        st.checkpointer = Some(Worker::this_process(freeze_wanted));
         st.save(&cdir)?;
         let mut on_spawn = |criu_pid: i32| -> Result<(), String> {
             let mut rec = st.clone();
@@ -689,8 +715,18 @@ impl Runtime {
     /// `restore`: brings a container back from a CRIU image directory under `id`
     /// with `bundle`'s config and rootfs. Returns the exit code when not detached.
     pub fn restore(&self, o: &RestoreOptions) -> Result<(i32, CriuStats)> {
+        self.restore_locked(o, self.lock(&o.id)?)
+    }
+
+    /// `restore` for a caller that already holds the container's lock (from
+    /// `lock_container`); the lock is released once the container is recorded.
+    pub fn restore_locked(
+        &self,
+        o: &RestoreOptions,
+        lock: state::ContainerLock,
+    ) -> Result<(i32, CriuStats)> {
         let (pid, stats) = {
-            let _lock = self.lock(&o.id)?;
+            let _lock = lock;
             let dir = self.dir(&o.id);
             if dir.exists() {
                 return Err(RuntimeError::Exists {
@@ -766,6 +802,25 @@ impl Runtime {
         let id = o.id.as_str();
         let cgroup_path = core::register(dir, id, spec, &bundle.path, None)?;
         *cgroup_out = cgroup_path.clone();
+        // Recorded before anything is mounted or restored: if this process dies
+        // from here on, `list` shows the container as restoring and `delete
+        // --force` removes what the restore left (processes, mounts, cgroups).
+        let mut st = ContainerState {
+            id: id.to_string(),
+            status: Status::Restoring,
+            pid: 0,
+            pid_start_time: 0,
+            bundle: bundle.path.clone(),
+            rootfs: bundle.rootfs.clone(),
+            created: Utc::now(),
+            owner: super::owner_name(),
+            annotations: bundle.annotations.clone(),
+            cgroup_path: cgroup_path.clone(),
+            owned_dir: o.owned_dir.clone(),
+            checkpointer: None,
+            restorer: Some(Worker::this_process(false)),
+        };
+        st.save(dir)?;
         let work = match &o.work_path {
             Some(w) => w.clone(),
             None => dir.join("criu"),
@@ -962,7 +1017,10 @@ impl Runtime {
                         format!("bring loopback up in the restored network namespace: {e}")
                     })?;
                 }
-                "post-restore" => restored_pid = n.pid,
+                "post-restore" => {
+                    restored_pid = n.pid;
+                    super::fault_point("restore.during-criu");
+                }
                 "orphan-pts-master" => {
                     if let (Some(sock), Some(fd)) = (&console, n.fd) {
                         send_console(sock, fd)
@@ -981,6 +1039,7 @@ impl Runtime {
         } else {
             None
         };
+        super::fault_point("restore.before-criu");
         let resp = criu.restore(
             opts,
             Call {
@@ -1030,21 +1089,13 @@ impl Runtime {
                 "criu restore succeeded but reported no pid".into(),
             ));
         }
+        super::fault_point("restore.after-criu");
         core::register(dir, id, spec, &bundle.path, Some(pid))?;
-        let st = ContainerState {
-            id: id.to_string(),
-            status: Status::Running,
-            pid,
-            pid_start_time: state::process_start_time(pid).unwrap_or(0),
-            bundle: bundle.path.clone(),
-            rootfs: bundle.rootfs.clone(),
-            created: Utc::now(),
-            owner: super::owner_name(),
-            annotations: bundle.annotations.clone(),
-            cgroup_path: cgroup_path.clone(),
-            owned_dir: o.owned_dir.clone(),
-            checkpointer: None,
-        };
+        st.status = Status::Running;
+        st.pid = pid;
+        st.pid_start_time = state::process_start_time(pid).unwrap_or(0);
+        st.created = Utc::now();
+        st.restorer = None;
         st.save(dir)?;
         if let Some(pf) = &o.pid_file {
             state::write_atomic(pf, pid.to_string().as_bytes())?;
@@ -1055,6 +1106,12 @@ impl Runtime {
         }
         Ok((pid, read_stats(&work.join("stats-restore"))))
     }
+}
+
+/// Every capability a restore of the CRIU image in `image` would give any of its
+/// tasks (CRIU restores credentials from the image, not from config.json).
+pub fn image_capabilities(image: &Path) -> Result<Vec<String>> {
+    Ok(criu::image_capabilities(image)?)
 }
 
 /// Copies the CRIU log an error names to `$TMPDIR/stasis-<what>-<id>.log` and

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,9 +26,12 @@ use oci_spec::runtime::{
     Spec,
 };
 
-use super::{CreateOptions, ExecOptions, ResourceOverrides, Result, RuntimeError};
+use super::tty;
+use super::{CreateOptions, ExecOptions, LaunchFailure, ResourceOverrides, Result, RuntimeError};
 
+mod cgroup;
 mod hooks;
+pub use cgroup::{cgroup_destroy, cgroup_enter, cgroup_remove};
 pub use hooks::run_hooks;
 use hooks::{run_each, take_hooks, warn, HookKind};
 
@@ -48,6 +52,32 @@ fn core_err(
     }
 }
 
+/// `core_err` for libcontainer's build of a container's or exec's process: a
+/// process that could not start for a known reason becomes `Launch` with it.
+fn build_err(
+    op: &'static str,
+    id: &str,
+) -> impl FnOnce(libcontainer::error::LibcontainerError) -> RuntimeError {
+    let id = id.to_string();
+    move |e| {
+        let detail = chain(&e);
+        match super::launch::launch_failure(&detail) {
+            Some(cause) => RuntimeError::Launch { op, id, cause },
+            None => RuntimeError::Core { op, id, detail },
+        }
+    }
+}
+
+/// When an exec's process could not be cloned ("failed to launch init process",
+/// the errno is lost on the way): whether the container's pids limit leaves no
+/// room for libcontainer's intermediate process and the exec'd one.
+fn pids_limit_reached(dir: &Path, id: &str) -> Option<LaunchFailure> {
+    let stats = cgroup_manager(dir, id).ok()?.stats().ok()?;
+    let (current, limit) = (stats.pids.current, stats.pids.limit);
+    // `current` may still count the failed intermediate process until it is reaped.
+    (limit > 0 && current + 2 > limit).then_some(LaunchFailure::PidsLimit { limit })
+}
+
 /// What `check_bundle` learned about a bundle.
 pub struct BundleInfo {
     pub path: PathBuf,
@@ -55,6 +85,12 @@ pub struct BundleInfo {
     pub annotations: Option<HashMap<String, String>>,
     /// The container gets a new network namespace (not one given by path).
     pub own_netns: bool,
+    /// `linux.resources.memory.disableOOMKiller`, which libcontainer drops.
+    pub disable_oom_killer: bool,
+    /// `linux.cgroupsPath` (None: libcontainer names the cgroup after the id).
+    pub cgroups_path: Option<PathBuf>,
+    /// `process.terminal`: the container's process gets a pty.
+    pub terminal: bool,
 }
 
 /// Validates a bundle before anything is created, so that bad input gets one clear
@@ -100,8 +136,28 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
             format!("root filesystem {} is not a directory", rootfs.display()),
         ));
     }
-    if spec.process().is_none() {
+    let Some(process) = spec.process() else {
         return Err(bad(&cfg, "config.json has no process".into()));
+    };
+    check_process(process).map_err(|reason| bad(&cfg, reason))?;
+    // libcontainer starts the process from an intermediate process that is in the
+    // container's cgroup already: with a limit of 1 the clone always fails, and
+    // libcontainer says only "failed to launch init process". (runc, which has no
+    // intermediate process, accepts 1.)
+    let pids_limit = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.pids().as_ref())
+        .map(|p| p.limit());
+    if pids_limit == Some(1) {
+        return Err(bad(
+            &cfg,
+            "linux.resources.pids.limit is 1, but starting the container's process \
+             needs 2 processes in its cgroup for a moment (libcontainer's intermediate \
+             process and the process itself): set it to at least 2"
+                .into(),
+        ));
     }
     // A bind mount whose source is missing fails inside the container's init, and
     // libcontainer 0.7 reports only "failed to prepare rootfs" (the path is in a
@@ -138,37 +194,115 @@ pub fn check_bundle(bundle: &Path) -> Result<BundleInfo> {
                 n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
             })
         });
+    let terminal = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     Ok(BundleInfo {
         path,
         rootfs,
         annotations: spec.annotations().clone(),
         own_netns,
+        disable_oom_killer: cgroup::wanted(&spec),
+        cgroups_path: spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
+        terminal,
     })
+}
+
+/// Checks the fields of a `process` that libcontainer 0.7 takes on trust and then
+/// panics on (empty `args`: "index out of bounds", with a backtrace) or fails
+/// with nothing to go on (a relative `cwd`: "failed to unix syscall"; a soft
+/// rlimit above its hard one: "intermediate process error EINVAL"; an
+/// `oomScoreAdj` out of range: "io error"). runc checks the first two
+/// (`validateProcessSpec`) and fails on the others in the kernel; the reason names
+/// the field.
+fn check_process(p: &oci_spec::runtime::Process) -> std::result::Result<(), String> {
+    for r in p.rlimits().iter().flatten() {
+        if r.soft() > r.hard() {
+            return Err(format!(
+                "process.rlimits {:?}: the soft limit {} is above the hard limit {}",
+                r.typ(),
+                r.soft(),
+                r.hard()
+            ));
+        }
+    }
+    if let Some(adj) = p.oom_score_adj().filter(|a| !(-1000..=1000).contains(a)) {
+        return Err(format!(
+            "process.oomScoreAdj {adj} is outside the kernel's range -1000..1000"
+        ));
+    }
+    if p.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err("process.args is empty: it must name the program to run".into());
+    }
+    let cwd = p.cwd();
+    if !cwd.is_absolute() {
+        return Err(format!(
+            "process.cwd {:?} is not an absolute path: give the working directory \
+             inside the container from its root, e.g. \"/\"",
+            cwd.display().to_string()
+        ));
+    }
+    Ok(())
 }
 
 pub struct Created {
     pub pid: i32,
     pub cgroup_path: PathBuf,
+    /// The pty master of a foreground container with a terminal and no
+    /// `--console-socket`: the caller relays it (`tty.rs`).
+    pub console: Option<OwnedFd>,
 }
 
-pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) -> Result<Created> {
+pub fn create(
+    root: &Path,
+    opts: &CreateOptions,
+    bundle_info: &BundleInfo,
+    detach: bool,
+) -> Result<Created> {
     let _pipe = SigpipeToEpipe::install();
     let id = opts.id.as_str();
+    let bundle = bundle_info.path.as_path();
+    let cgroup = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
+    let cgroup_existed = cgroup::exists(&cgroup);
+    let own = tty::own_console(bundle_info.terminal, detach, opts.console_socket.as_ref())?;
+    let console_socket = own
+        .as_ref()
+        .map(|s| s.path())
+        .or(opts.console_socket.clone());
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("create", id))?
-        .with_console_socket(opts.console_socket.as_ref())
+        .with_console_socket(console_socket.as_ref())
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("create", id))?
         .as_init(bundle)
         .with_systemd(false)
-        .with_detach(detach)
+        // libcontainer's `detach` only decides whether a console socket is
+        // required or refused; with our own socket it must be given.
+        .with_detach(detach || own.is_some())
         .with_no_pivot(opts.no_pivot)
         .build()
-        .map_err(core_err("create", id))?;
+        .map_err(|e| {
+            // libcontainer's cleanup gives up on a cgroup that is still busy and
+            // then removes the container directory, the only record of the cgroup
+            // path: remove the cgroup here, where the spec still names it (if this
+            // create made it).
+            if !cgroup_existed {
+                cgroup_remove(&cgroup, id);
+            }
+            build_err("create", id)(e)
+        })?;
+    let console = own.as_ref().map(tty::receive_console).transpose()?;
+    if let (Some(master), Some(ws)) = (&console, tty::caller_winsize()) {
+        // Before `start`, so that the process sees the caller's size from its
+        // first instruction (the relay keeps it following later changes).
+        let _ = tty::set_winsize(master.as_raw_fd(), &ws);
+    }
     let pid = container
         .pid()
         .map(|p| p.as_raw())
@@ -178,7 +312,15 @@ pub fn create(root: &Path, opts: &CreateOptions, bundle: &Path, detach: bool) ->
             detail: "no init process was recorded".into(),
         })?;
     let cgroup_path = container.spec().map(|c| c.cgroup_path).unwrap_or_default();
-    Ok(Created { pid, cgroup_path })
+    // Before `start` runs the user's process.
+    if bundle_info.disable_oom_killer {
+        cgroup::disable(&cgroup_path, id)?;
+    }
+    Ok(Created {
+        pid,
+        cgroup_path,
+        console,
+    })
 }
 
 /// Removes whatever a failed create left: processes, cgroup, the container directory.
@@ -229,8 +371,8 @@ fn load(dir: &Path, id: &str) -> Result<Container> {
 /// a failed start (runtime spec: "If any poststart hook fails, the runtime MUST log
 /// a warning, but the remaining hooks and lifecycle continue as if the hook had
 /// succeeded"). libcontainer 0.7 stops at the first failing hook and fails `start`
-/// with the process already running. runc 1.1 kills the container instead; crun
-/// and the spec warn.
+/// with the process already running. (runc 1.1 fails `start` and destroys the
+/// container instead, against the spec.)
 pub fn start(dir: &Path, id: &str) -> Result<()> {
     let _pipe = SigpipeToEpipe::install();
     let mut c = load(dir, id)?;
@@ -239,7 +381,13 @@ pub fn start(dir: &Path, id: &str) -> Result<()> {
     // The record keeps every hook it had (whatever `start` did), as `create` wrote it.
     let restored = taken.as_ref().map_or(Ok(()), |t| t.restore());
     r?;
-    restored?;
+    if let Err(e) = restored {
+        // Started all the same; the record only lacks hooks that never run again.
+        warn(
+            id,
+            &format!("poststart hooks stay out of libcontainer's record: {e}"),
+        );
+    }
     if let Some(t) = &taken {
         // libcontainer runs poststart hooks in the container directory.
         for w in run_each(HookKind::Poststart, &t.hooks, &c.state, Some(dir)) {
@@ -368,29 +516,56 @@ pub fn pids(dir: &Path, id: &str) -> Result<Vec<i32>> {
 /// no_new_privs and labels are the container's unless overridden. The container's
 /// seccomp filter is loaded by `ExecUnderSeccomp` (libcontainer 0.7's tenant
 /// builder drops linux.seccomp; youki's HEAD of 2026-08 still does).
-pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
+///
+/// Returns the process's pid and, for a foreground process with a terminal and no
+/// `--console-socket`, the pty master to relay.
+pub fn exec(root: &Path, opts: &ExecOptions) -> Result<(i32, Option<OwnedFd>)> {
     let id = opts.id.as_str();
     super::exec::check_request(opts)?;
     let config = load(&root.join(id), id)?.bundle().join("config.json");
     let prepared = super::exec::prepare(&config, opts)?;
+    let own = tty::own_console(prepared.terminal, opts.detach, opts.console_socket.as_ref())?;
+    let console_socket = own
+        .as_ref()
+        .map(|s| s.path())
+        .or(opts.console_socket.clone());
     let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(ExecUnderSeccomp {
             filter: prepared.filter,
+            winsize: own.as_ref().and_then(|_| tty::caller_winsize()),
         })
         .with_root_path(root)
         .map_err(core_err("exec in", id))?
-        .with_console_socket(opts.console_socket.as_ref())
+        .with_console_socket(console_socket.as_ref())
         .with_pid_file(opts.pid_file.as_ref())
         .map_err(core_err("exec in", id))?
         .with_preserved_fds(opts.preserve_fds)
         .validate_id()
         .map_err(core_err("exec in", id))?
         .as_tenant()
-        .with_detach(opts.detach)
+        .with_detach(opts.detach || own.is_some())
         .with_process(Some(prepared.file.path()))
         .build()
-        .map_err(core_err("exec in", id))?;
-    Ok(pid.as_raw())
+        .map_err(|e| match build_err("exec in", id)(e) {
+            RuntimeError::Core { op, id, detail }
+                if detail.contains("failed to launch init process") =>
+            {
+                match pids_limit_reached(&root.join(&id), &id) {
+                    Some(cause) => RuntimeError::Launch { op, id, cause },
+                    None => RuntimeError::Core { op, id, detail },
+                }
+            }
+            e => e,
+        })?;
+    let console = match own.as_ref().map(tty::receive_console).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            // Nobody could ever talk to it: do not leave it running.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
+    };
+    Ok((pid.as_raw(), console))
 }
 
 /// libcontainer's default executor (execvp of process.args), preceded by loading
@@ -398,13 +573,22 @@ pub fn exec(root: &Path, opts: &ExecOptions) -> Result<i32> {
 /// before execve: after namespaces, cgroup, user, capabilities and no_new_privs are
 /// set, where runc loads the filter too when no_new_privs is set (without it, see
 /// `exec::keep_cap_to_load_filter`).
+///
+/// With a terminal of stasis's own it first gives the pty (its stdin by then) the
+/// caller's window size: the process starts running before stasis has received
+/// the master, and must not see a 0x0 terminal.
 #[derive(Clone)]
 struct ExecUnderSeccomp {
     filter: Option<oci_spec::runtime::LinuxSeccomp>,
+    winsize: Option<libc::winsize>,
 }
 
 impl Executor for ExecUnderSeccomp {
     fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        if let Some(ws) = &self.winsize {
+            // Best effort: a wrong size is fixed by the next SIGWINCH.
+            let _ = tty::set_winsize(0, ws);
+        }
         if let Some(filter) = &self.filter {
             // Notify filters were refused before (exec::exec_seccomp), so there is
             // no listener fd to hand on.
@@ -501,9 +685,14 @@ pub fn merge_resources(json: &[u8], o: &ResourceOverrides) -> Result<LinuxResour
 pub fn update(dir: &Path, id: &str, json: &[u8], o: &ResourceOverrides) -> Result<()> {
     let resources = merge_resources(json, o)?;
     let m = cgroup_manager(dir, id)?;
+    let cgroup_path = load(dir, id)?
+        .spec()
+        .map(|c| c.cgroup_path)
+        .unwrap_or_default();
     m.apply(&ControllerOpt {
         resources: &resources,
-        disable_oom_killer: false,
+        // libcgroups rewrites memory.oom_control with any memory limit: keep it.
+        disable_oom_killer: cgroup::disabled_now(&cgroup_path),
         oom_score_adj: None,
         freezer_state: None,
     })
@@ -588,52 +777,6 @@ pub fn register(
         detail: chain(&e),
     })?;
     Ok(cfg.cgroup_path)
-}
-
-/// Creates the container's cgroup with the spec's resources and moves `pid` into it.
-pub fn cgroup_enter(cgroup_path: &Path, id: &str, spec: &Spec, pid: i32) -> Result<()> {
-    let err = |op: &'static str| {
-        let id = id.to_string();
-        move |e: &dyn std::error::Error| RuntimeError::Core {
-            op,
-            id,
-            detail: chain_dyn(e),
-        }
-    };
-    let m = create_cgroup_manager(CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    })
-    .map_err(|e| err("create cgroup of")(&e))?;
-    m.add_task(nix::unistd::Pid::from_raw(pid))
-        .map_err(|e| err("enter cgroup of")(&e))?;
-    if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-        m.apply(&ControllerOpt {
-            resources: r,
-            disable_oom_killer: false,
-            oom_score_adj: None,
-            freezer_state: None,
-        })
-        .map_err(|e| err("apply resources to cgroup of")(&e))?;
-    }
-    Ok(())
-}
-
-/// Removes a cgroup (after killing what is left in it).
-pub fn cgroup_remove(cgroup_path: &Path, id: &str) {
-    if let Ok(m) = create_cgroup_manager(CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    }) {
-        if let Ok(pids) = m.get_all_pids() {
-            for p in pids {
-                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        let _ = m.remove();
-    }
 }
 
 fn chain_dyn(e: &dyn std::error::Error) -> String {

@@ -38,6 +38,8 @@ pub fn check_request(opts: &ExecOptions) -> Result<()> {
 pub struct Prepared {
     pub file: ProcessFile,
     pub filter: Option<LinuxSeccomp>,
+    /// The process asks for a terminal (`-t`, or `terminal` in `--process`).
+    pub terminal: bool,
 }
 
 /// Reads the container's config.json (the one libcontainer's tenant builder
@@ -64,7 +66,11 @@ pub fn prepare(config: &Path, opts: &ExecOptions) -> Result<Prepared> {
         RuntimeError::Invalid(detail) => fail(detail),
         e => e,
     })?;
-    Ok(Prepared { file, filter })
+    Ok(Prepared {
+        file,
+        filter,
+        terminal: process.terminal() == Some(true),
+    })
 }
 
 /// The process as the JSON file the tenant builder reads, in a file with no name

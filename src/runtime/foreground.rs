@@ -1,13 +1,18 @@
 //! Waiting for a foreground container process (`run` without `-d`, `exec` without
 //! `--detach`): every signal stasis receives is forwarded to the process, children
 //! are reaped, and the process's exit code (128+N when killed by signal N) returned,
-//! as runc's `handleProcessExit` / youki's `handle_foreground` do.
+//! as runc's `handleProcessExit` / youki's `handle_foreground` do. A process with a
+//! terminal of stasis's own gets it relayed meanwhile (`tty.rs`), its window size
+//! following the caller's on SIGWINCH.
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+use super::tty::Relay;
 
 /// Signals caught by `EarlySignals` before the wait loop blocks them: bit N-1 for
 /// signal N.
@@ -62,8 +67,27 @@ impl EarlySignals {
     /// Blocks every signal, forwards those caught so far to `pid`, then waits for
     /// it forwarding the rest; returns its exit code.
     pub fn wait(self, pid: i32) -> std::io::Result<i32> {
+        self.wait_relaying(pid, None)
+    }
+
+    /// `wait`, relaying the pty whose master is `console` between the caller's
+    /// stdio and the process meanwhile; the caller's terminal is put back before
+    /// this returns, whatever happened.
+    pub fn wait_relaying(self, pid: i32, console: Option<OwnedFd>) -> std::io::Result<i32> {
         let pid = Pid::from_raw(pid);
+        // Blocked before the relay thread starts, so that it inherits the mask and
+        // every signal reaches the wait loop below.
         SigSet::all().thread_block().map_err(std::io::Error::from)?;
+        let relay = match console.map(Relay::start).transpose() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!(
+                    "stasis: warning: cannot relay the container's terminal ({e}); \
+                     waiting for the process without it"
+                );
+                None
+            }
+        };
         let early = EARLY.swap(0, Ordering::SeqCst);
         for n in 1..=64 {
             if early & (1 << (n - 1)) != 0 {
@@ -72,7 +96,13 @@ impl EarlySignals {
                 }
             }
         }
-        wait_blocked(pid)
+        let code = wait_blocked(pid, relay.as_ref());
+        if let Some(r) = relay {
+            if let Err(e) = r.finish() {
+                eprintln!("stasis: warning: relaying the container's terminal: {e}");
+            }
+        }
+        code
     }
 }
 
@@ -80,7 +110,7 @@ pub fn wait_forwarding_signals(pid: i32) -> std::io::Result<i32> {
     EarlySignals(()).wait(pid)
 }
 
-fn wait_blocked(pid: Pid) -> std::io::Result<i32> {
+fn wait_blocked(pid: Pid, relay: Option<&Relay>) -> std::io::Result<i32> {
     let all = SigSet::all();
     if let Some(code) = reap(pid)? {
         return Ok(code);
@@ -93,7 +123,12 @@ fn wait_blocked(pid: Pid) -> std::io::Result<i32> {
                     return Ok(code);
                 }
             }
-            Signal::SIGWINCH | Signal::SIGURG => {}
+            Signal::SIGWINCH => {
+                if let Some(r) = relay {
+                    r.resize();
+                }
+            }
+            Signal::SIGURG => {}
             other => {
                 // Forwarding fails only when the process is already gone; the
                 // SIGCHLD that follows ends the wait.

@@ -12,18 +12,22 @@ mod core;
 mod exec;
 mod foreground;
 pub mod info;
+mod launch;
 pub mod netns;
 pub mod state;
 pub(crate) mod stdio;
+mod tty;
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::Utc;
 use serde::Serialize;
 
+pub use launch::LaunchFailure;
 pub use state::{validate_id, ContainerState, Op, Status};
 
 use state::ContainerLock;
@@ -66,11 +70,13 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Takes group and other permissions off an existing directory (one made 0755
-/// by an older stasis); one stat when it is already private.
+/// by an older stasis); one stat when it is already private. Another user's
+/// directory is left alone.
 pub fn tighten_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let m = fs::symlink_metadata(dir)?;
-    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+    let ours = m.uid() == nix::unistd::geteuid().as_raw();
+    if ours && m.is_dir() && m.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
@@ -127,6 +133,12 @@ pub enum RuntimeError {
         id: String,
         detail: String,
     },
+    #[error("{op} container {id:?}: {cause}")]
+    Launch {
+        op: &'static str,
+        id: String,
+        cause: LaunchFailure,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("--process {path}: {reason}")]
@@ -138,6 +150,17 @@ pub enum RuntimeError {
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+impl RuntimeError {
+    /// The exit code of a failed command: 127 when the command to run does not
+    /// exist, 126 when it cannot be executed (as podman and Docker exit), else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RuntimeError::Launch { cause, .. } => cause.exit_code(),
+            _ => 1,
+        }
+    }
+}
 
 /// Options for `create` and `run`.
 #[derive(Debug, Clone, Default)]
@@ -255,6 +278,13 @@ impl Runtime {
         ContainerLock::acquire(&self.root, id, LOCK_TIMEOUT)
     }
 
+    /// The lock of container `id`, for a restore that builds the container's
+    /// private filesystem before `restore_locked`: while it is held no other
+    /// command creates, restores or removes that id.
+    pub fn lock_container(&self, id: &str) -> Result<ContainerLock> {
+        self.lock(id)
+    }
+
     /// Loads the state of an existing container as it is on disk.
     fn load_raw(&self, id: &str) -> Result<ContainerState> {
         validate_id(id)?;
@@ -342,6 +372,9 @@ impl Runtime {
         let status = st.live_status();
         if state::transition(status, op).is_none() {
             let hint = match (op, status) {
+                (_, Status::Restoring) => {
+                    ": its restore did not finish; remove what it left with `delete --force`"
+                }
                 (Op::Delete, _) => ": stop it first or use --force",
                 (Op::Start, Status::Running | Status::Paused) => ": it was already started",
                 (Op::Start, Status::Stopped) => ": delete it and create it again",
@@ -362,10 +395,16 @@ impl Runtime {
     /// `create`: sets up the container and leaves it waiting for `start`.
     pub fn create(&self, opts: &CreateOptions) -> Result<ContainerState> {
         let _lock = self.lock(&opts.id)?;
-        self.create_locked(opts, true)
+        self.create_locked(opts, true).map(|(st, _)| st)
     }
 
-    fn create_locked(&self, opts: &CreateOptions, detach: bool) -> Result<ContainerState> {
+    /// Creates the container; returns its state and, for a foreground container
+    /// with a terminal and no `--console-socket`, the pty master to relay.
+    fn create_locked(
+        &self,
+        opts: &CreateOptions,
+        detach: bool,
+    ) -> Result<(ContainerState, Option<OwnedFd>)> {
         let dir = self.dir(&opts.id);
         if dir.exists() {
             return Err(RuntimeError::Exists {
@@ -381,7 +420,7 @@ impl Runtime {
                 path: opts.bundle.clone(),
                 source,
             })?;
-        let created = match core::create(&self.root, opts, &bundle.path, detach) {
+        let created = match core::create(&self.root, opts, &bundle, detach) {
             Ok(c) => c,
             Err(e) => {
                 core::cleanup_failed(&self.root, &opts.id);
@@ -412,12 +451,13 @@ impl Runtime {
             cgroup_path: created.cgroup_path,
             owned_dir: None,
             checkpointer: None,
+            restorer: None,
         };
         if let Err(e) = st.save(&dir) {
             core::cleanup_failed(&self.root, &opts.id);
             return Err(e);
         }
-        Ok(st)
+        Ok((st, created.console))
     }
 
     /// `start`: runs the user process of a created container.
@@ -434,25 +474,27 @@ impl Runtime {
     /// container, forwarding signals, deletes it and returns its exit code.
     pub fn run(&self, opts: &CreateOptions, detach: bool) -> Result<i32> {
         let early = (!detach).then(foreground::EarlySignals::catch);
-        let pid = {
+        let (pid, console) = {
             let _lock = self.lock(&opts.id)?;
-            let mut st = self.create_locked(opts, detach)?;
+            let (mut st, console) = self.create_locked(opts, detach)?;
             if let Err(e) = core::start(&self.dir(&opts.id), &opts.id) {
                 core::cleanup_failed(&self.root, &opts.id);
                 return Err(e);
             }
             st.status = Status::Running;
             st.save(&self.dir(&opts.id))?;
-            st.pid
+            (st.pid, console)
         };
         let Some(early) = early else {
             return Ok(0);
         };
-        let code = early.wait(pid).map_err(|source| RuntimeError::Io {
-            op: "wait for container process",
-            path: PathBuf::from(format!("/proc/{pid}")),
-            source,
-        })?;
+        let code = early
+            .wait_relaying(pid, console)
+            .map_err(|source| RuntimeError::Io {
+                op: "wait for container process",
+                path: PathBuf::from(format!("/proc/{pid}")),
+                source,
+            })?;
         if opts.keep {
             return Ok(code);
         }
@@ -565,7 +607,14 @@ impl Runtime {
         if let Some(st) = &st {
             self.check(st, if force { Op::ForceDelete } else { Op::Delete })?;
         }
-        core::delete(&dir, id, force)?;
+        match &st {
+            // Whatever CRIU restored runs in the container's cgroup (CRIU itself
+            // was moved there), unknown to libcontainer: kill it all.
+            Some(st) if st.status == Status::Restoring => {
+                core::cgroup_destroy(&st.cgroup_path, id)?;
+            }
+            _ => core::delete(&dir, id, force)?,
+        }
         unmount_under(&dir);
         if let Some(owned) = st.as_ref().and_then(|s| s.owned_dir.as_ref()) {
             unmount_under(owned);
@@ -628,7 +677,7 @@ impl Runtime {
     /// when not detached.
     pub fn exec(&self, opts: &ExecOptions) -> Result<i32> {
         let early = (!opts.detach).then(foreground::EarlySignals::catch);
-        let pid = {
+        let (pid, console) = {
             let lock = self.lock(&opts.id)?;
             let (st, _) = self.load_locked(&opts.id, &lock)?;
             self.check(&st, Op::Exec)?;
@@ -637,11 +686,13 @@ impl Runtime {
         let Some(early) = early else {
             return Ok(0);
         };
-        early.wait(pid).map_err(|source| RuntimeError::Io {
-            op: "wait for exec'd process",
-            path: PathBuf::from(format!("/proc/{pid}")),
-            source,
-        })
+        early
+            .wait_relaying(pid, console)
+            .map_err(|source| RuntimeError::Io {
+                op: "wait for exec'd process",
+                path: PathBuf::from(format!("/proc/{pid}")),
+                source,
+            })
     }
 
     /// `update`: applies new cgroup resources to a live container.

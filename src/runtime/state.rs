@@ -76,11 +76,13 @@ pub fn validate_id(id: &str) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Lifecycle status, as the OCI runtime spec and runc name them.
+/// Lifecycle status, as the OCI runtime spec and runc name them, plus
+/// `restoring`: a CRIU restore into this id is under way (or its restorer died).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Creating,
+    Restoring,
     Created,
     Running,
     Paused,
@@ -91,6 +93,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Creating => "creating",
+            Status::Restoring => "restoring",
             Status::Created => "created",
             Status::Running => "running",
             Status::Paused => "paused",
@@ -184,14 +187,17 @@ pub struct ContainerState {
     /// it freezes the container and cleared when it is done: when that command
     /// died, the next command on the container thaws it (`Runtime::recover`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpointer: Option<Checkpointer>,
+    pub checkpointer: Option<Worker>,
+    /// With status `restoring`: the stasis command restoring the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restorer: Option<Worker>,
 }
 
-/// Who is checkpointing a container: the stasis process and the CRIU it spawned,
-/// each as pid + start time (field 22 of /proc/PID/stat) so a reused pid is never
-/// taken for them.
+/// A stasis command working on a container (checkpointing or restoring it) and
+/// the CRIU it spawned, each as pid + start time (field 22 of /proc/PID/stat) so
+/// a reused pid is never taken for them.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct Checkpointer {
+pub struct Worker {
     pub pid: i32,
     pub start_time: u64,
     /// CRIU, once spawned (0 before): it outlives a killed stasis until its next
@@ -205,8 +211,9 @@ pub struct Checkpointer {
     pub freezes: bool,
 }
 
-impl Checkpointer {
-    /// This process, about to checkpoint a container (`freezes`: see the field).
+impl Worker {
+    /// This process, about to checkpoint or restore a container (`freezes`: see
+    /// the field; false for a restore).
     pub fn this_process(freezes: bool) -> Self {
         let pid = std::process::id() as i32;
         Self {
@@ -254,7 +261,9 @@ impl ContainerState {
     }
 
     /// The status as it is now: a recorded live status turns into `stopped` when the
-    /// init process is gone (or its pid was reused by another process).
+    /// init process is gone (or its pid was reused by another process). A
+    /// `restoring` container stays so until its restorer records it running, or,
+    /// when the restorer died, until `delete --force` removes what it left.
     pub fn live_status(&self) -> Status {
         match self.status {
             Status::Created | Status::Running | Status::Paused => {
@@ -558,10 +567,10 @@ mod tests {
             "rootfs":"/b/rootfs","created":"2026-01-01T00:00:00Z","owner":"root"}"#;
         let st: ContainerState = serde_json::from_str(old).unwrap();
         assert!(st.checkpointer.is_none());
-        let me = Checkpointer::this_process(true);
+        let me = Worker::this_process(true);
         assert!(me.stasis_alive());
         assert!(!me.criu_alive(), "no CRIU recorded yet");
-        let dead = Checkpointer {
+        let dead = Worker {
             start_time: me.start_time + 1,
             ..me.clone()
         };

@@ -14,8 +14,8 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -58,7 +58,9 @@ const MARKER_VERSION: u32 = 1;
 const LOCK: &str = ".lock";
 const TEMP_PREFIXES: [&str; 2] = [".tmp-", ".old-"];
 
-/// `.complete-<name>`: what a finished entry holds.
+/// `.complete-<name>`: a finished entry, and the files a lookup checks (an
+/// image: all; a rootfs: its top level, so a restore does not read a listing of
+/// thousands of files). `.files-<name>` lists every file, for verify.
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
     version: u32,
@@ -66,7 +68,7 @@ struct Marker {
     files: Vec<MarkedFile>,
 }
 
-#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct MarkedFile {
     /// Relative to the entry (`image/`, `rootfs/`).
     path: String,
@@ -121,24 +123,26 @@ impl CacheBuild {
     /// Renames the built tree into place and writes the complete marker last.
     pub fn commit(mut self) -> std::result::Result<PathBuf, StoreError> {
         let target = self.target();
+        super::fault_point("cache.before-commit");
         fs::rename(&self.tmp, &target).map_err(io_err("publish cached", &target))?;
         self.done = true;
+        let all = list_tree(&target)?;
+        let quick: Vec<MarkedFile> = match self.kind {
+            CacheKind::Image => all.clone(),
+            CacheKind::Rootfs => all
+                .iter()
+                .filter(|f| !f.path.contains('/'))
+                .cloned()
+                .collect(),
+        };
+        // The listing first, the marker last: a marker always has its listing.
+        write_json(&self.dir, &listing_path(&self.dir, self.kind), &all)?;
         let marker = Marker {
             version: MARKER_VERSION,
             snapshot: self.sid.full(),
-            files: list_tree(&target)?,
+            files: quick,
         };
-        let bytes = serde_json::to_vec(&marker).map_err(|source| StoreError::Json {
-            op: "serialize",
-            path: marker_path(&self.dir, self.kind),
-            source,
-        })?;
-        let part = self
-            .dir
-            .join(format!(".complete-{}.part", self.kind.entry()));
-        fs::write(&part, bytes).map_err(io_err("write", &part))?;
-        let done = marker_path(&self.dir, self.kind);
-        fs::rename(&part, &done).map_err(io_err("mark complete", &done))?;
+        write_json(&self.dir, &marker_path(&self.dir, self.kind), &marker)?;
         Ok(target)
     }
 }
@@ -153,6 +157,47 @@ impl Drop for CacheBuild {
 
 fn marker_path(dir: &Path, kind: CacheKind) -> PathBuf {
     dir.join(format!(".complete-{}", kind.entry()))
+}
+
+fn listing_path(dir: &Path, kind: CacheKind) -> PathBuf {
+    dir.join(format!(".files-{}", kind.entry()))
+}
+
+/// Writes `value` as JSON to `path` atomically (a `.tmp-` file in `dir`, which
+/// gc and verify remove if we die, then rename).
+fn write_json<T: Serialize>(dir: &Path, path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Json {
+        op: "serialize",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let part = dir.join(format!(".tmp{name}-{}", std::process::id()));
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(super::util::PRIVATE_FILE)
+        .open(&part)
+        .and_then(|mut f| f.write_all(&bytes))
+        .map_err(io_err("write", &part))?;
+    fs::rename(&part, path).map_err(io_err("mark complete", path))
+}
+
+/// Whether every file in `files` still has its recorded size and ctime.
+fn check_files(target: &Path, files: &[MarkedFile]) -> Option<String> {
+    for f in files {
+        let p = target.join(&f.path);
+        match fs::symlink_metadata(&p) {
+            Ok(md) if MarkedFile::of(f.path.clone(), &md) == *f => {}
+            Ok(_) => return Some(format!("{} was changed after it was built", p.display())),
+            Err(_) => return Some(format!("{} is missing", p.display())),
+        }
+    }
+    None
 }
 
 /// Every entry under `root` (sorted, depth first), with size and ctime.
@@ -194,37 +239,44 @@ fn check_entry(dir: &Path, kind: CacheKind, sid: &SnapshotId, deep: bool) -> Opt
     if !target.is_dir() {
         return Some(format!("{} is missing", kind.entry()));
     }
-    let all = deep || kind == CacheKind::Image;
-    for f in m.files.iter().filter(|f| all || !f.path.contains('/')) {
-        let p = target.join(&f.path);
-        match fs::symlink_metadata(&p) {
-            Ok(md) if MarkedFile::of(f.path.clone(), &md) == *f => {}
-            Ok(_) => return Some(format!("{} was changed after it was built", p.display())),
-            Err(_) => return Some(format!("{} is missing", p.display())),
-        }
+    if let Some(p) = check_files(&target, &m.files) {
+        return Some(p);
     }
-    None
+    if !deep {
+        return None;
+    }
+    let all: Vec<MarkedFile> = match fs::read(listing_path(dir, kind))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(all) => all,
+        None => return Some("its file listing is missing or unreadable".into()),
+    };
+    check_files(&target, &all)
 }
 
-/// The entry's lock, waiting for it (`block`) or not (None when held).
-fn lock_entry(dir: &Path, block: bool) -> Result<Option<Flock<File>>> {
+fn open_lock(dir: &Path) -> Result<(File, PathBuf)> {
     let path = dir.join(LOCK);
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(super::util::PRIVATE_FILE)
         .open(&path)
         .map_err(io_err("open lock", &path))?;
-    let arg = if block {
-        FlockArg::LockExclusive
-    } else {
-        FlockArg::LockExclusiveNonblock
-    };
-    match Flock::lock(f, arg) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) if !block => Ok(None),
-        Err((_, e)) => Err(io_err("flock", &path)(e.into())),
-    }
+    Ok((f, path))
+}
+
+/// The entry's lock, waiting while another process builds the entry.
+fn lock_entry(dir: &Path) -> Result<Flock<File>> {
+    let (f, path) = open_lock(dir)?;
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| io_err("flock", &path)(e.into()))
+}
+
+/// The entry's lock if nobody holds it (None: being built right now).
+fn try_lock_entry(dir: &Path) -> Option<Flock<File>> {
+    let (f, _) = open_lock(dir).ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 /// Removes the temp entries of dead builders; the caller holds the entry lock.
@@ -254,6 +306,7 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
 /// Removes an entry's tree and marker (not the directory and its lock).
 fn clear_entry(dir: &Path, kind: CacheKind) -> Result<()> {
     let _ = fs::remove_file(marker_path(dir, kind));
+    let _ = fs::remove_file(listing_path(dir, kind));
     let target = dir.join(kind.entry());
     if target.exists() {
         let old = dir.join(format!(".old-{}-{}", kind.entry(), std::process::id()));
@@ -322,13 +375,9 @@ impl Store {
         if check_entry(&dir, kind, sid, false).is_none() {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));
         }
-        fs::create_dir_all(&dir).map_err(io_err("create cache directory", &dir))?;
-        let Some(lock) = lock_entry(&dir, true)? else {
-            return Err(StoreError::Invalid(format!(
-                "lock {} could not be taken",
-                dir.display()
-            )));
-        };
+        super::util::create_private_dir_all(&dir)
+            .map_err(io_err("create cache directory", &dir))?;
+        let lock = lock_entry(&dir)?;
         if check_entry(&dir, kind, sid, false).is_none() {
             return Ok(CacheLookup::Ready(dir.join(kind.entry())));
         }
@@ -400,7 +449,7 @@ impl Store {
                 if !e.file_type().is_ok_and(|t| t.is_dir()) {
                     continue;
                 }
-                let Ok(Some(_lock)) = lock_entry(&dir, false) else {
+                let Some(_lock) = try_lock_entry(&dir) else {
                     continue; // being built right now
                 };
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -444,8 +493,8 @@ impl Store {
 /// snapshot's). Temp entries of dead builders, incomplete and damaged entries are
 /// removed (the next restore rebuilds them) and reported as warnings.
 pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Finding>> {
+    let mut out = staging_findings(store);
     let live: Vec<String> = store.list()?.iter().map(|s| s.id.full()).collect();
-    let mut out = Vec::new();
     for kind in CacheKind::ALL {
         let base = store.paths.cache().join(kind.dir());
         for e in fs::read_dir(&base).into_iter().flatten().flatten() {
@@ -454,7 +503,7 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let Ok(Some(_lock)) = lock_entry(&dir, false) else {
+            let Some(_lock) = try_lock_entry(&dir) else {
                 continue; // being built right now
             };
             for p in remove_temps(&dir, false) {
@@ -478,7 +527,11 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
             };
             let mut problem = check_entry(&dir, kind, &sid, true);
             if problem.is_none() && read_data && kind == CacheKind::Image {
-                problem = check_image_data(store, &sid, &dir.join(kind.entry()))?;
+                // A snapshot whose config cannot be read is reported by the
+                // store's own checks; its cache is left as it is.
+                problem = check_image_data(store, &sid, &dir.join(kind.entry()))
+                    .ok()
+                    .flatten();
             }
             let Some(problem) = problem else { continue };
             if problem == "not built" {
@@ -492,7 +545,18 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
                 });
                 continue;
             }
-            clear_entry(&dir, kind)?;
+            if let Err(e) = clear_entry(&dir, kind) {
+                out.push(Finding {
+                    level: Level::Error,
+                    what: format!(
+                        "cached {} of snapshot {} is damaged ({problem}) and could not be removed: {e}",
+                        kind.entry(),
+                        sid.short()
+                    ),
+                    hint: format!("remove {} by hand", dir.display()),
+                });
+                continue;
+            }
             out.push(Finding {
                 level: Level::Warning,
                 what: format!(
@@ -505,6 +569,21 @@ pub(crate) fn verify_caches(store: &Store, read_data: bool) -> Result<Vec<Findin
         }
     }
     Ok(out)
+}
+
+/// Kept staging directories: the images of stopped containers whose ingest
+/// failed, which nothing removes automatically.
+fn staging_findings(store: &Store) -> Vec<Finding> {
+    store
+        .kept_staging()
+        .into_iter()
+        .map(|d| {
+            warning(
+                format!("the CRIU image of a stopped container whose checkpoint could not be stored is kept at {}", d.join("image").display()),
+                &format!("restore it with `stasis restore --image-path {} --bundle BUNDLE ID` (the failed checkpoint's error names both), then remove {}", d.join("image").display(), d.display()),
+            )
+        })
+        .collect()
 }
 
 fn warning(what: String, hint: &str) -> Finding {
@@ -565,88 +644,4 @@ fn check_image_data(store: &Store, sid: &SnapshotId, image: &Path) -> Result<Opt
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sid(b: u8) -> SnapshotId {
-        SnapshotId::parse(&hex::encode([b; 32])).unwrap()
-    }
-
-    fn build(store: &Store, kind: CacheKind, id: &SnapshotId) -> PathBuf {
-        match store.cache_lookup(kind, id).unwrap() {
-            CacheLookup::Ready(_) => panic!("expected a build"),
-            CacheLookup::Build(b) => {
-                fs::create_dir_all(b.path().join("bin")).unwrap();
-                fs::write(b.path().join("bin/sh"), b"#!").unwrap();
-                fs::write(b.path().join("core-1.img"), [7u8; 100]).unwrap();
-                b.commit().unwrap()
-            }
-        }
-    }
-
-    #[test]
-    fn entries_are_keyed_by_the_full_id_and_reused_when_complete() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(t.path()).unwrap();
-        let id = sid(1);
-        let dir = store.cache_dir(CacheKind::Image, &id);
-        assert!(dir.ends_with(format!("cache/img/{}", id.full())));
-        let p = build(&store, CacheKind::Image, &id);
-        assert_eq!(p, dir.join("image"));
-        assert!(matches!(
-            store.cache_lookup(CacheKind::Image, &id).unwrap(),
-            CacheLookup::Ready(r) if r == p
-        ));
-    }
-
-    #[test]
-    fn a_damaged_or_incomplete_entry_is_rebuilt() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(t.path()).unwrap();
-        let id = sid(2);
-        // A removed file, a changed file, a removed tree, a missing marker.
-        let damage: [&dyn Fn(&Path); 4] = [
-            &|p| fs::remove_file(p.join("core-1.img")).unwrap(),
-            // (Another size: a rewrite within the same clock tick as the build
-            // can keep the ctime.)
-            &|p| fs::write(p.join("core-1.img"), [8u8; 99]).unwrap(),
-            &|p| fs::remove_dir_all(p).unwrap(),
-            &|p| fs::remove_file(p.with_file_name(".complete-image")).unwrap(),
-        ];
-        let mut p = build(&store, CacheKind::Image, &id);
-        for d in damage {
-            d(&p);
-            // `build` panics unless the lookup asks for a rebuild.
-            p = build(&store, CacheKind::Image, &id);
-        }
-        // A rootfs's top level is checked at lookup: a removed /bin/sh changes
-        // /bin.
-        let p = build(&store, CacheKind::Rootfs, &id);
-        fs::remove_file(p.join("bin/sh")).unwrap();
-        build(&store, CacheKind::Rootfs, &id);
-    }
-
-    #[test]
-    fn dropped_builds_leave_nothing_and_dead_temps_are_collected() {
-        let t = tempfile::tempdir().unwrap();
-        let store = Store::open(t.path()).unwrap();
-        let id = sid(3);
-        let CacheLookup::Build(b) = store.cache_lookup(CacheKind::Image, &id).unwrap() else {
-            panic!("expected a build")
-        };
-        fs::create_dir_all(b.path()).unwrap();
-        let tmp = b.path().to_path_buf();
-        drop(b);
-        assert!(!tmp.exists());
-        // A temp entry of a killed builder (pid 1 is never us).
-        let dir = store.cache_dir(CacheKind::Image, &id);
-        let dead = dir.join(".tmp-image-1");
-        fs::create_dir_all(&dead).unwrap();
-        fs::write(dead.join("pages-1.img"), [0u8; 4096]).unwrap();
-        // No snapshot with this id: gc removes the whole entry.
-        let r = store.gc_caches(false).unwrap();
-        assert_eq!(r.entries_removed, 1);
-        assert!(r.bytes_freed >= 4096);
-        assert!(!dir.exists());
-    }
-}
+mod tests;

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use super::error::{Result, StoreError};
 use super::ids::{BlobDigest, SnapshotId, MIN_PREFIX_LEN};
 use super::layout::{
-    Descriptor, Index, A_ADDED_BYTES, A_CONTAINER, A_CREATED, A_IMAGE_BYTES, A_REF_NAME,
+    Descriptor, Index, A_ADDED_BYTES, A_CONTAINER, A_CREATED, A_IMAGE_BYTES, A_ORIGIN, A_REF_NAME,
+    ORIGIN_IMPORTED, ORIGIN_LOCAL,
 };
+use super::Origin;
 
 /// One snapshot as index.json describes it.
 #[derive(Clone, Debug)]
@@ -23,6 +25,17 @@ pub(crate) struct Entry {
     pub(crate) container: String,
     pub(crate) image_bytes: u64,
     pub(crate) added_bytes: u64,
+    /// Local only when every descriptor of the snapshot says so.
+    pub(crate) origin: Origin,
+}
+
+/// The origin a root descriptor records (see `layout::A_ORIGIN`).
+pub(crate) fn origin_of(d: &Descriptor) -> Origin {
+    match d.annotation(A_ORIGIN) {
+        ORIGIN_LOCAL => Origin::Local,
+        ORIGIN_IMPORTED => Origin::Imported,
+        _ => Origin::Unknown,
+    }
 }
 
 /// Snapshots in index.json, oldest first. Descriptors without a stasis snapshot id
@@ -45,8 +58,12 @@ pub(crate) fn entries(index: &Index) -> Vec<Entry> {
                 container: d.annotation(A_CONTAINER).to_string(),
                 image_bytes: d.annotation(A_IMAGE_BYTES).parse().unwrap_or(0),
                 added_bytes: d.annotation(A_ADDED_BYTES).parse().unwrap_or(0),
+                origin: origin_of(d),
             }
         });
+        if origin_of(d) != Origin::Local {
+            e.origin = e.origin.min(origin_of(d));
+        }
         if let Some(t) = d.tag() {
             e.tags.push(t.to_string());
         }

@@ -155,8 +155,31 @@ impl SnapshotConfig {
                 c.format_version
             ));
         }
+        for f in &c.files {
+            check_file_name(&f.name)?;
+        }
         Ok(c)
     }
+}
+
+/// A file name of a CRIU image directory as a snapshot may record it: one path
+/// component (not empty, no `/`, not `.` or `..`, no NUL). Names come from
+/// archives too, and become paths under a restore's directory.
+pub(crate) fn check_file_name(name: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("file name {name:?} is not allowed: {why}"));
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.contains('/') {
+        return bad("it holds a '/' (one path component only)");
+    }
+    if name == "." || name == ".." {
+        return bad("it names a directory");
+    }
+    if name.contains('\0') {
+        return bad("it holds a NUL byte");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -176,6 +199,16 @@ mod tests {
             snapshot_id(&[a.clone(), b.clone()], c),
             snapshot_id(&[a, b], (1, [0u8; 32]))
         );
+    }
+
+    #[test]
+    fn only_single_component_file_names() {
+        for ok in ["pages-1.img", "fs-manifest.json", "..x", ".hidden"] {
+            assert_eq!(check_file_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "../../x", "/tmp/x", "a/b", ".", "..", "a\0b"] {
+            assert!(check_file_name(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

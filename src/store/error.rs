@@ -43,7 +43,7 @@ pub enum StoreError {
 
     /// Data read back from the store does not match its digest. Raised by
     /// materialize before a byte of the file is exposed under its real name.
-    #[error("{what} in snapshot {snapshot}, file {file} at offset {offset} (blob {blob})")]
+    #[error("{what} in snapshot {snapshot}, file {file} at offset {offset} (blob {blob}); `stasis snapshot verify --repair` puts a good copy back if the store or an export (`--from`) has one")]
     Corrupt {
         snapshot: String,
         file: String,
@@ -92,6 +92,15 @@ pub enum StoreError {
     /// The store is inconsistent in a way that makes the operation unsafe.
     #[error("store {} is damaged: {reason} (run `stasis snapshot verify`)", path.display())]
     Damaged { path: PathBuf, reason: String },
+
+    /// `verify --repair --from` was given something that is not a readable tar.
+    #[error("cannot repair from {}: {reason} (give an archive written by `stasis snapshot export`)", path.display())]
+    RepairSource { path: PathBuf, reason: String },
+
+    /// index.json is missing (while blobs exist) or unparseable: no snapshot can
+    /// be found, and gc or prune would take every blob for garbage.
+    #[error("store {} is damaged: {reason}; `stasis snapshot verify --rebuild-index` rebuilds index.json from the snapshot manifests in blobs/", path.display())]
+    IndexDamaged { path: PathBuf, reason: String },
 
     /// A cached root filesystem must be rebuilt but overlays of running copies
     /// use it as their lower layer.

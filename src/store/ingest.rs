@@ -1,14 +1,14 @@
 //! Ingest: turns a finished CRIU image directory into a snapshot. Hashes every
 //! page while reading (and every whole file), looks pages up in the packs of the
-//! snapshots already in index.json, compresses only new pages (16 per zstd frame,
-//! in parallel), writes packs, re-reads each pack to verify it, then publishes in
+//! snapshots already in index.json (`dedup`), compresses only new pages (16 per
+//! zstd frame, in parallel), writes packs, re-reads each pack to verify it, then publishes in
 //! the order packs, page tables, files blob, config, manifest, index.json. A pack
 //! is reused only after its whole content matched its digest during this ingest
 //! (pages of a damaged pack are stored again), so a new snapshot never references
 //! data that no longer matches its digest. It never modifies a published blob; it
 //! only replaces one whose content no longer matches its name (`blob::publish`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,9 +17,10 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use super::archive::{valid_name, ArchiveWriter};
-use super::blob::{hash_file, put_bytes, BlobDir, BlobWriter};
+use super::blob::{hash_file, put_bytes, BlobWriter};
 use super::catalog::{self, normalize_tag};
 use super::config::{self, ConfigJson, FileRecord, Sizes, SnapshotConfig};
+use super::dedup::DedupIndex;
 use super::error::{fault_point, format_err, io_err, Result, StoreError};
 use super::ids::{BlobDigest, PageDigest};
 use super::layout::{self, Descriptor, Manifest};
@@ -31,15 +32,15 @@ use super::{IngestOptions, IngestReport, SnapshotInput, Store};
 /// Pages read, hashed and deduplicated per step (16 MiB).
 const BATCH_PAGES: usize = 4096;
 
-/// `pages-<digits>.img` (CRIU's memory) and `fsdata-<digits>.bin` (a container's
-/// file contents, page-aligned per file): the files stored page by page.
-pub(crate) fn is_pages_file(name: &str) -> bool {
+/// `pages-<digits>.img` (CRIU's memory) and the files the caller names in
+/// `IngestOptions::page_stored`: the files stored page by page.
+pub(crate) fn is_pages_file(name: &str, page_stored: &[String]) -> bool {
     let numbered = |prefix: &str, suffix: &str| {
         name.strip_prefix(prefix)
             .and_then(|r| r.strip_suffix(suffix))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     };
-    numbered("pages-", ".img") || numbered("fsdata-", ".bin")
+    numbered("pages-", ".img") || page_stored.iter().any(|p| p == name)
 }
 
 struct ImageFile {
@@ -89,104 +90,6 @@ fn scan(dir: &Path) -> Result<Vec<ImageFile>> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
-}
-
-/// Page digest -> pack of the snapshots already in the store.
-pub(crate) struct DedupIndex {
-    pub(crate) packs: Vec<(BlobDigest, u64)>,
-    pub(crate) map: HashMap<PageDigest, u32>,
-    /// Per pack: not checked yet (None), or whether its whole content matched its
-    /// digest when this ingest first wanted one of its pages.
-    pub(crate) intact: Vec<Option<bool>>,
-}
-
-impl DedupIndex {
-    /// Reads the index of every pack referenced by a snapshot in index.json. Packs
-    /// that are missing or damaged are skipped: their pages are simply stored again.
-    pub(crate) fn load(store: &Store) -> Result<DedupIndex> {
-        let index = store.read_index()?;
-        let blobs = store.blobs();
-        let mut packs: BTreeMap<BlobDigest, u64> = BTreeMap::new();
-        for e in catalog::entries(&index) {
-            let Ok(bytes) = blobs.read_verified(&e.manifest, None, "manifest") else {
-                continue;
-            };
-            let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
-                continue;
-            };
-            for l in m.layers.iter().filter(|l| l.media_type == layout::MT_PACK) {
-                if let Some(d) = l.blob() {
-                    packs.insert(d, l.size);
-                }
-            }
-        }
-        let mut out = DedupIndex {
-            packs: Vec::new(),
-            map: HashMap::new(),
-            intact: Vec::new(),
-        };
-        for (d, size) in packs {
-            let path = blobs.path(&d);
-            let Ok(f) = File::open(&path) else { continue };
-            if f.metadata().map(|m| m.len()).ok() != Some(size) {
-                continue;
-            }
-            let Ok(idx) = pack::read_index(&f, size, &path) else {
-                continue;
-            };
-            let no = out.packs.len() as u32;
-            out.packs.push((d, size));
-            out.intact.push(None);
-            out.map.reserve(idx.digests.len());
-            for digest in idx.digests {
-                out.map.entry(digest).or_insert(no);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The pack holding page `d`, if that pack may be reused (checked intact).
-    fn reusable(&self, d: &PageDigest) -> Option<u32> {
-        self.map
-            .get(d)
-            .copied()
-            .filter(|&p| self.intact.get(p as usize) == Some(&Some(true)))
-    }
-
-    /// Hashes, in parallel, every pack not checked yet that holds one of
-    /// `digests`, and records whether it matches its digest. Returns the packs
-    /// found damaged. A pack is read whole once per ingest: a snapshot that
-    /// references it then relies on every byte of it.
-    fn check_packs_for(&mut self, digests: &[PageDigest], blobs: &BlobDir) -> Vec<BlobDigest> {
-        let todo: Vec<u32> = digests
-            .iter()
-            .filter_map(|d| self.map.get(d).copied())
-            .filter(|&p| self.intact.get(p as usize) == Some(&None))
-            .collect::<BTreeSet<u32>>()
-            .into_iter()
-            .collect();
-        if todo.is_empty() {
-            return Vec::new();
-        }
-        let packs = &self.packs;
-        let results = util::par_map(
-            &todo,
-            || (),
-            |_, &p| {
-                let (d, size) = packs[p as usize];
-                // Unreadable counts as damaged: its pages are simply stored again.
-                hash_file(&blobs.path(&d)).is_ok_and(|(got, n)| got == d && n == size)
-            },
-        );
-        let mut damaged = Vec::new();
-        for (&p, ok) in todo.iter().zip(results) {
-            self.intact[p as usize] = Some(ok);
-            if !ok {
-                damaged.push(self.packs[p as usize].0);
-            }
-        }
-        damaged
-    }
 }
 
 /// State of one ingest while pages stream through it.
@@ -473,7 +376,10 @@ pub(crate) fn ingest(
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     let mut tables = Vec::new();
     let mut records: Vec<FileRecord> = Vec::new();
-    for f in files.iter().filter(|f| is_pages_file(&f.name)) {
+    for f in files
+        .iter()
+        .filter(|f| is_pages_file(&f.name, &opts.page_stored))
+    {
         let (table, sha) = ingest_pages_file(&mut packer, f, &mut buf, &bar)?;
         tables.push((f.name.clone(), table));
         records.push(FileRecord {
@@ -487,6 +393,8 @@ pub(crate) fn ingest(
     drop(buf);
     packer.finish()?;
     fault_point("packs")?;
+    // The fault-matrix tests kill a checkpoint here: packs written, nothing committed.
+    super::util::fault_point("checkpoint.ingest");
 
     // 2. Page tables.
     let mut layers = Vec::new();
@@ -507,7 +415,10 @@ pub(crate) fn ingest(
     fault_point("page-tables")?;
 
     // 3. Every other file, together in one blob.
-    let small: Vec<&ImageFile> = files.iter().filter(|f| !is_pages_file(&f.name)).collect();
+    let small: Vec<&ImageFile> = files
+        .iter()
+        .filter(|f| !is_pages_file(&f.name, &opts.page_stored))
+        .collect();
     let w = BlobWriter::create(&tmp, "files")?;
     let w_path = w.tmp_path().to_path_buf();
     let mut archive = ArchiveWriter::new(w, opts.compress_level, small.len() as u32)
@@ -645,13 +556,19 @@ pub(crate) fn ingest(
         layout::A_ADDED_BYTES.to_string(),
         packer.bytes_added.to_string(),
     );
+    // The tags given at ingest, for `verify --rebuild-index` after a lost
+    // index.json (the manifest only: index.json is where tags live).
+    let mut m_annotations = annotations.clone();
+    if !tags.is_empty() {
+        m_annotations.insert(layout::A_TAGS.to_string(), tags.join(","));
+    }
     let manifest = Manifest {
         schema_version: 2,
         media_type: layout::MT_MANIFEST.into(),
         artifact_type: Some(layout::ARTIFACT_TYPE.into()),
         config: Descriptor::new(layout::MT_CONFIG, &cfg_digest, cfg_len),
         layers,
-        annotations: annotations.clone(),
+        annotations: m_annotations,
     };
     let m_bytes = serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Json {
         op: "serialize manifest for",
@@ -666,6 +583,9 @@ pub(crate) fn ingest(
     let mut root = Descriptor::new(layout::MT_MANIFEST, &m_digest, m_len);
     root.artifact_type = Some(layout::ARTIFACT_TYPE.into());
     root.annotations = annotations;
+    // Made here: the store's own mark, not part of the (exportable) manifest.
+    root.annotations
+        .insert(layout::A_ORIGIN.into(), layout::ORIGIN_LOCAL.into());
     store.update_index(|index| {
         // A concurrent ingest of identical content may have won the race; keep its
         // root and point our tags at it. A damaged root of the same id is replaced.

@@ -43,7 +43,15 @@ pub(crate) const A_CONTAINER: &str = "io.stasis.container";
 pub(crate) const A_IMAGE_BYTES: &str = "io.stasis.image-bytes";
 pub(crate) const A_ADDED_BYTES: &str = "io.stasis.added-bytes";
 pub(crate) const A_FILE: &str = "io.stasis.file";
+/// Manifest only: the tags given when the snapshot was ingested, comma-separated.
+pub(crate) const A_TAGS: &str = "io.stasis.tags";
 pub(crate) const A_STORE_VERSION: &str = "io.stasis.store.version";
+/// Where a snapshot came from, as this store recorded it on its own root
+/// descriptor in index.json: `local` (ingested from a checkpoint made here) or
+/// `imported`. Never taken from an archive or a manifest (FORMAT.md, trust model).
+pub(crate) const A_ORIGIN: &str = "io.stasis.origin";
+pub(crate) const ORIGIN_LOCAL: &str = "local";
+pub(crate) const ORIGIN_IMPORTED: &str = "imported";
 
 /// An OCI content descriptor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +198,12 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
         ]
         .contains(&n.as_str())
     };
-    if entries.iter().all(ours) && !(root.join(OCI_LAYOUT).exists() && p.index().exists()) {
+    // Blobs without index.json are damage (a lost index), not a half-created
+    // store: an empty index would make gc delete every snapshot.
+    if entries.iter().all(ours)
+        && !(root.join(OCI_LAYOUT).exists() && p.index().exists())
+        && !has_blobs(&p)
+    {
         tighten(&p)?;
         for d in [p.blobs(), p.tmp(), p.cache()] {
             create_private_dir_all(&d).map_err(io_err("create directory", &d))?;
@@ -240,7 +253,11 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
     tighten(&p)?;
     match fs::metadata(p.index()) {
         Ok(_) => {
-            let index = read_index(&p)?;
+            // An unparseable index.json is damage that verify reports and
+            // `verify --rebuild-index` fixes: the store must still open.
+            let Ok(index) = read_index(&p) else {
+                return Ok(());
+            };
             if let Some(v) = index.annotations.get(A_STORE_VERSION) {
                 if v != STORE_VERSION {
                     return Err(StoreError::NotAStore {
@@ -250,17 +267,28 @@ pub(crate) fn open_or_create(root: &Path) -> Result<()> {
                 }
             }
         }
-        // A crash during creation: finish it.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        // A crash during creation: finish it. With blobs present index.json was
+        // lost: left missing, so every reader reports it (`read_index`).
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !has_blobs(&p) => {
             let _lock = index_lock(root)?;
             if !p.index().exists() {
                 write_index(&p, &Index::empty())?;
             }
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("stat", &p.index())(e)),
     }
     Ok(())
 }
+
+/// Whether `blobs/sha256/` holds at least one entry.
+pub(crate) fn has_blobs(p: &Paths) -> bool {
+    fs::read_dir(p.blobs()).is_ok_and(|mut rd| rd.next().is_some())
+}
+
+/// The hint every reader gives for a missing or unparseable index.json.
+pub(crate) const REBUILD_HINT: &str =
+    "`stasis snapshot verify --rebuild-index` rebuilds it from the snapshot manifests in blobs/";
 
 /// Makes the store's top-level directories private (0700) when an older stasis
 /// left them 0755: a few stats on every open, a chmod only the first time. What
@@ -287,14 +315,25 @@ fn index_lock(root: &Path) -> Result<super::lock::Flock> {
     )
 }
 
+/// Reads index.json. Missing while blobs exist, or unparseable, it is damage:
+/// the error says how to rebuild it (gc, prune and every other reader refuse).
 pub(crate) fn read_index(p: &Paths) -> Result<Index> {
     let path = p.index();
-    let bytes = fs::read(&path).map_err(io_err("read", &path))?;
-    let index: Index = serde_json::from_slice(&bytes).map_err(|source| StoreError::Json {
-        op: "parse",
-        path: path.clone(),
-        source,
-    })?;
+    let damaged = |reason: String| StoreError::IndexDamaged {
+        path: p.root.clone(),
+        reason,
+    };
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && has_blobs(p) => {
+            return Err(damaged(
+                "index.json is missing but blobs/ holds blobs".into(),
+            ))
+        }
+        Err(e) => return Err(io_err("read", &path)(e)),
+    };
+    let index: Index = serde_json::from_slice(&bytes)
+        .map_err(|e| damaged(format!("index.json cannot be parsed ({e})")))?;
     if index.schema_version != 2 {
         return Err(StoreError::Format {
             what: "index",

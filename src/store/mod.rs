@@ -17,6 +17,7 @@ mod blob;
 mod cache;
 mod catalog;
 mod config;
+mod dedup;
 mod diff;
 mod error;
 mod format;
@@ -28,6 +29,7 @@ mod lock;
 mod materialize;
 mod pack;
 mod pagetable;
+mod rebuild;
 mod repair;
 mod space;
 mod staging;
@@ -46,6 +48,7 @@ pub use diff::{DiffReport, FileChange, FileDiff, PageDiff};
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ids::{BlobDigest, PageDigest, SnapshotId};
+pub use rebuild::RebuildReport;
 pub use repair::RepairReport;
 pub use staging::Staging;
 pub use util::{fault_point, printable};
@@ -56,9 +59,17 @@ use error::Result;
 use layout::{Index, Paths};
 use lock::{Flock, Locks};
 
-/// How long lock waits last before failing, unless `Store::set_lock_timeout` says
-/// otherwise.
+/// How long lock waits last before failing, unless `$STASIS_LOCK_TIMEOUT`
+/// (seconds) or `Store::set_lock_timeout` says otherwise.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `$STASIS_LOCK_TIMEOUT` (whole seconds), else `DEFAULT_LOCK_TIMEOUT`.
+fn lock_timeout_from_env() -> Duration {
+    std::env::var("STASIS_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_LOCK_TIMEOUT, Duration::from_secs)
+}
 
 /// Default zstd level for new pages (STORE.md: level 3 is 3.02x at ~0.46 GB/s).
 pub const DEFAULT_COMPRESS_LEVEL: i32 = 3;
@@ -79,6 +90,10 @@ pub struct IngestOptions {
     pub compress_level: i32,
     /// Show a progress bar on stderr when it is a terminal.
     pub progress: bool,
+    /// Names of image files to store page by page (deduplicated per 4 KiB
+    /// page, like CRIU's `pages-N.img`, which always are) instead of in the
+    /// files blob: large, page-aligned data of the caller's own.
+    pub page_stored: Vec<String>,
 }
 
 impl Default for IngestOptions {
@@ -86,8 +101,18 @@ impl Default for IngestOptions {
         IngestOptions {
             compress_level: DEFAULT_COMPRESS_LEVEL,
             progress: false,
+            page_stored: Vec::new(),
         }
     }
+}
+
+/// One file of a snapshot, as its config records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub name: String,
+    pub size: u64,
+    /// Stored page by page (a page table and packs), not in the files blob.
+    pub page_stored: bool,
 }
 
 /// The store's shared lock, held until dropped (see `Store::pin`).
@@ -136,12 +161,45 @@ pub struct IngestReport {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotSummary {
     pub id: SnapshotId,
+    pub origin: Origin,
     pub tags: Vec<String>,
     /// RFC 3339 UTC.
     pub created: String,
     pub container: String,
     pub image_bytes: u64,
     pub added_bytes: u64,
+}
+
+/// Where a snapshot came from, recorded by this store on its index.json entry
+/// (`io.stasis.origin`) when it ingested or imported it. Ordered from least to
+/// most trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// No record: ingested or imported by a stasis older than the trust model.
+    /// Treated as foreign.
+    Unknown,
+    /// Imported from an archive (`snapshot import`): foreign.
+    Imported,
+    /// Made by a checkpoint on this host.
+    Local,
+}
+
+impl Origin {
+    /// Made here; its stored config.json is the operator's own.
+    pub fn is_local(self) -> bool {
+        self == Origin::Local
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Unknown => "unknown",
+            Origin::Imported => "imported",
+            Origin::Local => "local",
+        })
+    }
 }
 
 /// Checks a tag `NAME[:VER]` and returns its normal form (`NAME` means
@@ -162,7 +220,7 @@ impl Store {
             locks: Locks {
                 store: root.join(layout::LOCK),
                 index: root.join(layout::INDEX_LOCK),
-                timeout: DEFAULT_LOCK_TIMEOUT,
+                timeout: lock_timeout_from_env(),
             },
             shm: PathBuf::from(staging::DEFAULT_SHM),
         })
@@ -225,8 +283,15 @@ impl Store {
                 container: e.container,
                 image_bytes: e.image_bytes,
                 added_bytes: e.added_bytes,
+                origin: e.origin,
             })
             .collect())
+    }
+
+    /// Where the snapshot came from, as this store recorded it (never as an
+    /// archive claims).
+    pub fn origin(&self, id: &SnapshotId) -> std::result::Result<Origin, StoreError> {
+        Ok(self.entry(id)?.origin)
     }
 
     /// The snapshot's config blob (files, config.json, metadata, sizes), verified.
@@ -238,6 +303,22 @@ impl Store {
             path: self.paths.root.clone(),
             source,
         })
+    }
+
+    /// The files of a snapshot (every file of its image directory), from its
+    /// verified config blob.
+    pub fn files(&self, id: &SnapshotId) -> std::result::Result<Vec<SnapshotFile>, StoreError> {
+        let _lock = self.locks.shared()?;
+        let (cfg, _) = self.snapshot_config(id)?;
+        Ok(cfg
+            .files
+            .into_iter()
+            .map(|f| SnapshotFile {
+                page_stored: f.kind == config::KIND_PAGES,
+                name: f.name,
+                size: f.size,
+            })
+            .collect())
     }
 
     /// The container's config.json bytes exactly as ingested, checked against their
@@ -349,7 +430,11 @@ impl Store {
     pub fn verify(&self, read_data: bool) -> std::result::Result<Vec<Finding>, StoreError> {
         let _lock = self.locks.shared()?;
         let mut findings = verify::verify_store(self, read_data)?;
-        findings.extend(cache::verify_caches(self, read_data)?);
+        // Caches are checked against the snapshots in index.json: with index.json
+        // lost or unparseable (reported above) there is nothing to check them by.
+        if self.read_index().is_ok() {
+            findings.extend(cache::verify_caches(self, read_data)?);
+        }
         Ok(findings)
     }
 
@@ -360,6 +445,14 @@ impl Store {
     pub fn repair(&self, archive: Option<&Path>) -> std::result::Result<RepairReport, StoreError> {
         let _lock = self.locks.shared()?;
         repair::repair(self, archive)
+    }
+
+    /// Rebuilds a missing or unparseable index.json from the snapshot manifests
+    /// in blobs/ (tags as recorded at ingest; the damaged file is kept as
+    /// `index.json.damaged`). Refuses when index.json reads fine.
+    pub fn rebuild_index(&self) -> std::result::Result<RebuildReport, StoreError> {
+        let _lock = self.locks.exclusive()?;
+        rebuild::rebuild_index(self)
     }
 
     /// Removes blobs not reachable from index.json, everything in tmp/ but
@@ -402,6 +495,28 @@ impl Store {
     pub fn export(&self, name_or_id: &str, out: &Path) -> std::result::Result<(), StoreError> {
         let _lock = self.locks.shared()?;
         transfer::export(self, name_or_id, out)
+    }
+
+    /// `export` streamed to `w` (stdout, a pipe); `label` names `w` in errors.
+    pub fn export_to(
+        &self,
+        name_or_id: &str,
+        w: &mut dyn std::io::Write,
+        label: &Path,
+    ) -> std::result::Result<(), StoreError> {
+        let _lock = self.locks.shared()?;
+        transfer::export_to(self, name_or_id, w, label)
+    }
+
+    /// `import` of an archive read once, in order, from `r` (stdin, a pipe);
+    /// `label` names it in errors.
+    pub fn import_from(
+        &self,
+        r: &mut dyn std::io::Read,
+        label: &Path,
+    ) -> std::result::Result<Vec<SnapshotId>, StoreError> {
+        let _lock = self.locks.shared()?;
+        transfer::import_from(self, r, label)
     }
 
     /// Imports an OCI layout tar written by `export`. Everything is checked before

@@ -107,7 +107,7 @@ fn from_archive(
     file: &Path,
     wanted: &BTreeMap<BlobDigest, Damaged>,
 ) -> Result<Vec<BlobDigest>> {
-    let reject = |reason: String| StoreError::ImportRejected {
+    let reject = |reason: String| StoreError::RepairSource {
         path: file.to_path_buf(),
         reason,
     };

@@ -106,18 +106,24 @@ impl Store {
             Place::Shm => self.shm.clone(),
             Place::StoreTmp => self.paths.tmp(),
         };
+        // 0700 at mkdir(2) (tempfile's default is 0777 & ~umask): the dump in it
+        // is the process's memory.
         let fresh = tempfile::Builder::new()
             .prefix(NEW_PREFIX)
+            .permissions(fs::Permissions::from_mode(super::util::PRIVATE_DIR))
             .tempdir_in(&base)
             .map_err(io_err("create staging directory in", &base))?
             .keep();
         match lock_and_publish(&fresh) {
-            Ok((path, owner)) => Ok(Staging {
-                path,
-                keep: false,
-                _owner: owner,
-                _pin: pin,
-            }),
+            Ok((path, owner)) => {
+                super::fault_point("staging.created");
+                Ok(Staging {
+                    path,
+                    keep: false,
+                    _owner: owner,
+                    _pin: pin,
+                })
+            }
             Err(e) => {
                 let _ = fs::remove_dir_all(&fresh);
                 Err(e)
@@ -129,6 +135,20 @@ impl Store {
     /// set otherwise).
     pub fn set_shm_dir(&mut self, dir: &Path) {
         self.shm = dir.to_path_buf();
+    }
+
+    /// Staging directories kept for the user, on the tmpfs and in `tmp/`.
+    pub fn kept_staging(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for base in [self.shm.clone(), self.paths.tmp()] {
+            for e in fs::read_dir(&base).into_iter().flatten().flatten() {
+                if is_kept(&e.path()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Removes every staging directory (on the tmpfs and in `tmp/`) whose owner
@@ -187,10 +207,29 @@ fn is_dead(dir: &Path) -> bool {
     if dir.join(KEPT).exists() {
         return false;
     }
+    // A hidden directory is locked within microseconds of its creation: one
+    // seen unlocked is dead only once it is clearly older than that.
+    let hidden = dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(NEW_PREFIX));
+    if hidden && !older_than(dir, NEW_GRACE) {
+        return false;
+    }
     let Ok(f) = File::open(dir.join(OWNER)) else {
         return true;
     };
     Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok()
+}
+
+/// How long a hidden staging directory may exist unlocked while it is set up.
+const NEW_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn older_than(p: &Path, age: std::time::Duration) -> bool {
+    fs::symlink_metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .is_some_and(|a| a > age)
 }
 
 /// Whether `path` is a staging directory kept for the user (gc leaves it).

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +34,15 @@ fn tar_header(size: u64, mode: u32, kind: tar::EntryType) -> tar::Header {
     h
 }
 
-pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> {
+/// What an export writes: a snapshot's index entry, manifest, and the tag it was
+/// named by (recorded in the archive's index.json).
+struct ExportSource {
+    entry: catalog::Entry,
+    manifest: Manifest,
+    tag: Option<String>,
+}
+
+fn export_source(store: &Store, name_or_id: &str) -> Result<ExportSource> {
     let index = store.read_index()?;
     let id = catalog::resolve(&index, name_or_id)?;
     let entry = store.entry(&id)?;
@@ -42,7 +50,28 @@ pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> 
         .ok()
         .filter(|t| entry.tags.contains(t));
     let manifest = store.manifest(&id)?;
+    Ok(ExportSource {
+        entry,
+        manifest,
+        tag,
+    })
+}
 
+/// Streams the archive to `w` (a pipe, say); `label` names it in errors. A failed
+/// export leaves a truncated stream, which import refuses.
+pub(crate) fn export_to(
+    store: &Store,
+    name_or_id: &str,
+    w: &mut dyn Write,
+    label: &Path,
+) -> Result<()> {
+    let src = export_source(store, name_or_id)?;
+    let w = write_archive(store, &src, w, label)?;
+    w.flush().map_err(io_err("write", label))
+}
+
+pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> {
+    let src = export_source(store, name_or_id)?;
     let file_name = out
         .file_name()
         .ok_or_else(|| StoreError::Destination {
@@ -67,75 +96,7 @@ pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> 
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
     let res = (|| -> Result<()> {
-        let mut b = tar::Builder::new(BufWriter::with_capacity(1 << 20, f));
-        let tar_err = io_err("write", &tmp);
-        let mut h = tar_header(
-            layout::OCI_LAYOUT_CONTENT.len() as u64,
-            0o644,
-            tar::EntryType::Regular,
-        );
-        b.append_data(
-            &mut h,
-            layout::OCI_LAYOUT,
-            layout::OCI_LAYOUT_CONTENT.as_bytes(),
-        )
-        .map_err(tar_err)?;
-        for dir in ["blobs/", "blobs/sha256/"] {
-            let mut h = tar_header(0, 0o755, tar::EntryType::Directory);
-            b.append_data(&mut h, dir, io::empty())
-                .map_err(io_err("write", &tmp))?;
-        }
-        // Data first, the manifest after what it refers to, index.json last.
-        let mut descs: Vec<&Descriptor> = manifest.layers.iter().collect();
-        descs.push(&manifest.config);
-        let mdesc = entry.descriptor.clone();
-        descs.push(&mdesc);
-        let blobs = store.blobs();
-        for d in descs {
-            let digest = d.blob().ok_or_else(|| StoreError::Format {
-                what: "manifest",
-                path: store.paths.root.clone(),
-                reason: format!("malformed digest {:?}", d.digest),
-            })?;
-            let path = blobs.path(&digest);
-            let f = blobs.open(&digest)?;
-            let len = f.metadata().map_err(io_err("stat", &path))?.len();
-            if len != d.size {
-                return Err(StoreError::Format {
-                    what: "blob",
-                    path,
-                    reason: format!("{len} bytes, its descriptor says {}", d.size),
-                });
-            }
-            let mut r = HashingReader::new(BufReader::with_capacity(1 << 20, f));
-            let mut h = tar_header(len, 0o444, tar::EntryType::Regular);
-            b.append_data(&mut h, format!("blobs/sha256/{}", digest.to_hex()), &mut r)
-                .map_err(io_err("write", &tmp))?;
-            if r.count != len || BlobDigest::from_hasher(r.hasher) != digest {
-                return Err(StoreError::Format {
-                    what: "blob",
-                    path,
-                    reason: "content does not match its digest; run `stasis snapshot verify`"
-                        .into(),
-                });
-            }
-        }
-        let mut root = entry.descriptor.clone();
-        if let Some(t) = &tag {
-            root.annotations
-                .insert(layout::A_REF_NAME.into(), t.clone());
-        }
-        let mut idx = Index::empty();
-        idx.manifests.push(root);
-        let bytes = serde_json::to_vec_pretty(&idx).map_err(|source| StoreError::Json {
-            op: "serialize index for",
-            path: tmp.clone(),
-            source,
-        })?;
-        let mut h = tar_header(bytes.len() as u64, 0o644, tar::EntryType::Regular);
-        b.append_data(&mut h, layout::INDEX_JSON, &bytes[..])
-            .map_err(io_err("write", &tmp))?;
-        let w = b.into_inner().map_err(io_err("write", &tmp))?;
+        let w = write_archive(store, &src, BufWriter::with_capacity(1 << 20, f), &tmp)?;
         let f = w
             .into_inner()
             .map_err(|e| io_err("write", &tmp)(e.into_error()))?;
@@ -147,6 +108,82 @@ pub(crate) fn export(store: &Store, name_or_id: &str, out: &Path) -> Result<()> 
         let _ = fs::remove_file(&tmp);
     }
     res
+}
+
+/// Writes the OCI layout tar of `src` to `w` and returns `w`; `tmp` names the
+/// destination in errors.
+fn write_archive<W: Write>(store: &Store, src: &ExportSource, w: W, tmp: &Path) -> Result<W> {
+    let (entry, manifest, tag) = (&src.entry, &src.manifest, &src.tag);
+    let mut b = tar::Builder::new(w);
+    let tar_err = io_err("write", tmp);
+    let mut h = tar_header(
+        layout::OCI_LAYOUT_CONTENT.len() as u64,
+        0o644,
+        tar::EntryType::Regular,
+    );
+    b.append_data(
+        &mut h,
+        layout::OCI_LAYOUT,
+        layout::OCI_LAYOUT_CONTENT.as_bytes(),
+    )
+    .map_err(tar_err)?;
+    for dir in ["blobs/", "blobs/sha256/"] {
+        let mut h = tar_header(0, 0o755, tar::EntryType::Directory);
+        b.append_data(&mut h, dir, io::empty())
+            .map_err(io_err("write", tmp))?;
+    }
+    // Data first, the manifest after what it refers to, index.json last.
+    let mut descs: Vec<&Descriptor> = manifest.layers.iter().collect();
+    descs.push(&manifest.config);
+    let mdesc = entry.descriptor.clone();
+    descs.push(&mdesc);
+    let blobs = store.blobs();
+    for d in descs {
+        let digest = d.blob().ok_or_else(|| StoreError::Format {
+            what: "manifest",
+            path: store.paths.root.clone(),
+            reason: format!("malformed digest {:?}", d.digest),
+        })?;
+        let path = blobs.path(&digest);
+        let f = blobs.open(&digest)?;
+        let len = f.metadata().map_err(io_err("stat", &path))?.len();
+        if len != d.size {
+            return Err(StoreError::Format {
+                what: "blob",
+                path,
+                reason: format!("{len} bytes, its descriptor says {}", d.size),
+            });
+        }
+        let mut r = HashingReader::new(BufReader::with_capacity(1 << 20, f));
+        let mut h = tar_header(len, 0o444, tar::EntryType::Regular);
+        b.append_data(&mut h, format!("blobs/sha256/{}", digest.to_hex()), &mut r)
+            .map_err(io_err("write", tmp))?;
+        if r.count != len || BlobDigest::from_hasher(r.hasher) != digest {
+            return Err(StoreError::Format {
+                what: "blob",
+                path,
+                reason: "content does not match its digest; run `stasis snapshot verify`".into(),
+            });
+        }
+    }
+    let mut root = entry.descriptor.clone();
+    // The origin is this store's record; the importing store sets its own.
+    root.annotations.remove(layout::A_ORIGIN);
+    if let Some(t) = &tag {
+        root.annotations
+            .insert(layout::A_REF_NAME.into(), t.clone());
+    }
+    let mut idx = Index::empty();
+    idx.manifests.push(root);
+    let bytes = serde_json::to_vec_pretty(&idx).map_err(|source| StoreError::Json {
+        op: "serialize index for",
+        path: tmp.to_path_buf(),
+        source,
+    })?;
+    let mut h = tar_header(bytes.len() as u64, 0o644, tar::EntryType::Regular);
+    b.append_data(&mut h, layout::INDEX_JSON, &bytes[..])
+        .map_err(io_err("write", tmp))?;
+    b.into_inner().map_err(io_err("write", tmp))
 }
 
 /// Where an accepted tar entry goes.
@@ -197,6 +234,13 @@ fn tar_error(e: &io::Error) -> String {
 }
 
 pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
+    let f = File::open(file).map_err(io_err("open", file))?;
+    import_from(store, f, file)
+}
+
+/// Imports the archive read from `r` (a file, or a pipe: it is read once, in
+/// order); `file` names it in errors.
+pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Vec<SnapshotId>> {
     let reject = |reason: String| StoreError::ImportRejected {
         path: file.to_path_buf(),
         reason,
@@ -211,8 +255,7 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
     let staged = BlobDir::new(staging.0.clone());
 
     // 1. Unpack blobs into staging, hashing each.
-    let f = File::open(file).map_err(io_err("open", file))?;
-    let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, f));
+    let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, r));
     let mut layout_json: Option<Vec<u8>> = None;
     let mut index_json: Option<Vec<u8>> = None;
     let mut sizes: HashMap<BlobDigest, u64> = HashMap::new();
@@ -469,6 +512,9 @@ pub(crate) fn import(store: &Store, file: &Path) -> Result<Vec<SnapshotId>> {
                     // Annotations from the verified manifest, not from the archive's index.
                     let mut r = Descriptor::new(layout::MT_MANIFEST, md, d.size);
                     r.artifact_type = Some(layout::ARTIFACT_TYPE.into());
+                    // Whatever the archive says: it came from elsewhere.
+                    r.annotations
+                        .insert(layout::A_ORIGIN.into(), layout::ORIGIN_IMPORTED.into());
                     for k in [
                         layout::A_ID,
                         layout::A_CREATED,

@@ -30,10 +30,13 @@ pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Takes group and other permissions off an existing directory (a store made by
-/// an older stasis with 0755). One stat when it is already private.
+/// an older stasis with 0755). One stat when it is already private; another
+/// user's directory is left alone (its owner tightens it).
 pub(crate) fn tighten_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let m = fs::symlink_metadata(dir)?;
-    if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+    let ours = m.uid() == nix::unistd::geteuid().as_raw();
+    if ours && m.is_dir() && m.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR))?;
     }
     Ok(())

@@ -390,6 +390,13 @@ impl<'a> Checker<'a> {
             let Some(d) = l.blob() else { continue };
             match l.media_type.as_str() {
                 layout::MT_PAGE_TABLE => {
+                    if let Err(e) = super::config::check_file_name(l.annotation(layout::A_FILE)) {
+                        self.push(
+                            Level::Error,
+                            format!("{label}: page table {d}: {e}"),
+                            hint.clone(),
+                        );
+                    }
                     if let Some(f) = self.blob_file(&d, l.size, "page table", label, &hint) {
                         match pagetable::TableReader::new(f, &self.blobs.path(&d)) {
                             Ok(t) => tables.push((d, t.file_size)),
@@ -616,7 +623,17 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
     let index = match store.read_index() {
         Ok(i) => i,
         Err(e) => {
-            c.push(Level::Error, format!("index.json cannot be read: {e}"), "restore index.json from a backup; blobs are intact but no snapshot can be found without it".into());
+            c.push(
+                Level::Error,
+                match e {
+                    super::StoreError::IndexDamaged { reason, .. } => reason,
+                    e => format!("index.json cannot be read: {e}"),
+                },
+                format!(
+                    "no snapshot can be found without it and gc refuses to run; {}",
+                    layout::REBUILD_HINT
+                ),
+            );
             return Ok(c.findings);
         }
     };
@@ -675,6 +692,8 @@ pub(crate) fn verify_store(store: &Store, read_data: bool) -> super::error::Resu
     if let Ok(rd) = fs::read_dir(store.paths.tmp()) {
         let old = rd
             .flatten()
+            // A kept staging directory is reported on its own (cache.rs).
+            .filter(|e| !super::staging::is_kept(&e.path()))
             .filter(|e| {
                 e.metadata()
                     .and_then(|m| m.modified())

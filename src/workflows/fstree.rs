@@ -657,14 +657,7 @@ pub fn snapshot_manifest(
     store: &crate::store::Store,
     id: &crate::store::SnapshotId,
 ) -> Result<Option<Manifest>> {
-    let cfg = store.config(id)?;
-    let has = cfg
-        .get("files")
-        .and_then(|f| f.as_array())
-        .is_some_and(|f| {
-            f.iter()
-                .any(|r| r.get("name").and_then(|n| n.as_str()) == Some(MANIFEST_FILE))
-        });
+    let has = store.files(id)?.iter().any(|f| f.name == MANIFEST_FILE);
     if !has {
         return Ok(None);
     }

@@ -9,6 +9,7 @@ pub mod podman;
 pub mod prewarm;
 pub mod serve;
 pub mod snapshot;
+pub mod trust;
 
 use std::path::PathBuf;
 
@@ -27,11 +28,16 @@ pub enum WorkflowError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("storing the checkpoint failed: {source}; the CRIU image is kept at {image}: restore it with `stasis restore --image-path {image}`")]
+    /// The container was stopped by the dump: its image is all that is left.
+    #[error("storing the checkpoint failed: {source}; the container was stopped and its CRIU image is kept at {image}: restore it with `stasis restore --image-path {image} --bundle {bundle} {id}`, then remove {}", image.parent().unwrap_or(image).display())]
     IngestFailed {
         source: Box<StoreError>,
         image: PathBuf,
+        bundle: PathBuf,
+        id: String,
     },
+    #[error("storing the checkpoint failed: {source}; container {id} was not stopped and runs on (nothing was stored): fix the cause and checkpoint again")]
+    NotStored { source: Box<StoreError>, id: String },
     #[error("snapshot {snapshot} cannot be restored on this host:\n  {}\n(--force restores anyway)", reasons.join("\n  "))]
     Incompatible {
         snapshot: String,
@@ -39,8 +45,12 @@ pub enum WorkflowError {
     },
     #[error("prewarm: {0}")]
     Prewarm(String),
+    #[error("prewarm of {id} stopped by {signal}: the container it started was removed")]
+    Interrupted { id: String, signal: String },
     #[error("snapshot {snapshot}: {reason}")]
     Snapshot { snapshot: String, reason: String },
+    #[error("--copies {copies} is out of range: restore 1 to {max} copies at a time (run several restores with --name-prefix for more)")]
+    CopiesOutOfRange { copies: usize, max: usize },
     #[error("readiness probe {probe} never passed: {last_error}; the container was removed; its last output:\n  {}", if output.is_empty() { "(none)".to_string() } else { output.join("\n  ") })]
     ProbeFailed {
         probe: String,

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,64 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// The stop signal (SIGINT or SIGTERM) a prewarm received, 0 while none.
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn record_stop(sig: libc::c_int) {
+    STOP.store(sig, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM recorded (not fatal, not ignored, even when the parent
+/// ignored them) while a prewarm runs, so it can stop at the next step and
+/// remove what it started; the previous dispositions come back on drop. Children
+/// (`stasis run`, CRIU) get the default dispositions back at exec.
+struct StopSignals {
+    old: Vec<(nix::sys::signal::Signal, nix::sys::signal::SigAction)>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        STOP.store(0, Ordering::SeqCst);
+        let action = SigAction::new(
+            SigHandler::Handler(record_stop),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut old = Vec::new();
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            // SAFETY: the handler only stores into an atomic, which is
+            // async-signal-safe; the old action is restored on drop.
+            if let Ok(prev) = unsafe { sigaction(sig, &action) } {
+                old.push((sig, prev));
+            }
+        }
+        StopSignals { old }
+    }
+
+    /// Err(Interrupted) once a stop signal arrived.
+    fn check(&self, id: &str) -> Result<()> {
+        match STOP.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            sig => Err(WorkflowError::Interrupted {
+                id: id.to_string(),
+                signal: nix::sys::signal::Signal::try_from(sig)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| format!("signal {sig}")),
+            }),
+        }
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        for (sig, prev) in &self.old {
+            // SAFETY: restores the action that was in place before `install`.
+            let _ = unsafe { nix::sys::signal::sigaction(*sig, prev) };
+        }
+    }
+}
+
 fn stasis_cmd(o: &PrewarmOptions) -> Command {
     let mut c = Command::new(&o.self_exe);
     c.args(&o.global_args);
@@ -170,6 +229,7 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     for tag in &o.tags {
         crate::store::normalize_tag(tag)?;
     }
+    let stop = StopSignals::install();
     let t0 = Instant::now();
     // Run through a subprocess so the container's stdout/stderr are our pipe (CRIU
     // cannot dump a container writing to a host file; a pipe is remapped on restore).
@@ -221,10 +281,13 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
         id: o.id.clone(),
         armed: true,
     };
+    crate::runtime::fault_point("prewarm.started");
+    stop.check(&o.id)?;
     let pid = rt.load(&o.id)?.pid;
     let deadline = t0 + o.ready_timeout;
     let mut last_err;
     loop {
+        stop.check(&o.id)?;
         match check_probe(o, pid, &tail) {
             Ok(()) => break,
             Err(e) => last_err = e,
@@ -249,18 +312,7 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     let cold_to_ready = t0.elapsed();
     let t1 = Instant::now();
     if let Some(cmd) = &o.warmup {
-        let st = stasis_cmd(o)
-            .arg("exec")
-            .arg(&o.id)
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .map_err(|source| WorkflowError::Io {
-                op: "run warm-up in",
-                path: o.self_exe.clone(),
-                source,
-            })?;
+        let st = run_warmup(o, cmd, &stop)?;
         if !st.success() {
             return Err(WorkflowError::Prewarm(format!(
                 "warm-up command {:?} failed with {st}",
@@ -273,6 +325,7 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     // 127.0.0.1` and warm-up commands do too, and the server may not have closed
     // its end yet.
     settle_connections(pid);
+    stop.check(&o.id)?;
     let t2 = Instant::now();
     let checkpoint = checkpoint_to_store(
         rt,
@@ -293,6 +346,9 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
         },
     )?;
     let checkpoint_time = t2.elapsed();
+    // Stopped during the checkpoint: the snapshot is stored, the container
+    // (with --keep-running) goes.
+    stop.check(&o.id)?;
     if o.keep_running {
         cleanup.armed = false;
     }
@@ -317,6 +373,38 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
         cache_ms,
         cache_error,
     })
+}
+
+/// Runs the warm-up command in the container; a stop signal kills it.
+fn run_warmup(
+    o: &PrewarmOptions,
+    cmd: &[String],
+    stop: &StopSignals,
+) -> Result<std::process::ExitStatus> {
+    let io = |source| WorkflowError::Io {
+        op: "run warm-up in",
+        path: o.self_exe.clone(),
+        source,
+    };
+    let mut child = stasis_cmd(o)
+        .arg("exec")
+        .arg(&o.id)
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(io)?;
+    loop {
+        if let Some(st) = child.try_wait().map_err(io)? {
+            return Ok(st);
+        }
+        if let Err(e) = stop.check(&o.id) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits (at most 2 s) until the probe's connections are gone from the

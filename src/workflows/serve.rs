@@ -819,7 +819,8 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-/// Default stats file for a listen address.
+/// Default stats file for a listen address: a dot name in `--root`, where no
+/// container id can name it (ids never start with '.').
 pub fn default_stats_file(root: &Path, listen: &SocketAddr) -> PathBuf {
-    root.join(format!("serve-{}-{}.json", listen.ip(), listen.port()))
+    root.join(format!(".serve-{}-{}.json", listen.ip(), listen.port()))
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::{fstree, host, Result, WorkflowError};
-use crate::runtime::checkpoint::{CheckpointOptions, CriuStats, RestoreOptions};
+use crate::runtime::checkpoint::{defers_stop, CheckpointOptions, CriuStats, RestoreOptions};
 use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::{
     CacheBuild, CacheKind, CacheLookup, IngestOptions, IngestReport, SnapshotId, SnapshotInput,
@@ -108,8 +108,14 @@ pub struct CheckpointResult {
 }
 
 /// `checkpoint ID --tag NAME`: dump to staging, then ingest into the store.
-/// When the ingest fails after the container was stopped, the CRIU image is kept
-/// and its path given in the error, so nothing is lost.
+///
+/// Without --leave-running the snapshot is committed before the container is
+/// stopped: CRIU leaves the tasks frozen (`Runtime::checkpoint_with`), the
+/// filesystem is captured and the image ingested and committed, and only then
+/// are the tasks killed. A failure, or the death of this process, before the
+/// commit leaves the container running (thawed by the next command). Where CRIU
+/// must stop the tasks itself (`--tcp-established`), an ingest that fails keeps
+/// the CRIU image and names it in the error, so nothing is lost either.
 pub fn checkpoint_to_store(
     rt: &Runtime,
     store: &Store,
@@ -120,6 +126,9 @@ pub fn checkpoint_to_store(
     for tag in &t.tags {
         crate::store::normalize_tag(tag)?;
     }
+    // Nor a damaged store (index.json lost or unparseable): the ingest would
+    // fail after the dump.
+    store.list()?;
     let st = rt.load(id)?;
     let config_json =
         fs::read(st.bundle.join("config.json")).map_err(|source| WorkflowError::Io {
@@ -138,9 +147,9 @@ pub fn checkpoint_to_store(
     opts.image_path = img.clone();
     opts.work_path = Some(work);
     // The filesystem is captured right after the dump, while the container is
-    // still frozen (or already stopped), so files and memory agree. The stat cache
-    // keeps that window short: files whose key matches the last capture are only
-    // statted while frozen and copied after the thaw (`fstree::Capture::finish`).
+    // still frozen, so files and memory agree. The stat cache keeps that window
+    // short: files whose key matches the last capture are only statted while
+    // frozen and copied later (`fstree::Capture::finish`).
     let sources = fs_sources(t, &st.bundle, &st.rootfs, &config_json);
     let cache_path = store.stat_cache_path(id);
     // The snapshot the stat cache points into supplies the unchanged files after
@@ -161,174 +170,287 @@ pub fn checkpoint_to_store(
             None => (None, None),
         }
     };
-    let mut capture: Option<fstree::Capture> = None;
-    let mut capture_ms = 0;
-    let prev_dir = staging.path().join("previous");
-    // `fresh`: the copy given before did not match a file's digest; materialise
-    // one verified from the store instead of using the cache.
-    let previous = |fresh: bool| -> Result<PathBuf> {
-        let (_, sid) = cache.as_ref().ok_or_else(|| WorkflowError::Io {
-            op: "capture the filesystem",
-            path: img.clone(),
-            source: std::io::Error::other("no previous snapshot for unchanged files"),
-        })?;
-        if fresh {
-            let _ = fs::remove_dir_all(&prev_dir);
-            return Ok(store.materialize_file(sid, fstree::DATA_FILE, &prev_dir)?);
-        }
-        previous_fs_data(store, sid, &prev_dir)
-    };
-    // Without --leave-running the container is stopping (CRIU killed its tasks)
-    // and its private rootfs and volumes go with it: unchanged files are copied
-    // in the after-dump step, while they are still mounted.
-    let finish_early = !opts.leave_running;
-    let mut early_err: Option<String> = None;
-    let mut assemble_ms = 0;
     // Without the rootfs in the snapshot, the files the processes hold open are
     // recorded so a restore onto a changed rootfs is refused: listed and hashed
     // after the dump while the container is still frozen, so the digests are the
     // checkpoint's contents. The list taken now stands in when the tasks are
-    // already gone by then (CRIU kills them without --leave-running).
+    // already gone by then (CRIU kills them itself with --tcp-established).
     let open_before = if t.ignore_rootfs {
         super::openfiles::list(&st.rootfs, &container_pids(st.pid))
     } else {
         Vec::new()
     };
-    let mut open_files = serde_json::Value::Array(Vec::new());
+    let mut c = Commit {
+        rt,
+        store,
+        t,
+        st: &st,
+        opts: &opts,
+        config_json: &config_json,
+        cache: cache.as_ref(),
+        prev_dir: staging.path().join("previous"),
+        staging: &mut staging,
+        tasks_survive: opts.leave_running || defers_stop(&opts),
+        capture: None,
+        open_files: serde_json::Value::Array(Vec::new()),
+        failure: None,
+        report: None,
+        timings: Timings::default(),
+    };
     let t0 = Instant::now();
-    let stats = rt.checkpoint_with(&opts, &mut |cs, _| {
-        if t.ignore_rootfs {
+    let res = rt.checkpoint_with(&opts, &mut |cs, stats| {
+        c.timings.dump = t0.elapsed().as_millis();
+        c.capture_frozen(cs, &sources, &open_before)?;
+        if !opts.leave_running {
+            // Committed before the container is stopped (or, with CRIU's own
+            // stop, before its mounts go).
+            match c.commit(stats) {
+                Ok(report) => c.report = Some(report),
+                Err(e) => {
+                    let msg = e.to_string();
+                    c.failure = Some(e);
+                    return Err(crate::runtime::RuntimeError::Invalid(msg));
+                }
+            }
+        }
+        Ok(())
+    });
+    let stats = match (res, c.failure.take(), c.report.take()) {
+        (Ok(stats), _, Some(report)) => {
+            drop(pin);
+            return Ok(c.done(report, stats, &cache_path));
+        }
+        (Ok(stats), _, None) => stats,
+        (Err(e), _, Some(report)) => {
+            return Err(WorkflowError::Snapshot {
+                snapshot: report.id.to_string(),
+                reason: format!("committed, but stopping container {id} afterwards failed: {e}; remove it with `stasis delete --force {id}`"),
+            })
+        }
+        (Err(_), Some(f), None) => return Err(f),
+        (Err(mut e), None, None) => {
+            // The staging directory goes away: keep the CRIU log the error names.
+            crate::runtime::checkpoint::keep_failed_log_as(&mut e, "checkpoint", id);
+            return Err(e.into());
+        }
+    };
+    // --leave-running: the container runs on (thawed); store the image now.
+    c.timings.dump = t0.elapsed().as_millis();
+    let report = c.commit(&stats)?;
+    drop(pin);
+    Ok(c.done(report, stats, &cache_path))
+}
+
+#[derive(Default)]
+struct Timings {
+    dump: u128,
+    capture: u128,
+    assemble: u128,
+    ingest: u128,
+}
+
+/// What a tagged checkpoint carries from the dump to the commit.
+struct Commit<'a> {
+    rt: &'a Runtime,
+    store: &'a Store,
+    t: &'a TaggedCheckpoint,
+    st: &'a crate::runtime::ContainerState,
+    opts: &'a CheckpointOptions,
+    config_json: &'a [u8],
+    cache: Option<&'a (fstree::StatCache, SnapshotId)>,
+    prev_dir: PathBuf,
+    staging: &'a mut crate::store::Staging,
+    /// The container's tasks outlive the dump (--leave-running, or frozen until
+    /// the commit): a failure before the commit costs nothing but the attempt.
+    tasks_survive: bool,
+    capture: Option<fstree::Capture>,
+    open_files: serde_json::Value,
+    /// The error of a commit that failed inside the dump callback.
+    failure: Option<WorkflowError>,
+    report: Option<IngestReport>,
+    timings: Timings,
+}
+
+impl Commit<'_> {
+    /// While the container is frozen: record the open files (without the
+    /// rootfs) and capture the filesystem (`fstree::capture_frozen`).
+    fn capture_frozen(
+        &mut self,
+        cs: &crate::runtime::ContainerState,
+        sources: &[fstree::Source],
+        open_before: &[String],
+    ) -> crate::runtime::Result<()> {
+        if self.t.ignore_rootfs {
             let mut paths = super::openfiles::list(&cs.rootfs, &container_pids(cs.pid));
             if paths.is_empty() {
-                paths.clone_from(&open_before);
+                paths = open_before.to_vec();
             }
-            open_files = super::openfiles::digests(&cs.rootfs, &paths);
+            self.open_files = super::openfiles::digests(&cs.rootfs, &paths);
         }
         if sources.is_empty() {
             return Ok(());
         }
         let c0 = Instant::now();
         let copts = fstree::CaptureOptions {
-            cache: cache.as_ref().map(|(c, _)| c),
+            cache: self.cache.map(|(c, _)| c),
             mapped: fstree::Mapped::of_pids(&container_pids(cs.pid)),
             ..Default::default()
         };
-        let c = fstree::capture_frozen(&sources, &img, &copts).map_err(|e| {
+        let c = fstree::capture_frozen(sources, &self.opts.image_path, &copts).map_err(|e| {
             crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
         })?;
-        capture_ms = c0.elapsed().as_millis();
-        let c = capture.insert(c);
-        if finish_early {
-            let a0 = Instant::now();
-            c.finish(&mut |fresh| previous(fresh)).map_err(|e| {
-                early_err = Some(e.to_string());
-                crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
-            })?;
-            assemble_ms = a0.elapsed().as_millis();
-        }
+        self.timings.capture = c0.elapsed().as_millis();
+        self.capture = Some(c);
         Ok(())
-    });
-    if let (Err(_), Some(e)) = (&stats, early_err) {
-        // The container is stopped: its image is all that is left of it.
-        return Err(WorkflowError::Io {
-            op: "copying unchanged files after the dump failed; the CRIU image is kept at",
-            path: staging.keep_image(),
-            source: std::io::Error::other(e),
-        });
     }
-    // The staging directory goes away: keep the CRIU log the error names.
-    let stats = stats.map_err(|mut e| {
-        crate::runtime::checkpoint::keep_failed_log_as(&mut e, "checkpoint", id);
-        e
-    })?;
-    let dump_ms = t0.elapsed().as_millis();
-    // Thawed (or stopped): copy the unchanged files, hash, write the manifest.
-    let a0 = Instant::now();
-    let mut fs_info = serde_json::Value::Null;
-    if let Some(c) = capture.as_mut() {
-        if !finish_early {
-            // With --leave-running (the only way here) the container runs on, so
-            // the image is not kept: the staging directory (RAM, on /dev/shm)
-            // goes with everything in it.
-            c.finish(&mut |fresh| previous(fresh)).map_err(|e| WorkflowError::Io {
-                op: "copying unchanged files after the dump failed (the container runs on; nothing was stored) for container",
-                path: PathBuf::from(id),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            assemble_ms = a0.elapsed().as_millis();
+
+    /// Copies the unchanged files, writes the metadata and ingests the image:
+    /// the snapshot is committed when this returns Ok.
+    fn commit(&mut self, stats: &CriuStats) -> Result<IngestReport> {
+        let id = &self.opts.id;
+        let a0 = Instant::now();
+        let mut fs_info = serde_json::Value::Null;
+        if let Some(c) = self.capture.as_mut() {
+            let (cache, prev_dir, store) = (self.cache, &self.prev_dir, self.store);
+            // `fresh`: the copy given before did not match a file's digest;
+            // materialise one verified from the store instead of using the cache.
+            let mut previous = |fresh: bool| -> Result<PathBuf> {
+                let (_, sid) = cache.ok_or_else(|| WorkflowError::Io {
+                    op: "capture the filesystem",
+                    path: prev_dir.clone(),
+                    source: std::io::Error::other("no previous snapshot for unchanged files"),
+                })?;
+                if fresh {
+                    let _ = fs::remove_dir_all(prev_dir);
+                    return Ok(store.materialize_file(sid, fstree::DATA_FILE, prev_dir)?);
+                }
+                previous_fs_data(store, sid, prev_dir)
+            };
+            if let Err(e) = c.finish(&mut previous) {
+                return Err(if self.tasks_survive {
+                    WorkflowError::Io {
+                        op: "copying unchanged files after the dump failed (the container runs on; nothing was stored) for container",
+                        path: PathBuf::from(id),
+                        source: std::io::Error::other(e.to_string()),
+                    }
+                } else {
+                    // The container is stopped: its image is all that is left of it.
+                    WorkflowError::Io {
+                        op: "copying unchanged files after the dump failed; the CRIU image is kept at",
+                        path: self.staging.keep_image(),
+                        source: std::io::Error::other(e.to_string()),
+                    }
+                });
+            }
+            self.timings.assemble = a0.elapsed().as_millis();
+            fs_info = fs_info_of(c, self.cache);
         }
-        let m = &c.manifest;
-        fs_info = json!({
-            "files": m.files(),
-            "bytes": m.bytes(),
-            "trees": m.trees.iter().map(|t| json!({
-                "role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len(),
-                "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
-                "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
-            })).collect::<Vec<_>>(),
-            "capture": c.stats,
-            "stat_cache": cache.as_ref().map(|(_, sid)| json!({"base": sid.to_string()})),
-        });
+        let metadata = self.metadata(stats, fs_info);
+        // Tests park here to look at the staging directory holding the dump.
+        crate::runtime::fault_point("checkpoint.before-ingest");
+        let t1 = Instant::now();
+        let report = self
+            .store
+            .ingest(
+                SnapshotInput {
+                    image_dir: &self.opts.image_path,
+                    config_json: self.config_json,
+                    container_id: id,
+                    metadata,
+                    tags: self.t.tags.clone(),
+                },
+                &IngestOptions {
+                    compress_level: self.t.compress_level,
+                    progress: self.t.progress,
+                    // The captured file contents, page-aligned per file:
+                    // deduplicated per page like memory.
+                    page_stored: vec![fstree::DATA_FILE.to_string()],
+                },
+            )
+            .map_err(|e| {
+                // Running on, the container needs no image: the staging
+                // (possibly hundreds of MiB of RAM on /dev/shm) goes.
+                if self.tasks_survive || self.opts.leave_running {
+                    WorkflowError::NotStored {
+                        source: Box::new(e),
+                        id: id.clone(),
+                    }
+                } else {
+                    WorkflowError::IngestFailed {
+                        source: Box::new(e),
+                        image: self.staging.keep_image(),
+                        bundle: self.st.bundle.clone(),
+                        id: id.clone(),
+                    }
+                }
+            })?;
+        self.timings.ingest = t1.elapsed().as_millis();
+        crate::runtime::fault_point("checkpoint.after-commit");
+        Ok(report)
     }
-    let criu_version = rt.criu_version().unwrap_or_default();
-    let mut host_record = host::record();
-    host_record["criu_version"] = json!(criu_version);
-    let metadata = json!({
-        "criu": {
-            "version": criu_version,
-            "options": {
-                "leave_running": opts.leave_running,
-                "tcp_established": opts.flags.tcp_established,
-                "ext_unix_sk": opts.flags.ext_unix_sk,
-                "shell_job": opts.flags.shell_job,
-                "file_locks": opts.flags.file_locks,
-                "manage_cgroups_mode": format!("{:?}", opts.flags.manage_cgroups_mode).to_lowercase(),
-                "empty_ns": opts.flags.empty_ns,
-                "link_remap": opts.link_remap,
+
+    fn metadata(&self, stats: &CriuStats, fs_info: serde_json::Value) -> serde_json::Value {
+        let opts = self.opts;
+        let criu_version = self.rt.criu_version().unwrap_or_default();
+        let mut host_record = host::record();
+        host_record["criu_version"] = json!(criu_version);
+        json!({
+            "criu": {
+                "version": criu_version,
+                "options": {
+                    "leave_running": opts.leave_running,
+                    "tcp_established": opts.flags.tcp_established,
+                    "ext_unix_sk": opts.flags.ext_unix_sk,
+                    "shell_job": opts.flags.shell_job,
+                    "file_locks": opts.flags.file_locks,
+                    "manage_cgroups_mode": format!("{:?}", opts.flags.manage_cgroups_mode).to_lowercase(),
+                    "empty_ns": opts.flags.empty_ns,
+                    "link_remap": opts.link_remap,
+                },
+                "dump_stats": stats.entries.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             },
-            "dump_stats": stats.entries.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        },
-        "host": host_record,
-        "bundle": st.bundle,
-        "rootfs": st.rootfs,
-        "filesystem": fs_info,
-        "open_files": open_files,
-        // fs_capture: the part of the frozen window spent on the filesystem;
-        // fs_assemble: copying unchanged files and hashing, after the thaw.
-        "timings_ms": {"dump": dump_ms, "fs_capture": capture_ms, "fs_assemble": assemble_ms},
-    });
-    // Tests park here to look at the staging directory holding the dump.
-    crate::runtime::fault_point("checkpoint.before-ingest");
-    let t1 = Instant::now();
-    let report = store
-        .ingest(
-            SnapshotInput {
-                image_dir: &img,
-                config_json: &config_json,
-                container_id: id,
-                metadata,
-                tags: t.tags.clone(),
-            },
-            &IngestOptions {
-                compress_level: t.compress_level,
-                progress: t.progress,
-            },
-        )
-        .map_err(|e| WorkflowError::IngestFailed {
-            source: Box::new(e),
-            image: staging.keep_image(),
-        })?;
-    drop(pin);
-    // The next checkpoint of this container starts from this snapshot. A failed
-    // write only costs the next capture its speed.
-    if let (true, Some(c)) = (t.save_stat_cache, &capture) {
-        let _ = c.stat_cache(&report.id.full()).save(&cache_path);
+            "host": host_record,
+            "bundle": self.st.bundle,
+            "rootfs": self.st.rootfs,
+            "filesystem": fs_info,
+            "open_files": self.open_files,
+            // fs_capture: the part of the frozen window spent on the filesystem;
+            // fs_assemble: copying unchanged files and hashing.
+            "timings_ms": {"dump": self.timings.dump, "fs_capture": self.timings.capture, "fs_assemble": self.timings.assemble},
+        })
     }
-    Ok(CheckpointResult {
-        report,
-        stats,
-        dump_ms,
-        ingest_ms: t1.elapsed().as_millis(),
+
+    /// After the commit: saves the stat cache for the next checkpoint of this
+    /// container id (a failed write only costs the next capture its speed).
+    fn done(&self, report: IngestReport, stats: CriuStats, cache_path: &Path) -> CheckpointResult {
+        if let (true, Some(c)) = (self.t.save_stat_cache, &self.capture) {
+            let _ = c.stat_cache(&report.id.full()).save(cache_path);
+        }
+        CheckpointResult {
+            report,
+            stats,
+            dump_ms: self.timings.dump,
+            ingest_ms: self.timings.ingest,
+        }
+    }
+}
+
+/// The `filesystem` metadata of a finished capture.
+fn fs_info_of(
+    c: &fstree::Capture,
+    cache: Option<&(fstree::StatCache, SnapshotId)>,
+) -> serde_json::Value {
+    let m = &c.manifest;
+    json!({
+        "files": m.files(),
+        "bytes": m.bytes(),
+        "trees": m.trees.iter().map(|t| json!({
+            "role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len(),
+            "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
+            "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
+        })).collect::<Vec<_>>(),
+        "capture": c.stats,
+        "stat_cache": cache.map(|(_, sid)| json!({"base": sid.to_string()})),
     })
 }
 
@@ -513,6 +635,9 @@ pub struct RestoreFrom {
     pub name_prefix: Option<String>,
     /// How each copy's filesystem and network are set up.
     pub copy: CopyOptions,
+    /// Use a foreign snapshot's stored config.json whole, hooks, host mounts and
+    /// all (`--trust-snapshot-config`).
+    pub trust_snapshot_config: bool,
 }
 
 /// How a restored copy gets its root filesystem and network namespace.
@@ -544,7 +669,22 @@ pub struct Prepared {
     pub image: PathBuf,
     pub manifest: Option<fstree::Manifest>,
     pub meta: serde_json::Value,
+    /// The config.json a restore uses: the stored one, or for a foreign snapshot
+    /// a copy without its host-affecting settings (`trust`).
     pub config_json: Vec<u8>,
+    /// The config.json exactly as stored.
+    pub stored_config_json: Vec<u8>,
+    /// Where the snapshot came from, as the store recorded it.
+    pub origin: crate::store::Origin,
+    /// Whether what the snapshot records about this host (its bundle path) may
+    /// be used: made here, or `--trust-snapshot-config`.
+    pub trusted: bool,
+    /// The warning lines naming what was skipped from a foreign config.json.
+    pub ignored: Vec<String>,
+    /// Why a foreign snapshot must not be restored at all unless the operator
+    /// trusts it (`--trust-snapshot-config`): its image gives its processes
+    /// capabilities beyond the default set.
+    pub refused: Option<String>,
     pub warnings: Vec<String>,
     pub materialize_ms: u128,
 }
@@ -585,15 +725,25 @@ pub fn prepare(
     let materialize_ms = t0.elapsed().as_millis();
     let manifest = fstree::read_manifest(&img)?;
     let config_json = store.config_json(&sid)?;
-    Ok(Prepared {
+    let origin = store.origin(&sid)?;
+    let mut p = Prepared {
         sid,
         image: img,
         manifest,
         meta,
-        config_json,
+        config_json: config_json.clone(),
+        stored_config_json: config_json,
+        origin,
+        trusted: origin.is_local(),
+        ignored: Vec::new(),
+        refused: None,
         warnings,
         materialize_ms,
-    })
+    };
+    if !origin.is_local() {
+        super::trust::restrict(&mut p)?;
+    }
+    Ok(p)
 }
 
 /// Who a restored copy is: exposed to it as /.stasis/identity.json, as env vars of
@@ -748,12 +898,13 @@ fn private_fs(
         .filter(|t| t.role == "volume")
         .map(|t| t.dest.as_str())
         .collect();
-    check_volume_sources(
-        &p.sid.short(),
-        &mut cfg,
-        source_bundle(bundle, &p.meta),
-        &carried,
-    )?;
+    // The recorded bundle is a host path: only a trusted snapshot's counts.
+    let sources = if p.trusted {
+        source_bundle(bundle, &p.meta)
+    } else {
+        bundle
+    };
+    check_volume_sources(&p.sid.short(), &mut cfg, sources, &carried)?;
     let base = ensure_base(store, p)?;
     // A copy with a full rootfs copy lives on the store's filesystem, next to the
     // base (`cache/copies/ID`): FICLONE reflinks only within one filesystem, and
@@ -768,6 +919,16 @@ fn private_fs(
     create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
     tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
     let owned = copies.join(id);
+    // The caller holds the container's lock and no container `id` exists: a
+    // directory here was left by a restore killed before it recorded the
+    // container (its overlay may still be mounted). Remove it and start afresh.
+    if fs::symlink_metadata(&owned).is_ok() {
+        crate::runtime::unmount_under(&owned);
+        fs::remove_dir_all(&owned).map_err(io_err(
+            "remove the private filesystem a killed restore left at",
+            &owned,
+        ))?;
+    }
     // Not create_dir_all: the directory is ours only if we created it.
     create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
     let (upper, work, merged) = (
@@ -804,6 +965,7 @@ fn private_fs(
             let f = owned.join(COPY_SNAPSHOT_FILE);
             fs::write(&f, p.sid.full()).map_err(io_err("write", &f))?;
             mount_overlay(&base, &upper, &work, &merged)?;
+            crate::runtime::fault_point("restore.after-overlay");
         }
         cfg["root"]["path"] = json!(root);
         if let Some(ns) = &copy.netns {
@@ -969,24 +1131,38 @@ pub fn restore_prepared(
     ident: &Identity,
     copy: &CopyOptions,
 ) -> Result<CriuStats> {
+    if let Some(reason) = &p.refused {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: reason.clone(),
+        });
+    }
     let mut opts = opts.clone();
     opts.image_path = p.image.clone();
     opts.detach = true;
+    // Held from here until the container is recorded: no other command restores
+    // into this id meanwhile, so what `private_fs` finds under its name was left
+    // by a restore that died.
+    let lock = rt.lock_container(&opts.id)?;
     // A taken id fails before anything is built for it (and before the private
     // directory of an existing copy with that id could be touched).
-    if rt.load(&opts.id).is_ok() {
-        return Err(crate::runtime::RuntimeError::Exists {
-            id: opts.id.clone(),
-            root: rt.root().to_path_buf(),
+    match rt.load(&opts.id) {
+        Err(crate::runtime::RuntimeError::NotFound { .. }) => {}
+        Ok(_) => {
+            return Err(crate::runtime::RuntimeError::Exists {
+                id: opts.id.clone(),
+                root: rt.root().to_path_buf(),
+            }
+            .into())
         }
-        .into());
+        Err(e) => return Err(e.into()),
     }
     if p.manifest.is_some() {
         let (bdir, owned) = private_fs(rt, store, p, &opts.id, bundle, ident, copy)?;
         opts.bundle = bdir;
         opts.join_netns = copy.netns.clone();
         opts.owned_dir = Some(owned.clone());
-        match rt.restore(&opts) {
+        match rt.restore_locked(&opts, lock) {
             Ok((_, stats)) => Ok(stats),
             Err(e) => {
                 crate::runtime::unmount_under(&owned);
@@ -997,6 +1173,14 @@ pub fn restore_prepared(
     } else {
         opts.bundle = match bundle {
             Some(b) => b.to_path_buf(),
+            // A foreign snapshot's recorded bundle is a path it names on this
+            // host, with a config.json it does not carry: not used.
+            None if !p.trusted => {
+                return Err(WorkflowError::Snapshot {
+                    snapshot: p.sid.short(),
+                    reason: format!("it is foreign (origin: {}) and carries no filesystem: pass --bundle DIR with the container's config.json and rootfs (or --trust-snapshot-config to use the bundle path it records)", p.origin),
+                })
+            }
             None => p
                 .meta
                 .get("bundle")
@@ -1014,8 +1198,59 @@ pub fn restore_prepared(
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         check_volume_sources(&p.sid.short(), &mut cfg, Some(&opts.bundle), &[])?;
-        Ok(rt.restore(&opts)?.1)
+        Ok(rt.restore_locked(&opts, lock)?.1)
     }
+}
+
+/// The most copies one `restore --from` brings up.
+pub const MAX_COPIES: usize = 1000;
+/// How many copies are restored at once.
+const RESTORE_WORKERS: usize = 4;
+
+/// Runs `one(index, id)` for every id on a small pool of worker threads (fewer
+/// when threads cannot be spawned, e.g. in a pids-limited cgroup: then the
+/// calling thread does the work). Results are in the order of `ids`.
+fn restore_copies<T: Send>(
+    ids: &[String],
+    one: impl Fn(usize, &str) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(id) = ids.get(i) else { break };
+            done.push((i, one(i, id)));
+        }
+        done
+    };
+    let mut all: Vec<(usize, Result<T>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (1..RESTORE_WORKERS.min(ids.len()))
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(scope, work).ok())
+            .collect();
+        let mut all = work();
+        for w in workers {
+            // A worker that panicked leaves its copies unreported: they are
+            // reported below as failed.
+            if let Ok(done) = w.join() {
+                all.extend(done);
+            }
+        }
+        all
+    });
+    all.sort_by_key(|(i, _)| *i);
+    let mut out = Vec::with_capacity(ids.len());
+    let mut it = all.into_iter().peekable();
+    for (i, id) in ids.iter().enumerate() {
+        match it.next_if(|(j, _)| *j == i) {
+            Some((_, r)) => out.push(r),
+            None => out.push(Err(WorkflowError::Snapshot {
+                snapshot: id.clone(),
+                reason: "the thread restoring this copy panicked".into(),
+            })),
+        }
+    }
+    out
 }
 
 /// The ids of `restore --from`'s copies: `id` alone, or `PREFIX-0 .. PREFIX-(N-1)`
@@ -1023,7 +1258,13 @@ pub fn restore_prepared(
 /// validated here, so a bad one is refused before anything is materialised or
 /// created.
 pub fn copy_ids(id: &str, copies: usize, name_prefix: Option<&str>) -> Result<Vec<String>> {
-    let n = copies.max(1);
+    if copies == 0 || copies > MAX_COPIES {
+        return Err(WorkflowError::CopiesOutOfRange {
+            copies,
+            max: MAX_COPIES,
+        });
+    }
+    let n = copies;
     let ids: Vec<String> = if n == 1 && name_prefix.is_none() {
         vec![id.to_string()]
     } else {
@@ -1045,7 +1286,18 @@ pub fn restore_from_store(
 ) -> Result<RestoreFromResult> {
     let ids = copy_ids(&r.restore.id, r.copies, r.name_prefix.as_deref())?;
     let n = ids.len();
-    let p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    // The snapshot stays in the store until the copies run: `snapshot rm`, gc
+    // and prune wait for the pin instead of removing the image under CRIU.
+    let pin = store.pin()?;
+    let mut p = prepare(rt, store, &r.from, r.force, r.progress)?;
+    crate::runtime::fault_point("restore.after-prepare");
+    super::trust::choose(&mut p, r.bundle.is_some(), r.trust_snapshot_config);
+    if let Some(reason) = &p.refused {
+        return Err(WorkflowError::Snapshot {
+            snapshot: p.sid.short(),
+            reason: reason.clone(),
+        });
+    }
     if p.manifest.is_none() {
         for (set, flag) in [
             (r.copy.copy_rootfs, "--copy-rootfs"),
@@ -1070,37 +1322,17 @@ pub fn restore_from_store(
         });
     }
     let t1 = Instant::now();
-    let results: Vec<Result<CriuStats>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let p = &p;
-                let generation = &generation;
-                scope.spawn(move || {
-                    let mut o = r.restore.clone();
-                    o.id = id.clone();
-                    let ident = Identity {
-                        generation: generation.clone(),
-                        index: i,
-                        snapshot: p.sid.short(),
-                    };
-                    restore_prepared(rt, store, p, &o, r.bundle.as_deref(), &ident, &r.copy)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(WorkflowError::Snapshot {
-                        snapshot: p.sid.short(),
-                        reason: "a restore thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
+    let results = restore_copies(&ids, |i, id| {
+        let mut o = r.restore.clone();
+        o.id = id.to_string();
+        let ident = Identity {
+            generation: generation.clone(),
+            index: i,
+            snapshot: p.sid.short(),
+        };
+        restore_prepared(rt, store, &p, &o, r.bundle.as_deref(), &ident, &r.copy)
     });
+    drop(pin);
     let restore_ms = t1.elapsed().as_millis();
     let mut stats = CriuStats::default();
     let mut restored = Vec::new();

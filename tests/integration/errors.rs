@@ -488,3 +488,73 @@ fn failed_commands_leave_no_lock_files() {
     env.ok(&["delete", "--force", &id]);
     assert_eq!(lock_files(&env), Vec::<String>::new());
 }
+
+#[test]
+fn process_fields_libcontainer_cannot_take_are_named() {
+    // `process.args: []` made libcontainer panic with a backtrace; a relative
+    // `process.cwd` failed with "failed to unix syscall". runc refuses both.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let cases: [(&str, serde_json::Value, &str); 3] = [
+        ("args", serde_json::json!({"args": []}), "process.args"),
+        ("relcwd", serde_json::json!({"cwd": "tmp"}), "process.cwd"),
+        ("emptycwd", serde_json::json!({"cwd": ""}), "process.cwd"),
+    ];
+    // Refused by the kernel under libcontainer with "EINVAL" and "io error".
+    let more: [(&str, serde_json::Value, &str); 2] = [
+        (
+            "rlimit",
+            serde_json::json!({"rlimits": [{"type": "RLIMIT_NOFILE", "hard": 10, "soft": 100}]}),
+            "process.rlimits",
+        ),
+        (
+            "oomadj",
+            serde_json::json!({"oomScoreAdj": 5000}),
+            "process.oomScoreAdj",
+        ),
+    ];
+    for (tag, patch, needle) in cases.iter().chain(&more) {
+        let b = env.bundle(tag, &["true"]);
+        edit_config(&b, |c| {
+            for (k, v) in patch.as_object().unwrap() {
+                c["process"][k] = v.clone();
+            }
+        });
+        let line = {
+            let id = unique_id("badproc");
+            let _g = env.guard(&id);
+            env.run(&["run", "--bundle", b.to_str().unwrap(), &id])
+                .fails_with_one_line(&[needle])
+        };
+        assert!(!line.contains("panicked"), "{line}");
+        create_and_run_fail(&env, &b, &[needle, "config.json"]);
+        if crate::common::runc_bin().is_some() {
+            let runc = Env::runc();
+            let id = unique_id("badproc-runc");
+            let _g = runc.guard(&id);
+            let out = runc.run(&["run", "--bundle", b.to_str().unwrap(), &id]);
+            assert_ne!(out.code, Some(0), "runc accepted {tag}: {out:?}");
+        }
+    }
+    // exec: the same fields from --process, and a relative --cwd.
+    let b = env.bundle("live", &["sleep", "100"]);
+    let id = unique_id("badexec");
+    let _c = env.run_detached(&b, &id);
+    let spec: serde_json::Value =
+        serde_json::from_slice(&fs::read(b.join("config.json")).unwrap()).unwrap();
+    for (tag, patch, needle) in &cases {
+        let mut p = spec["process"].clone();
+        for (k, v) in patch.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        let file = env.path(&format!("{tag}.json"));
+        fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
+        // exec's own words: "has no args", "cwd ... is not an absolute path".
+        let field = needle.trim_start_matches("process.");
+        env.run(&["exec", "--process", file.to_str().unwrap(), &id])
+            .fails_with_one_line(&[field, file.to_str().unwrap()]);
+    }
+    env.run(&["exec", "--cwd", "tmp", &id, "pwd"])
+        .fails_with_one_line(&["--cwd", "absolute"]);
+    assert_eq!(env.pids(&id), [env.pid(&id) as i64]);
+}

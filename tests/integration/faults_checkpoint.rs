@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{cgroup_dir, read_trim, unique_id, Container, Out};
+use crate::common::{cgroup_dir, read_trim, unique_id, wait_until, Container, Out};
 use crate::store_flows::{printed_snapshot_id, Proc, Sx, CMD, COUNTER};
 
 /// The command that first touches the container after the killed checkpoint.
@@ -258,4 +258,175 @@ fn killed_after_dump_without_leave_running_keeps_a_restorable_image() {
     ];
     sx.run_starting(&sx.store, &args).ok();
     sx.assert_carries_on(&id2, &before);
+}
+
+// ---------------------------------------------------------------------------
+// `checkpoint --tag` without --leave-running: the container is stopped only after
+// the snapshot is committed; until then it stays frozen, and a dead checkpointer's
+// freeze is undone by the next command.
+
+#[test]
+fn killed_after_dump_tagged_keeps_the_container_and_is_thawed_by_state() {
+    case(
+        test_name!(),
+        "checkpoint.after-dump",
+        false,
+        true,
+        Touch::State,
+    );
+}
+
+#[test]
+fn killed_during_ingest_tagged_keeps_the_container_and_the_store_valid() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (bundle, id, _g, pid) = start_counter(&sx, "fg");
+    kill_checkpoint_at(&sx, "checkpoint.ingest", &id, false, true);
+    assert_recovered(&sx, &id, pid, Touch::Exec);
+    let ls = sx.ls();
+    assert!(ls.is_empty(), "a snapshot was committed: {ls:?}");
+    sx.ok(&["snapshot", "verify"]);
+    assert_checkpoint_restore_works(&sx, &bundle, &id, true);
+    sx.ok(&["snapshot", "verify"]);
+}
+
+/// Killed after the commit, before the stop: the snapshot exists and restores the
+/// workload; the original container is left frozen, then thawed by the next
+/// command and runs on (two instances: acceptable, the snapshot is not lost).
+#[test]
+fn killed_after_commit_tagged_leaves_a_restorable_snapshot() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (_bundle, id, _g, pid) = start_counter(&sx, "fc");
+    let before = sx.wait_counter(&id, "readable", |_| true);
+    kill_checkpoint_at(&sx, "checkpoint.after-commit", &id, false, true);
+    let ls = sx.ls();
+    assert_eq!(ls.len(), 1, "the committed snapshot: {ls:?}");
+    sx.ok(&["snapshot", "verify"]);
+    assert_recovered(&sx, &id, pid, Touch::State);
+    let id2 = format!("{id}-r");
+    let _g2 = sx.restore_from("killed", &id2, &[]);
+    sx.assert_carries_on(&id2, &before);
+}
+
+/// An ingest that fails (a store on a full tmpfs) no longer costs the container:
+/// it was never stopped and runs on, and the error says so.
+#[test]
+fn failed_ingest_without_leave_running_keeps_the_container_running() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let store = sx.path("small-store");
+    std::fs::create_dir_all(&store).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a small tmpfs at {}", store.display());
+    let _m = Unmount(store.clone());
+    // Incompressible memory the 4 MiB store cannot hold.
+    let script = format!("head -c 8388608 /dev/urandom > /dev/shm/blob; {COUNTER}");
+    let bundle = sx.bundle("b", &["sh", "-c", &script]);
+    let id = unique_id("fn");
+    let _g = sx.run_d(&bundle, &id);
+    let seen = sx.wait_counter(&id, "started", |n| n > 2);
+    let out = sx.run_in(&store, &["checkpoint", "--tag", "full", &id]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("runs on") && out.stderr.contains(&id),
+        "the error does not say the container runs on: {out:?}"
+    );
+    let st = sx.state(&id).expect("the container still exists");
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(freezer_state(sx.pid(&id)), "THAWED");
+    sx.wait_counter(&id, "advancing after the failed checkpoint", |n| n > seen.1);
+}
+
+/// Lazily unmounts a test's tmpfs even when the test fails.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `kill` reaches a container a dead checkpointer froze: frozen tasks would keep
+/// the signal pending forever, so it is thawed first and the signal stops it.
+#[test]
+fn killed_while_frozen_then_kill_stops_it() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (_bundle, id, _g, pid) = start_counter(&sx, "fs");
+    kill_checkpoint_at(&sx, "checkpoint.frozen", &id, false, true);
+    assert_eq!(freezer_state(pid), "FROZEN");
+    sx.ok(&["kill", &id, "KILL"]);
+    crate::common::wait_until(
+        "the killed container to stop",
+        std::time::Duration::from_secs(10),
+        || sx.state(&id).is_some_and(|s| s["status"] == "stopped"),
+    );
+    sx.ok(&["delete", &id]);
+    assert!(sx.state(&id).is_none());
+}
+
+/// SIGKILL from outside while CRIU writes the memory image: CRIU outlives stasis
+/// until its next notification, rolls the dump back and re-freezes the cgroup it
+/// found frozen. `state` waits for that CRIU (recorded in the state file), then
+/// thaws the container, which carries on.
+#[test]
+fn sigkill_mid_dump_is_thawed_once_the_orphaned_criu_is_done() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    // ~200 MiB of memory, so the dump takes long enough to be caught writing.
+    let script =
+        format!("x=$(head -c 150000000 /dev/urandom | base64); echo ready > /tmp/ready; {COUNTER}");
+    let bundle = sx.bundle("b", &["sh", "-c", &script]);
+    let id = unique_id("fm");
+    let _g = sx.run_d(&bundle, &id);
+    sx.wait_counter(&id, "started", |n| n > 2);
+    let pid = sx.pid(&id);
+    let checkpoint = Proc::spawn(
+        sx.command(Some(&sx.store), &["checkpoint", "--tag", "mid", &id]),
+        true,
+    );
+    // CRIU's pid, from the checkpointer record, then a pages image it is writing.
+    let state_file = sx.env.root.join(&id).join("stasis.json");
+    let mut criu_pid = 0;
+    wait_until("the checkpointer to record its CRIU", CMD, || {
+        let v: serde_json::Value = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        criu_pid = v["checkpointer"]["criu_pid"].as_i64().unwrap_or(0) as i32;
+        criu_pid > 0
+    });
+    wait_until("CRIU to write 20 MB of pages", CMD, || {
+        std::fs::read_dir(format!("/proc/{criu_pid}/fd"))
+            .map(|rd| {
+                rd.flatten().any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|t| {
+                        t.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("pages-"))
+                            && std::fs::metadata(&t).is_ok_and(|m| m.len() > 20 << 20)
+                    })
+                })
+            })
+            .unwrap_or(false)
+    });
+    // SAFETY: kill(2) of our own child's pid (not yet reaped, so not reused).
+    unsafe { libc::kill(checkpoint.pid() as i32, libc::SIGKILL) };
+    let out = checkpoint.wait(CMD);
+    assert_eq!(out.code, Some(137), "{out:?}");
+    let st = sx.state(&id).expect("the container is still there");
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(freezer_state(pid), "THAWED");
+    let seen = sx.wait_counter(&id, "readable", |_| true);
+    sx.wait_counter(&id, "advancing after the thaw", |n| n > seen.1);
+    assert!(sx.ls().is_empty(), "no snapshot was committed");
 }

@@ -7,7 +7,8 @@
 //! (runtime-spec options checked from inside the container), `errors` (illegal
 //! transitions and bad input: one stderr line, nothing left behind), `runc_compat`
 //! (the same bundle through runc and stasis, outputs compared field by field),
-//! `exec_security` (what an exec'd process may do, against runc).
+//! `exec_security` (what an exec'd process may do, against runc), `faults_store`
+//! (the store's staging and caches under kills, full disks and signals).
 
 #[macro_use]
 mod common;
@@ -19,11 +20,16 @@ mod damaged_store;
 mod databases;
 mod errors;
 mod exec_security;
+mod exit_codes;
 mod faults_checkpoint;
+mod faults_restore;
+mod faults_store;
 mod hostile;
 mod lifecycle;
 mod runc_compat;
+mod scripting;
 mod security;
 mod spec_options;
 mod store_flows;
+mod terminal;
 mod warm;

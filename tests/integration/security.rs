@@ -3,7 +3,10 @@
 //! the store, its caches, a checkpoint's staging directory on /dev/shm or
 //! `--root` (where a restored copy's overlay lives), even with a setuid-root
 //! binary in the snapshot's rootfs; an old store and root left 0755 are made
-//! private on first use.
+//! private on first use. Foreign snapshots (crafted archives with valid digests,
+//! built here by re-digesting an export): their config.json's hook does not run
+//! on restore unless `--trust-snapshot-config`, the bundle path they record is
+//! not used, and config file names that are paths are refused at import.
 //!
 //! The test's scratch directory is opened up (0755) first, so only the modes
 //! stasis gives its own directories stand between `nobody` and the data.
@@ -287,4 +290,323 @@ fn an_old_0755_store_and_root_are_made_private_on_first_use() {
         assert_eq!(mode(&d), 0o700, "{} under umask 0", d.display());
     }
     assert_eq!(mode(&store2.join("index.json")), 0o600);
+}
+
+// ---------------------------------------------------------------------------
+// Foreign snapshots: a crafted archive with valid digests
+
+/// sha256 of `b` as `sha256:<hex>` and as bare hex.
+fn digest(b: &[u8]) -> (String, String) {
+    use sha2::{Digest, Sha256};
+    let h = hex::encode(Sha256::digest(b));
+    (format!("sha256:{h}"), h)
+}
+
+/// The snapshot id rule of FORMAT.md ("Snapshot id"), over a config blob's
+/// `files` and `configJson`.
+fn snapshot_id(cfg: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<(String, u64, Vec<u8>)> = cfg["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["size"].as_u64().unwrap(),
+                hex::decode(f["sha256"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut h = Sha256::new();
+    h.update(b"stasis-snapshot-id-v1\n");
+    h.update((files.len() as u32).to_le_bytes());
+    for (name, size, d) in &files {
+        h.update((name.len() as u32).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(size.to_le_bytes());
+        h.update(d);
+    }
+    let cj = &cfg["configJson"];
+    h.update(cj["size"].as_u64().unwrap().to_le_bytes());
+    h.update(hex::decode(cj["sha256"].as_str().unwrap()).unwrap());
+    hex::encode(h.finalize())
+}
+
+fn write_blob(blobs: &Path, bytes: &[u8]) -> (String, u64) {
+    let (d, h) = digest(bytes);
+    fs::write(blobs.join(h), bytes).unwrap();
+    (d, bytes.len() as u64)
+}
+
+/// Re-signs an exported archive after `edit` changed its snapshot's config
+/// blob: new snapshot id, config and manifest digests, index.json (which also
+/// claims `io.stasis.origin: local`). Every digest is valid; the content is the
+/// attacker's.
+fn craft(sx: &Sx, tar: &Path, out: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let dir = sx.path(&format!(
+        "craft-{}",
+        out.file_stem().unwrap().to_string_lossy()
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let blobs = dir.join("blobs/sha256");
+    let read = |d: &str| -> serde_json::Value {
+        let p = blobs.join(d.strip_prefix("sha256:").unwrap());
+        let v = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        fs::remove_file(p).unwrap();
+        v
+    };
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mut manifest = read(index["manifests"][0]["digest"].as_str().unwrap());
+    let mut cfg = read(manifest["config"]["digest"].as_str().unwrap());
+    edit(&mut cfg);
+    let id = snapshot_id(&cfg);
+    cfg["snapshotId"] = id.clone().into();
+    let (cd, cn) = write_blob(&blobs, &serde_json::to_vec(&cfg).unwrap());
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cn.into();
+    manifest["annotations"]["io.stasis.snapshot.id"] = id.clone().into();
+    let (md, mn) = write_blob(&blobs, &serde_json::to_vec(&manifest).unwrap());
+    let root = &mut index["manifests"][0];
+    root["digest"] = md.into();
+    root["size"] = mn.into();
+    root["annotations"]["io.stasis.snapshot.id"] = id.clone().into();
+    root["annotations"]["io.stasis.origin"] = "local".into();
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let tarred = Command::new("tar")
+        .arg("-cf")
+        .arg(out)
+        .arg("-C")
+        .arg(&dir)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .unwrap();
+    assert!(tarred.success());
+    id
+}
+
+/// Sets the stored config.json of a config blob to `f(config.json)`.
+fn edit_config_json(cfg: &mut serde_json::Value, f: impl FnOnce(&mut serde_json::Value)) {
+    let cj = &mut cfg["configJson"];
+    assert_eq!(cj["encoding"], "utf8");
+    let mut spec: serde_json::Value = serde_json::from_str(cj["data"].as_str().unwrap()).unwrap();
+    f(&mut spec);
+    let bytes = serde_json::to_vec(&spec).unwrap();
+    cj["size"] = (bytes.len() as u64).into();
+    cj["sha256"] = digest(&bytes).1.into();
+    cj["data"] = String::from_utf8(bytes).unwrap().into();
+}
+
+#[test]
+fn a_foreign_snapshot_hook_does_not_run_unless_trusted() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("sec-evil");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "mine:v1", &id]);
+    let ls = sx.ls();
+    assert_eq!(ls[0]["origin"], "local", "{ls:#?}");
+    let tar = sx.path("mine.tar");
+    sx.ok(&["snapshot", "export", "mine:v1", "-o", tar.to_str().unwrap()]);
+    assert_eq!(
+        mode(&tar),
+        0o600,
+        "the exported archive is readable by others"
+    );
+
+    let pwned = sx.path("PWNED");
+    let hook_cmd = format!("id > {}", pwned.display());
+    let evil = sx.path("evil.tar");
+    let hook = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", hook_cmd]}]);
+    craft(&sx, &tar, &evil, |cfg| {
+        edit_config_json(cfg, |spec| spec["hooks"]["createRuntime"] = hook.clone())
+    });
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", evil.to_str().unwrap()])
+        .ok();
+    sx.run_in(&store2, &["snapshot", "tag", "mine:v1", "evil:v1"])
+        .ok();
+    sx.run_in(&store2, &["snapshot", "verify", "--read-data"])
+        .ok();
+    let ls2 = sx.ls_in(&store2);
+    assert_eq!(ls2.len(), 1, "{ls2:#?}");
+    assert_eq!(
+        ls2[0]["origin"], "imported",
+        "the archive's claim was taken: {ls2:#?}"
+    );
+    let text = sx.run_in(&store2, &["snapshot", "inspect", "mine:v1"]).ok();
+    assert!(text.stdout.contains("origin: imported"), "{text:#?}");
+
+    let x = unique_id("sec-x");
+    let gx = sx.guard(&x);
+    let out = sx.restore_from_in(&store2, "evil:v1", &x, &[]).ok();
+    assert!(
+        out.stderr
+            .contains("hooks.createRuntime[0] = /bin/sh -c id > ")
+            && out.stderr.contains("--trust-snapshot-config"),
+        "the skipped hook is not named: {out:#?}"
+    );
+    assert!(
+        !pwned.exists(),
+        "the foreign snapshot's hook ran on the host"
+    );
+    sx.wait_counter(&x, "readable", |_| true);
+    drop(gx);
+
+    let y = unique_id("sec-y");
+    let _gy = sx.guard(&y);
+    let out = sx
+        .restore_from_in(&store2, "evil:v1", &y, &["--trust-snapshot-config"])
+        .ok();
+    assert!(out.stderr.contains("used whole"), "{out:#?}");
+    let got = fs::read_to_string(&pwned).unwrap_or_default();
+    assert!(
+        got.starts_with("uid=0"),
+        "with the flag the hook did not run: {got:?}"
+    );
+}
+
+#[test]
+fn an_archive_naming_a_path_is_refused_at_import() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("sec-name");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "n:v1", &id]);
+    let tar = sx.path("n.tar");
+    sx.ok(&["snapshot", "export", "n:v1", "-o", tar.to_str().unwrap()]);
+    for (i, bad) in ["../../x", "/tmp/x"].iter().enumerate() {
+        let evil = sx.path(&format!("names{i}.tar"));
+        craft(&sx, &tar, &evil, |cfg| {
+            let f = cfg["files"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|f| f["kind"] == "file")
+                .unwrap();
+            f["name"] = (*bad).into();
+        });
+        let store2 = sx.path(&format!("store-names{i}"));
+        let out = sx.run_in(&store2, &["snapshot", "import", evil.to_str().unwrap()]);
+        crate::store_flows::assert_fails(&out, &[bad, "is not allowed"]);
+        assert!(sx.ls_in(&store2).is_empty());
+    }
+}
+
+#[test]
+fn a_foreign_snapshot_without_filesystem_needs_the_operators_bundle() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("sec-nofs");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--ignore-rootfs", "--tag", "nofs", &id]);
+    let tar = sx.path("nofs.tar");
+    sx.ok(&["snapshot", "export", "nofs", "-o", tar.to_str().unwrap()]);
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    // The bundle path it records exists on this host, but it names it: unused.
+    let id2 = unique_id("sec-nofs2");
+    let _g2 = sx.guard(&id2);
+    let out = sx.restore_from_in(&store2, "nofs", &id2, &[]);
+    crate::store_flows::assert_one_line(&out, &["foreign", "--bundle"]);
+    assert!(sx.state(&id2).is_none());
+    sx.restore_from_in(&store2, "nofs", &id2, &["--bundle", b.to_str().unwrap()])
+        .ok();
+    sx.wait_counter(&id2, "readable", |_| true);
+}
+
+#[test]
+fn a_foreign_image_with_capabilities_beyond_the_default_set_is_refused() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    crate::common::edit_config(&b, |c| {
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set]
+                .as_array_mut()
+                .unwrap()
+                .push("CAP_SYS_ADMIN".into());
+        }
+    });
+    let id = unique_id("sec-caps");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "caps", &id]);
+    let tar = sx.path("caps.tar");
+    sx.ok(&["snapshot", "export", "caps", "-o", tar.to_str().unwrap()]);
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    let id2 = unique_id("sec-caps2");
+    let _g2 = sx.guard(&id2);
+    // Neither the config it carries nor the operator's bundle changes what CRIU
+    // restores: refused either way.
+    for extra in [&[][..], &["--bundle", b.to_str().unwrap()][..]] {
+        let out = sx.restore_from_in(&store2, "caps", &id2, extra);
+        crate::store_flows::assert_fails(
+            &out,
+            &["CAP_SYS_ADMIN", "foreign", "--trust-snapshot-config"],
+        );
+        assert!(sx.state(&id2).is_none());
+    }
+    sx.restore_from_in(&store2, "caps", &id2, &["--trust-snapshot-config"])
+        .ok();
+    sx.wait_counter(&id2, "readable", |_| true);
+    // Made here, the same snapshot restores as before.
+    let id3 = unique_id("sec-caps3");
+    let _g3 = sx.restore_from("caps", &id3, &[]);
+    sx.wait_counter(&id3, "readable", |_| true);
+}
+
+#[test]
+fn device_nodes_of_a_foreign_snapshot_are_not_created() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    nix::sys::stat::mknod(
+        &b.join("rootfs/disk"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(7, 0),
+    )
+    .unwrap();
+    let id = unique_id("sec-dev");
+    let _g = sx.run_d(&b, &id);
+    sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    sx.ok(&["checkpoint", "--tag", "dev", &id]);
+    // Made here: the node comes back (under 0700 directories).
+    let local = unique_id("sec-dev-local");
+    let _gl = sx.restore_from("dev", &local, &[]);
+    let merged = |id: &str| sx.env.root.join(".copies").join(id).join("merged");
+    assert!(fs::symlink_metadata(merged(&local).join("disk")).is_ok());
+
+    let tar = sx.path("dev.tar");
+    sx.ok(&["snapshot", "export", "dev", "-o", tar.to_str().unwrap()]);
+    let store2 = sx.path("store2");
+    sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
+        .ok();
+    let id2 = unique_id("sec-dev2");
+    let _g2 = sx.guard(&id2);
+    let out = sx.restore_from_in(&store2, "dev", &id2, &[]).ok();
+    assert!(
+        out.stderr.contains("device node disk (block 7:0)"),
+        "the skipped node is not named: {out:#?}"
+    );
+    sx.wait_counter(&id2, "readable", |_| true);
+    assert!(
+        fs::symlink_metadata(merged(&id2).join("disk")).is_err(),
+        "a foreign snapshot's device node was created"
+    );
 }

@@ -5,7 +5,9 @@ use std::fs;
 
 use serde_json::json;
 
-use crate::common::{add_bind, cgroup_dir, edit_config, read_trim, unique_id, Env};
+use std::time::Duration;
+
+use crate::common::{add_bind, cgroup_dir, cgroups_named, edit_config, read_trim, unique_id, Env};
 
 /// Runs `cmd` in the foreground in a fresh busybox container after `edit`, and
 /// returns (exit code, stdout).
@@ -448,4 +450,148 @@ fn failing_poststart_hook_warns_and_start_succeeds() {
         assert_eq!(fs::read_to_string(&log).unwrap(), text);
         env.assert_nothing_left(&id, Some(&b));
     }
+}
+
+/// The `oom_kill_disable` value of `pid`'s v1 memory cgroup.
+fn oom_kill_disable(pid: i32) -> String {
+    let text = fs::read_to_string(cgroup_dir(pid, "memory").join("memory.oom_control")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill_disable "))
+        .unwrap_or_else(|| panic!("no oom_kill_disable in memory.oom_control: {text}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn disable_oom_killer_is_applied_and_kept_by_update() {
+    // libcontainer 0.7 applied every cgroup with the OOM killer enabled, whatever
+    // linux.resources.memory.disableOOMKiller said; runc honours it on cgroup v1.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["sleep", "100"]);
+    edit_config(&b, |c| {
+        c["linux"]["resources"]["memory"] =
+            json!({"limit": 64 * 1024 * 1024, "disableOOMKiller": true});
+    });
+    for verb in [&["run", "-d"][..], &["create"]] {
+        let id = unique_id("nooom");
+        let _c = env.guard(&id);
+        let mut args = verb.to_vec();
+        args.extend(["--bundle", b.to_str().unwrap(), &id]);
+        env.ok(&args);
+        // Set before `start` runs the user's process.
+        assert_eq!(oom_kill_disable(env.pid(&id)), "1", "{verb:?}");
+        env.ok(&["update", "--memory", "80m", &id]);
+        assert_eq!(oom_kill_disable(env.pid(&id)), "1", "update re-enabled it");
+    }
+    // Without the setting the OOM killer stays on.
+    let on = env.bundle("on", &["sleep", "100"]);
+    edit_config(&on, |c| {
+        c["linux"]["resources"]["memory"] = json!({"limit": 64 * 1024 * 1024});
+    });
+    let id = unique_id("oom");
+    let _c = env.run_detached(&on, &id);
+    assert_eq!(oom_kill_disable(env.pid(&id)), "0");
+    if crate::common::runc_bin().is_some() {
+        let runc = Env::runc();
+        let id = unique_id("nooom-runc");
+        let _c = runc.run_detached(&b, &id);
+        assert_eq!(oom_kill_disable(runc.pid(&id)), "1", "runc");
+    }
+}
+
+/// A v1 freezer cgroup of the test's own, frozen by a hook; thawed, emptied and
+/// removed on drop.
+struct TestFreezer(std::path::PathBuf);
+
+impl TestFreezer {
+    fn thaw(&self) {
+        let _ = fs::write(self.0.join("freezer.state"), "THAWED");
+    }
+}
+
+impl Drop for TestFreezer {
+    fn drop(&mut self) {
+        self.thaw();
+        if let Ok(procs) = fs::read_to_string(self.0.join("cgroup.procs")) {
+            for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) with a pid and a signal number; no memory involved.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+        crate::common::wait_until(
+            "the test freezer cgroup to empty",
+            Duration::from_secs(10),
+            || {
+                fs::read_to_string(self.0.join("cgroup.procs"))
+                    .map_or(true, |t| t.trim().is_empty())
+            },
+        );
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn failed_create_removes_its_cgroups_even_when_they_stay_busy() {
+    // On a failed create (here a failing createRuntime hook) libcontainer makes one
+    // SIGKILL pass over the container's cgroups, retries rmdir for ~100 ms, gives
+    // up at the first hierarchy still busy and removes the container directory,
+    // the only record of the cgroup: a process that had not exited by then (the
+    // killed init on a loaded host) left `:youki:<id>` cgroups in the memory and
+    // pids hierarchies. Here the hook puts a process that cannot die yet (frozen
+    // in a freezer cgroup of the test's) into them; stasis must notice, keep
+    // killing and wait, and remove them once the process is gone.
+    requires!(root, busybox, cgroup_v1);
+    let env = Env::new();
+    let b = env.bundle("b", &["true"]);
+    let id = unique_id("busycg");
+    let freezer =
+        TestFreezer(std::path::Path::new("/sys/fs/cgroup/freezer").join(format!("test-{id}")));
+    fs::create_dir(&freezer.0).unwrap();
+    let fz = freezer.0.display().to_string();
+    let hook = format!(
+        "read -r s; sleep 100 & p=$!\n\
+         for c in memory pids; do echo $p > /sys/fs/cgroup/$c/:youki:{id}/cgroup.procs || exit 9; done\n\
+         echo $p > {fz}/cgroup.procs && echo FROZEN > {fz}/freezer.state || exit 9\n\
+         until grep -qx FROZEN {fz}/freezer.state; do :; done\n\
+         exit 3"
+    );
+    edit_config(&b, |c| {
+        c["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]});
+    });
+    let _c = env.guard(&id);
+    let stderr = env.path("create.err");
+    let mut child = std::process::Command::new(&env.bin)
+        .arg("--root")
+        .arg(&env.root)
+        .args(["create", "--bundle", b.to_str().unwrap(), &id])
+        .env("STASIS_FAULT", "cgroup-remove.busy:stop")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Proceed whatever happens, so that a failed assertion cannot leave it stopped.
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) with a pid and a signal number; no memory involved.
+            unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        }
+    }
+    let cont = Cont(pid);
+    // libcontainer's own cleanup failed: stasis is retrying, the cgroups are there.
+    crate::common::wait_stopped_at_fault(pid, Duration::from_secs(60));
+    let left = cgroups_named(&id);
+    assert!(!left.is_empty(), "the busy cgroups are already gone");
+    freezer.thaw();
+    drop(cont);
+    let status = child.wait().unwrap();
+    let err = fs::read_to_string(&stderr).unwrap();
+    assert!(
+        !status.success() && err.contains("hook"),
+        "{status:?}: {err}"
+    );
+    env.assert_nothing_left(&id, Some(&b));
 }

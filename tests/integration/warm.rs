@@ -423,7 +423,7 @@ impl Serve {
     /// The default stats file `serve --status` reads.
     fn stats_file(&self) -> PathBuf {
         self.root.join(format!(
-            "serve-{}-{}.json",
+            ".serve-{}-{}.json",
             self.listen.ip(),
             self.listen.port()
         ))

@@ -61,6 +61,11 @@ fn a_damaged_pack_is_not_reused_its_pages_are_stored_again() {
         "the new snapshot references the damaged pack"
     );
     restores_as(&fx, "b", &img);
+    // A later ingest reuses the fresh copies instead of storing them once more.
+    mutate(&img, 5, 97);
+    let c = fx.ingest(&img, &["c"]);
+    assert!(c.pages_new <= 10, "stored again: {}", c.pages_new);
+    restores_as(&fx, "c", &img);
     // Only the old snapshot is damaged.
     let errors = fx.errors(true);
     assert!(!errors.is_empty());
@@ -188,4 +193,87 @@ fn repair_rebuilds_a_pack_from_the_pages_a_later_checkpoint_stored_again() {
     assert!(r.unrepaired.is_empty(), "{r:?}");
     assert!(fx.errors(true).is_empty(), "{:?}", fx.errors(true));
     restores_as(&fx, "a", &a_img);
+}
+
+#[test]
+fn a_lost_index_is_damage_and_is_rebuilt_from_the_manifests() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 27, 64);
+    let a = fx.ingest(&img, &["a", "keep:v1"]);
+    mutate(&img, 3, 1);
+    let b = fx.ingest(&img, &[]);
+    mutate(&img, 3, 2);
+    let c = fx.ingest(&img, &["a"]); // moves `a` to c
+    let root = fx.store.root().to_path_buf();
+    let blobs_before = fs::read_dir(root.join("blobs/sha256")).expect("ls").count();
+    assert!(fx.store.rebuild_index().is_err(), "rebuilt an intact index");
+
+    fs::remove_file(root.join("index.json")).expect("rm index.json");
+    // Reopening does not paper over it with an empty index.
+    let store = Store::open(&root).expect("reopen");
+    assert!(!root.join("index.json").exists());
+    let e = store.list().expect_err("list without index");
+    assert!(e.to_string().contains("--rebuild-index"), "{e}");
+    let findings = store.verify(false).expect("verify");
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.level == crate::store::Level::Error && f.hint.contains("--rebuild-index")),
+        "{findings:?}"
+    );
+    let e = store.gc(false).expect_err("gc without index");
+    assert!(e.to_string().contains("--rebuild-index"), "{e}");
+    assert!(store.prune(Some(0), None, false).is_err());
+    assert_eq!(
+        fs::read_dir(root.join("blobs/sha256")).expect("ls").count(),
+        blobs_before
+    );
+
+    let r = store.rebuild_index().expect("rebuild");
+    assert_eq!(r.kept_damaged, None);
+    let got: Vec<_> = r.snapshots.iter().map(|(id, _)| *id).collect();
+    assert_eq!(got, vec![a.id, b.id, c.id]);
+    assert_eq!(store.resolve("a").expect("a"), c.id);
+    assert_eq!(store.resolve("keep:v1").expect("keep"), a.id);
+    let tagless: Vec<_> = store
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|s| s.tags.is_empty())
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(tagless, vec![b.id]);
+    assert!(fx.errors(true).is_empty(), "{:?}", fx.errors(true));
+    assert_eq!(store.gc(false).expect("gc").blobs_removed, 0);
+}
+
+#[test]
+fn an_unparseable_index_is_kept_aside_and_rebuilt() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 28, 32);
+    let a = fx.ingest(&img, &["a"]);
+    let root = fx.store.root().to_path_buf();
+    fs::write(root.join("index.json"), b"{\"schemaVersion\": 2, \"manif").expect("write");
+    let store = Store::open(&root).expect("a damaged index still opens");
+    assert!(store.gc(true).is_err());
+    let r = store.rebuild_index().expect("rebuild");
+    assert_eq!(r.kept_damaged, Some(root.join("index.json.damaged")));
+    assert_eq!(r.snapshots, vec![(a.id, vec!["a:latest".to_string()])]);
+    restores_as(&fx, "a", &img);
+}
+
+#[test]
+fn repair_from_something_that_is_not_an_archive_says_so() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 29, 32);
+    let a = fx.ingest(&img, &["a"]);
+    flip(&fx.packs(&a.id).remove(0), PREFIX_LEN as u64 + 40);
+    let junk = fx.path("junk.tar");
+    fs::write(&junk, vec![7u8; 1500]).expect("write");
+    let e = fx.store.repair(Some(&junk)).expect_err("junk archive");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("cannot repair from") && msg.contains("junk.tar"),
+        "{msg}"
+    );
 }

@@ -8,6 +8,7 @@ mod damaged;
 mod fuzz;
 mod gc_crash;
 mod integrity;
+mod names;
 mod roundtrip;
 mod transfer;
 

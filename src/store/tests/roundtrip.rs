@@ -215,9 +215,41 @@ fn one_file_of_a_snapshot_reads_back_verified_and_new_pages_count_what_it_added(
     let img = f.image("a", 7, 64);
     let fsdata = pages(8, 16);
     fs::write(img.join("fsdata-0.bin"), &fsdata).unwrap();
-    let a = f.ingest(&img, &["a"]).id;
+    // fsdata-0.bin is the caller's page-stored file; pages-N.img always are.
+    let opts = IngestOptions {
+        page_stored: vec!["fsdata-0.bin".into()],
+        ..IngestOptions::default()
+    };
+    let ingest = |tag: &str| {
+        f.store
+            .ingest(
+                SnapshotInput {
+                    image_dir: &img,
+                    config_json: CONFIG_JSON,
+                    container_id: "ctr1",
+                    metadata: serde_json::json!({}),
+                    tags: vec![tag.to_string()],
+                },
+                &opts,
+            )
+            .unwrap()
+            .id
+    };
+    let a = ingest("a");
     mutate(&img, 3, 99);
-    let b = f.ingest(&img, &["b"]).id;
+    let b = ingest("b");
+    let kinds: Vec<(String, bool)> = f
+        .store
+        .files(&b)
+        .unwrap()
+        .into_iter()
+        .map(|x| (x.name, x.page_stored))
+        .filter(|(n, _)| n.ends_with(".bin") || n.starts_with("pages-"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("fsdata-0.bin".into(), true), ("pages-1.img".into(), true)]
+    );
 
     let core = fs::read(img.join("core-1.img")).unwrap();
     assert_eq!(f.store.read_file(&b, "core-1.img").unwrap(), core);
@@ -244,6 +276,16 @@ fn one_file_of_a_snapshot_reads_back_verified_and_new_pages_count_what_it_added(
     let (total, new) = f.store.new_pages(&b, "pages-1.img").unwrap();
     assert_eq!(total, 64);
     assert!((1..=3).contains(&new), "{new}");
-    assert_eq!(f.store.new_pages(&b, "fsdata-0.bin").unwrap().1, 0);
+    assert_eq!(f.store.new_pages(&b, "fsdata-0.bin").unwrap(), (16, 0));
     assert_eq!(f.store.new_pages(&b, "core-1.img").unwrap(), (0, 0));
+    // Without the option the same name goes to the files blob.
+    mutate(&img, 1, 5);
+    let c = f.ingest(&img, &["c"]).id;
+    let e = f.store.read_file(&c, "fsdata-0.bin").unwrap();
+    assert!(
+        e == fsdata,
+        "{} bytes read back, {} written",
+        e.len(),
+        fsdata.len()
+    );
 }

@@ -151,6 +151,33 @@ pub enum ExportFormat {
     Podman,
 }
 
+/// What `snapshot verify --rebuild-index` found.
+fn print_rebuild(out: &mut impl Write, r: &crate::store::RebuildReport) -> Result<()> {
+    if let Some(p) = &r.kept_damaged {
+        writeln!(out, "kept the damaged index as {}", p.display())?;
+    }
+    writeln!(
+        out,
+        "rebuilt index.json: {} snapshot(s) found in blobs/",
+        r.snapshots.len()
+    )?;
+    for (id, tags) in &r.snapshots {
+        let tags = if tags.is_empty() {
+            "untagged".to_string()
+        } else {
+            tags.join(", ")
+        };
+        writeln!(out, "  {} ({tags})", id.short())?;
+    }
+    if !r.snapshots.is_empty() {
+        writeln!(
+            out,
+            "their origin is unknown (only the lost index recorded it): restores treat them as foreign"
+        )?;
+    }
+    Ok(())
+}
+
 /// `snapshot verify [--read-data] [--repair [--from ARCHIVE]] [--format json]`:
 /// repairs first, then verifies; fails when verify finds errors or something was
 /// left damaged.
@@ -288,21 +315,11 @@ pub fn run(
         } => {
             if *rebuild_index {
                 let r = store.rebuild_index()?;
-                if let Some(p) = &r.kept_damaged {
-                    writeln!(out, "kept the damaged index as {}", p.display())?;
-                }
-                writeln!(
-                    out,
-                    "rebuilt index.json: {} snapshot(s) found in blobs/",
-                    r.snapshots.len()
-                )?;
-                for (id, tags) in &r.snapshots {
-                    let tags = if tags.is_empty() {
-                        "untagged".to_string()
-                    } else {
-                        tags.join(", ")
-                    };
-                    writeln!(out, "  {} ({tags})", id.short())?;
+                // JSON output stays one document: the account goes to stderr.
+                if *format == Format::Json {
+                    print_rebuild(&mut std::io::stderr().lock(), &r)?;
+                } else {
+                    print_rebuild(&mut out, &r)?;
                 }
             }
             verify(
@@ -339,7 +356,7 @@ pub fn run(
             let verb = if *dry_run { "would remove" } else { "removed" };
             writeln!(
                 out,
-                "{verb} {} blob(s), {} temp file(s), {} cached root filesystem(s), freeing {}",
+                "{verb} {} blob(s), {} temp file(s), {} cached image(s) or rootfs base(s), freeing {}",
                 r.blobs_removed,
                 r.tmp_removed,
                 dirs,

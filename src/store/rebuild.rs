@@ -3,8 +3,10 @@
 //! checkpoint manifest becomes a snapshot again, with the tags its manifest
 //! recorded at ingest (`io.stasis.tags`; a tag goes to the newest snapshot that
 //! recorded it). Tags set or removed later with `snapshot tag`/`rm` are not in
-//! any manifest and are not restored. A damaged index.json is kept beside the
-//! new one. Runs under the exclusive store lock.
+//! any manifest and are not restored. No manifest records a snapshot's origin
+//! (`io.stasis.origin` lives in index.json only), so every rebuilt snapshot has
+//! origin `unknown` and is treated as foreign. A damaged index.json is kept
+//! beside the new one. Runs under the exclusive store lock.
 
 use std::collections::BTreeMap;
 use std::fs;

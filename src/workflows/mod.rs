@@ -28,14 +28,17 @@ pub enum WorkflowError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The container was stopped by the dump: its image is all that is left.
-    #[error("storing the checkpoint failed: {source}; the container was stopped and its CRIU image is kept at {image}: restore it with `stasis restore --image-path {image} --bundle {bundle} {id}`, then remove {}", image.parent().unwrap_or(image).display())]
+    /// The container was stopped by the dump (its record stays, stopped): its
+    /// image is all that is left.
+    #[error("storing the checkpoint failed: {source}; the container was stopped and its CRIU image is kept at {image}: restore it with `stasis delete {id} && stasis restore --image-path {image} --bundle {bundle} {id}`, then remove {}", image.parent().unwrap_or(image).display())]
     IngestFailed {
         source: Box<StoreError>,
         image: PathBuf,
         bundle: PathBuf,
         id: String,
     },
+    /// The dump did not stop the container (--leave-running, or a stop
+    /// deferred until the commit): it runs on, its staging is removed.
     #[error("storing the checkpoint failed: {source}; container {id} was not stopped and runs on (nothing was stored): fix the cause and checkpoint again")]
     NotStored { source: Box<StoreError>, id: String },
     #[error("snapshot {snapshot} cannot be restored on this host:\n  {}\n(--force restores anyway)", reasons.join("\n  "))]

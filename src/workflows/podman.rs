@@ -87,6 +87,9 @@ pub fn export(rt: &Runtime, store: &Store, from: &str, out: &Path, o: &PodmanExp
             ),
         ));
     }
+    // The snapshot (and its cached image, read below) stays until the archive
+    // is written: `snapshot rm` and gc wait for the pin.
+    let _pin = store.pin()?;
     // The compatibility check is the importing host's business (CRIU's own at
     // restore); the image is still verified while it is materialised.
     let p = prepare(rt, store, from, true, false)?;

@@ -368,9 +368,10 @@ impl Commit<'_> {
                 },
             )
             .map_err(|e| {
-                // Running on, the container needs no image: the staging
-                // (possibly hundreds of MiB of RAM on /dev/shm) goes.
-                if self.tasks_survive || self.opts.leave_running {
+                // Running on (--leave-running, or the stop deferred until the
+                // commit), the container needs no image: the staging (possibly
+                // hundreds of MiB of RAM on /dev/shm) goes.
+                if self.tasks_survive {
                     WorkflowError::NotStored {
                         source: Box::new(e),
                         id: id.clone(),

@@ -430,3 +430,23 @@ fn sigkill_mid_dump_is_thawed_once_the_orphaned_criu_is_done() {
     sx.wait_counter(&id, "advancing after the thaw", |n| n > seen.1);
     assert!(sx.ls().is_empty(), "no snapshot was committed");
 }
+
+/// With --tcp-established CRIU stops the tasks itself (it unlocks the network
+/// at the end of a leave-running dump); the image is still ingested before the
+/// container is removed, and the snapshot restores.
+#[test]
+fn tagged_tcp_established_checkpoint_lets_criu_stop_the_tasks_and_restores() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let (_bundle, id, _g, _pid) = start_counter(&sx, "ft");
+    let before = sx.wait_counter(&id, "readable", |_| true);
+    sx.ok(&["checkpoint", "--tcp-established", "--tag", "tcp", &id]);
+    assert!(
+        sx.state(&id).is_none(),
+        "{id} still exists after checkpoint"
+    );
+    let id2 = format!("{id}-r");
+    let _g2 = sx.restore_from("tcp", &id2, &["--tcp-established"]);
+    sx.assert_carries_on(&id2, &before);
+}

@@ -461,6 +461,46 @@ fn prewarm_stops_on_sigint_and_sigterm_and_removes_its_container() {
     assert!(sx.ls().is_empty());
 }
 
+#[test]
+fn prewarm_stopped_during_its_warmup_kills_it_and_removes_the_container() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", "while :; do sleep 1000; done"]);
+    let id = unique_id("fs-warmup");
+    let _c = sx.guard(&id);
+    let bg = Bg::spawn(
+        &sx,
+        &[],
+        &[
+            "prewarm",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--ready",
+            "file:/",
+            "--warmup",
+            "sleep 1001",
+            "--tag",
+            "w",
+            "--id",
+            &id,
+        ],
+    );
+    let warming = || {
+        sx.state(&id).is_some()
+            && sx.env.pids(&id).iter().any(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.windows(4).any(|w| w == b"1001"))
+            })
+    };
+    crate::common::wait_until("the warm-up to run", Duration::from_secs(30), warming);
+    kill(bg.pid(), Signal::SIGTERM).unwrap();
+    let (code, _, err) = bg.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+    assert!(sx.state(&id).is_none(), "{id} left");
+    assert!(cgroups_named(&id).is_empty(), "cgroups of {id} left");
+    assert!(sx.ls().is_empty());
+}
+
 // ---------------------------------------------------------------------------
 // An ingest that fails on a full disk
 
@@ -509,9 +549,7 @@ fn a_failed_ingest_with_leave_running_leaves_nothing_in_dev_shm() {
     assert!(out.stdout.contains("rc=1"), "{out:#?}");
     assert!(
         out.stderr.contains("No space left on device")
-            && out
-                .stderr
-                .contains("the container runs on and nothing was stored"),
+            && out.stderr.contains("runs on (nothing was stored)"),
         "{out:#?}"
     );
     assert!(staging_names(&out.stdout).is_empty(), "{out:#?}");
@@ -524,11 +562,18 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
     let (store, _m, id, b) = full_store_and_container(&sx, "fs-fullstop");
     let g = sx.run_d(&b, &id);
     let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
-    let out = sx.run_in(&store, &["checkpoint", "--tag", "full", &id]);
+    // --link-remap: CRIU itself stops the tasks at the end of the dump (stasis
+    // defers the stop until the commit only without it), so the image is all
+    // that is left of the container when the ingest fails.
+    let out = sx.run_in(
+        &store,
+        &["checkpoint", "--link-remap", "--tag", "full", &id],
+    );
     // Removed at the end even when an assertion fails.
     let kept = RmDir(kept_staging(&out.stderr));
     assert_fails(&out, &["No space left on device", "--bundle"]);
-    // `stasis restore --image-path IMAGE --bundle BUNDLE ID`, then remove DIR.
+    // `stasis delete ID && stasis restore --image-path IMAGE --bundle BUNDLE ID`,
+    // then remove DIR.
     let cmd = out
         .stderr
         .split('`')
@@ -539,13 +584,21 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
         .rsplit_once("then remove ")
         .map(|(_, d)| PathBuf::from(d.trim()));
     assert_eq!(named, kept.0, "{out:#?}");
-    let words: Vec<&str> = cmd.split_whitespace().collect();
-    assert_eq!(&words[..2], ["stasis", "restore"], "{cmd}");
-    assert_eq!(words.last(), Some(&id.as_str()), "{cmd}");
-    assert!(sx.state(&id).is_none(), "the dump stopped {id}");
+    let (delete, restore) = cmd.split_once("&&").expect("two commands");
+    let delete: Vec<&str> = delete.split_whitespace().collect();
+    let restore: Vec<&str> = restore.split_whitespace().collect();
+    assert_eq!(delete, ["stasis", "delete", id.as_str()], "{cmd}");
+    assert_eq!(&restore[..2], ["stasis", "restore"], "{cmd}");
+    assert_eq!(restore.last(), Some(&id.as_str()), "{cmd}");
+    assert_eq!(
+        sx.state(&id).unwrap()["status"],
+        "stopped",
+        "the dump stopped {id}"
+    );
+    sx.ok(&delete[1..]);
     // Detached, so the test does not wait for the container to exit.
     let mut args = vec!["restore", "-d"];
-    args.extend_from_slice(&words[2..]);
+    args.extend_from_slice(&restore[2..]);
     sx.run_starting(&store, &args).ok();
     sx.assert_carries_on(&id, &before);
     let kept_dir = kept.0.clone().expect("a directory to remove");

@@ -277,3 +277,17 @@ fn repair_from_something_that_is_not_an_archive_says_so() {
         "{msg}"
     );
 }
+
+#[test]
+fn rebuilt_snapshots_are_not_trusted_as_local() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 30, 32);
+    fx.ingest(&img, &["a"]);
+    let root = fx.store.root().to_path_buf();
+    fs::remove_file(root.join("index.json")).expect("rm");
+    let store = Store::open(&root).expect("reopen");
+    store.rebuild_index().expect("rebuild");
+    let index = store.read_index().expect("index");
+    let e = &super::super::catalog::entries(&index)[0];
+    assert_eq!(e.origin, crate::store::Origin::Unknown);
+}

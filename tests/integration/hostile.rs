@@ -495,6 +495,50 @@ fn a_files_blob_entry_of_10_gib_is_refused_unread() {
     );
 }
 
+/// An `fs-manifest.json` of 300 MiB (zeros: within the 1 GiB files-blob limit,
+/// beyond the 256 MiB that inspect and restore read into memory): inspect must
+/// refuse to buffer it, and restore, which materialises it to disk (streamed),
+/// must refuse to parse it.
+#[test]
+fn a_filesystem_manifest_over_256_mib_is_refused_unread() {
+    requires!(root);
+    const BIG: u64 = 300 << 20;
+    let hx = Hx::new();
+    let l = Layout::new(hx.path("evil"));
+    let zeros = vec![0u8; 1 << 20];
+    let mut h = Sha256::new();
+    for _ in 0..BIG >> 20 {
+        h.update(&zeros);
+    }
+    let sha = hex::encode(h.finalize());
+    let blob = l.put_with(|w| {
+        w.write_all(&prefix(b"STASFILE")).unwrap();
+        let mut head = 1u32.to_le_bytes().to_vec();
+        head.extend_from_slice(&16u16.to_le_bytes());
+        head.extend_from_slice(b"fs-manifest.json");
+        head.extend_from_slice(&BIG.to_le_bytes());
+        w.write_all(&zstd::bulk::compress(&head, 3).unwrap())
+            .unwrap();
+        repeated_frames(w, &zeros, BIG >> 20);
+    });
+    let rec = Rec {
+        name: "fs-manifest.json",
+        size: BIG,
+        sha256: sha,
+        table: None,
+    };
+    let desc = finish_snapshot(&l, &[rec], Some(blob), "evil:v1");
+    assert_eq!(hx.run(&["snapshot", "ls"]).code, Some(0));
+    plant(&l, &desc, &hx.store);
+    hx.run(&["snapshot", "inspect", "evil:v1"])
+        .fails_cleanly(&["314572800 bytes, more than the 268435456-byte limit"]);
+    let id = unique_id("hostile");
+    hx.run(&["restore", "-d", "--from", "evil:v1", &id])
+        .fails_cleanly(&["fs-manifest.json", "more than the 268435456-byte limit"]);
+    let left: Vec<_> = fs::read_dir(hx.store.join("tmp")).unwrap().collect();
+    assert!(left.is_empty(), "restore left files in tmp/");
+}
+
 /// A pack holding one page of 0x5a bytes: (pack blob, the page's digest).
 fn one_page_pack(l: &Layout) -> (Blob, [u8; 32]) {
     let page = vec![0x5au8; 4096];

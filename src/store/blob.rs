@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use super::error::{io_err, Result, StoreError};
-use super::format::limits::MAX_JSON;
+use super::format::limits::json_limit;
 use super::ids::BlobDigest;
 
 /// A directory of blobs named by their hex sha256 (`blobs/sha256` of a store, or an
@@ -49,7 +49,7 @@ impl BlobDir {
 
     /// Reads a whole JSON blob (manifest, config) and checks its digest (and, when
     /// given, its size). `what` names the blob kind in the error ("manifest", ...).
-    /// Blobs larger than `limits::MAX_JSON` are refused before a byte is read.
+    /// Blobs larger than `limits::json_limit(what)` are refused before a byte is read.
     pub(crate) fn read_verified(
         &self,
         d: &BlobDigest,
@@ -59,12 +59,13 @@ impl BlobDir {
         let p = self.path(d);
         let f = self.open(d)?;
         let len = f.metadata().map_err(io_err("stat", &p))?.len();
-        check_len(&p, what, len, expect_size, Some(MAX_JSON))?;
+        let max = json_limit(what);
+        check_len(&p, what, len, expect_size, Some(max))?;
         let mut buf = Vec::with_capacity(len as usize);
-        f.take(MAX_JSON + 1)
+        f.take(max + 1)
             .read_to_end(&mut buf)
             .map_err(io_err("read", &p))?;
-        check_len(&p, what, buf.len() as u64, expect_size, Some(MAX_JSON))?;
+        check_len(&p, what, buf.len() as u64, expect_size, Some(max))?;
         let got = BlobDigest::of(&buf);
         if got != *d {
             return Err(StoreError::Format {

@@ -25,6 +25,19 @@ pub(crate) mod limits {
     /// Largest JSON document (manifest, config blob, index.json, oci-layout) read
     /// into memory and parsed. Real ones are a few KiB to a few MiB.
     pub(crate) const MAX_JSON: u64 = 16 << 20;
+    /// Largest config blob: it holds free-form metadata parsed into a
+    /// `serde_json::Value` (up to ~32 bytes of memory per byte of JSON), so it gets
+    /// a tighter bound than the typed documents. Ingest refuses to write a larger one.
+    pub(crate) const MAX_CONFIG: u64 = 4 << 20;
+
+    /// The limit for a whole-read JSON blob of kind `what`.
+    pub(crate) fn json_limit(what: &str) -> u64 {
+        if what == "config" {
+            MAX_CONFIG
+        } else {
+            MAX_JSON
+        }
+    }
     /// Largest file kept in the files blob (CRIU's small images, fs-manifest.json);
     /// its content is streamed, never buffered whole.
     pub(crate) const MAX_SMALL_FILE: u64 = 1 << 30;

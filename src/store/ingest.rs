@@ -22,6 +22,7 @@ use super::catalog::{self, normalize_tag};
 use super::config::{self, ConfigJson, FileRecord, Sizes, SnapshotConfig};
 use super::dedup::DedupIndex;
 use super::error::{fault_point, format_err, io_err, Result, StoreError};
+use super::format::limits::MAX_CONFIG;
 use super::ids::{BlobDigest, PageDigest};
 use super::layout::{self, Descriptor, Manifest};
 use super::pack::{self, PackWriter, FRAME_PAGES, PACK_TARGET, PAGE_SIZE};
@@ -539,6 +540,12 @@ pub(crate) fn ingest(
         path: store.paths.root.clone(),
         source,
     })?;
+    if cfg_bytes.len() as u64 > MAX_CONFIG {
+        return Err(StoreError::Invalid(format!(
+            "the snapshot's config would be {} bytes, more than the {MAX_CONFIG}-byte limit readers accept (too many image files, or too much metadata)",
+            cfg_bytes.len()
+        )));
+    }
     let (cfg_digest, cfg_len, _) = put_bytes(&tmp, &blobs, "config", &cfg_bytes)?;
     fault_point("config")?;
 

@@ -195,6 +195,7 @@ fn write_all(
 ) -> Result<()> {
     let bar = util::progress(progress, cfg.sizes.image_bytes, "restoring");
     let packs = PackSet::open(store, manifest)?;
+    super::space::check_space(store, id, cfg, &packs, dest)?;
     for rec in cfg.files.iter().filter(|r| r.kind == KIND_PAGES) {
         write_pages_file(store, id, rec, &packs, dest, &bar)?;
     }

@@ -31,6 +31,7 @@ mod pack;
 mod pagetable;
 mod rebuild;
 mod repair;
+mod space;
 mod staging;
 mod transfer;
 mod util;

@@ -1,6 +1,8 @@
 //! Page-table blobs: for one `pages-N.img`, its size and the digest of every page in
-//! file order (the last partial page zero-padded). Owns encoding and decoding them;
-//! which pack holds a page is the packs' business, not the table's.
+//! file order (the last partial page zero-padded). Owns encoding them and reading
+//! them back as a bounded stream (`TableReader`: a table is untrusted and may
+//! announce up to 1 TiB of pages, so it is never held whole); which pack holds a
+//! page is the packs' business, not the table's.
 
 use std::fs::File;
 use std::io::{BufReader, Read};

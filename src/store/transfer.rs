@@ -404,6 +404,7 @@ pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Ve
 
     // 3. Verify every snapshot completely, in staging.
     let mut checker = Checker::new(&staged, true);
+    let mut checked = std::collections::HashSet::new();
     let mut roots: Vec<(Descriptor, Option<String>)> = Vec::new();
     for d in &index.manifests {
         let label = format!(
@@ -439,7 +440,11 @@ pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Ve
             Some(t) => Some(normalize_tag(t).map_err(|e| reject(e.to_string()))?),
             None => None,
         };
-        checker.check_manifest(d, &label);
+        // Each manifest is verified once, however many descriptors (tags) name
+        // it: a hostile index.json repeating one cannot multiply the work.
+        if checked.insert((md, d.snapshot_id())) {
+            checker.check_manifest(d, &label);
+        }
         roots.push((d.clone(), tag));
     }
     if checker.has_errors() {

@@ -156,3 +156,15 @@ pub fn fault_point(name: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printable_escapes_what_drives_a_terminal() {
+        let s = "ok \u{1b}[2J\u{7}\r\n\u{9b}1m \u{202e}txt.exe caf\u{e9} \u{fffd}";
+        assert_eq!(
+            super::printable(s),
+            "ok \\u{1b}[2J\\u{7}\\u{d}\\u{a}\\u{9b}1m \\u{202e}txt.exe caf\u{e9} \u{fffd}"
+        );
+    }
+}

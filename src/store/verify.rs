@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use super::archive::ArchiveReader;
 use super::blob::{hash_file, BlobDir};
 use super::config::{SnapshotConfig, KIND_FILE, KIND_PAGES};
-use super::format::limits::MAX_JSON;
+use super::format::limits::json_limit;
 use super::ids::{BlobDigest, PageDigest};
 use super::layout::{self, Descriptor, Manifest};
 use super::pack::{self, PackIndex, PAGE_SIZE};
@@ -101,11 +101,12 @@ impl<'a> Checker<'a> {
         let path = self.blobs.path(d);
         // JSON blobs only: refuse a size no real one has before reading it.
         if let Ok(m) = fs::metadata(&path) {
-            if m.len() > MAX_JSON {
+            let max = json_limit(what);
+            if m.len() > max {
                 self.push(
                     Level::Error,
                     format!(
-                        "{label}: {what} {d} is {} bytes, more than the {MAX_JSON}-byte limit",
+                        "{label}: {what} {d} is {} bytes, more than the {max}-byte limit",
                         m.len()
                     ),
                     hint.to_string(),
@@ -513,7 +514,18 @@ impl<'a> Checker<'a> {
         let first = match pages {
             // Stops at the first missing page: a hostile table claiming a huge file
             // of pages no pack holds is rejected after one chunk, not after all.
-            Some(p) => reader.find(|d| !p.contains(d))?,
+            Some(p) => {
+                // Runs of one page (zero pages, or a hostile table repeating one
+                // page) are looked up once.
+                let mut last = None;
+                reader.find(|d| {
+                    if last == Some(*d) {
+                        return false;
+                    }
+                    last = Some(*d);
+                    !p.contains(d)
+                })?
+            }
             None => reader.find(|_| false)?,
         };
         if let Some((first, _)) = first {

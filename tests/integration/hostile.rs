@@ -449,6 +449,8 @@ fn bounded_everywhere(
         hx.run(&["snapshot", "inspect", "evil:v1"])
             .fails_cleanly(&restore_needles[..1]);
     }
+    hx.run(&["snapshot", "verify", "--read-data"])
+        .fails_cleanly(&["verify found"]);
     let id = unique_id("hostile");
     hx.run(&["restore", "-d", "--from", "evil:v1", &id])
         .fails_cleanly(restore_needles);
@@ -491,6 +493,144 @@ fn a_files_blob_entry_of_10_gib_is_refused_unread() {
         true,
         &["10737418240 bytes, more than the 1073741824-byte limit"],
     );
+}
+
+/// An `fs-manifest.json` of 300 MiB (zeros: within the 1 GiB files-blob limit,
+/// beyond the 256 MiB that inspect and restore read into memory): inspect must
+/// refuse to buffer it, and restore, which materialises it to disk (streamed),
+/// must refuse to parse it.
+#[test]
+fn a_filesystem_manifest_over_256_mib_is_refused_unread() {
+    requires!(root);
+    const BIG: u64 = 300 << 20;
+    let hx = Hx::new();
+    let l = Layout::new(hx.path("evil"));
+    let zeros = vec![0u8; 1 << 20];
+    let mut h = Sha256::new();
+    for _ in 0..BIG >> 20 {
+        h.update(&zeros);
+    }
+    let sha = hex::encode(h.finalize());
+    let blob = l.put_with(|w| {
+        w.write_all(&prefix(b"STASFILE")).unwrap();
+        let mut head = 1u32.to_le_bytes().to_vec();
+        head.extend_from_slice(&16u16.to_le_bytes());
+        head.extend_from_slice(b"fs-manifest.json");
+        head.extend_from_slice(&BIG.to_le_bytes());
+        w.write_all(&zstd::bulk::compress(&head, 3).unwrap())
+            .unwrap();
+        repeated_frames(w, &zeros, BIG >> 20);
+    });
+    let rec = Rec {
+        name: "fs-manifest.json",
+        size: BIG,
+        sha256: sha,
+        table: None,
+    };
+    let desc = finish_snapshot(&l, &[rec], Some(blob), "evil:v1");
+    assert_eq!(hx.run(&["snapshot", "ls"]).code, Some(0));
+    plant(&l, &desc, &hx.store);
+    hx.run(&["snapshot", "inspect", "evil:v1"])
+        .fails_cleanly(&["314572800 bytes, more than the 268435456-byte limit"]);
+    let id = unique_id("hostile");
+    hx.run(&["restore", "-d", "--from", "evil:v1", &id])
+        .fails_cleanly(&["fs-manifest.json", "more than the 268435456-byte limit"]);
+    let left: Vec<_> = fs::read_dir(hx.store.join("tmp")).unwrap().collect();
+    assert!(left.is_empty(), "restore left files in tmp/");
+}
+
+/// A pack holding one page of 0x5a bytes: (pack blob, the page's digest).
+fn one_page_pack(l: &Layout) -> (Blob, [u8; 32]) {
+    let page = vec![0x5au8; 4096];
+    let digest: [u8; 32] = Sha256::digest(&page).into();
+    let frame = zstd::bulk::compress(&page, 3).unwrap();
+    let mut index = 16u64.to_le_bytes().to_vec();
+    index.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    index.extend_from_slice(&1u32.to_le_bytes());
+    index.extend_from_slice(&digest);
+    let mut pack = prefix(b"STASPACK");
+    pack.extend_from_slice(&frame);
+    let index_offset = pack.len() as u64;
+    pack.extend_from_slice(&index);
+    pack.extend_from_slice(&index_offset.to_le_bytes());
+    pack.extend_from_slice(&(index.len() as u64).to_le_bytes());
+    pack.extend_from_slice(&1u32.to_le_bytes());
+    pack.extend_from_slice(&1u32.to_le_bytes());
+    pack.extend_from_slice(&Sha256::digest(&index));
+    pack.extend_from_slice(b"STASPEND");
+    (l.put(&pack), digest)
+}
+
+/// A valid snapshot (every page is in its pack, so import accepts it) whose page
+/// table repeats that one page for more bytes than the disk has free: restore
+/// must refuse before writing, not fill the disk.
+#[test]
+fn a_pages_file_larger_than_the_free_disk_is_refused_before_writing() {
+    requires!(root);
+    let hx = Hx::new();
+    let st = nix::sys::statvfs::statvfs(hx.dir.path()).expect("statvfs");
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let size = (2 * free).next_power_of_two().max(1 << 30);
+    if size > 1 << 40 {
+        eprintln!("SKIP: {free} bytes free, more than a page table may describe");
+        return;
+    }
+    let l = Layout::new(hx.path("evil"));
+    let (pack, digest) = one_page_pack(&l);
+    let count = size / 4096;
+    let per = (1u64 << 15).min(count);
+    let mut head = size.to_le_bytes().to_vec();
+    head.extend_from_slice(&count.to_le_bytes());
+    let table = l.put_with(|w| {
+        w.write_all(&prefix(b"STASPTBL")).unwrap();
+        w.write_all(&zstd::bulk::compress(&head, 3).unwrap())
+            .unwrap();
+        repeated_frames(w, &digest.repeat(per as usize), count / per);
+    });
+    let rec = Rec {
+        name: "pages-1.img",
+        size,
+        sha256: "cd".repeat(32),
+        table: Some(table),
+    };
+    let mut desc = finish_snapshot(&l, &[rec], None, "evil:v1");
+    // finish_snapshot lists no pack: add it to the manifest, rewrite index.json.
+    let mpath = l
+        .root
+        .join("blobs/sha256")
+        .join(&desc["digest"].as_str().unwrap()[7..]);
+    let mut m: Value = serde_json::from_slice(&fs::read(&mpath).unwrap()).unwrap();
+    m["layers"].as_array_mut().unwrap().push(json!({
+        "mediaType": "application/vnd.stasis.pack.v1",
+        "digest": format!("sha256:{}", pack.0), "size": pack.1}));
+    fs::remove_file(&mpath).unwrap();
+    let (md, ms) = l.put(&serde_json::to_vec(&m).unwrap());
+    desc["digest"] = json!(format!("sha256:{md}"));
+    desc["size"] = json!(ms);
+    let index = json!({"schemaVersion": 2,
+                       "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": [desc],
+                       "annotations": {"io.stasis.store.version": "1"}});
+    fs::write(
+        l.root.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+
+    let tar = hx.path("evil.tar");
+    tar_of(&l, &tar);
+    assert_eq!(hx.run(&["snapshot", "ls"]).code, Some(0));
+    let imported = hx.run(&["snapshot", "import", tar.to_str().unwrap()]);
+    assert_eq!(
+        imported.code,
+        Some(0),
+        "a valid snapshot is imported: {imported:#?}"
+    );
+    let id = unique_id("hostile");
+    hx.run(&["restore", "-d", "--from", "evil:v1", &id])
+        .fails_cleanly(&["needs", "are free there"]);
+    let left: Vec<_> = fs::read_dir(hx.store.join("tmp")).unwrap().collect();
+    assert!(left.is_empty(), "restore left files in tmp/");
 }
 
 /// Bytes of an error line a terminal would act on: C0 controls but none of the

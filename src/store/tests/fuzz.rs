@@ -404,11 +404,11 @@ fn json_blobs_over_the_limit_are_refused_unread() {
     let img = fx.image("img", 72, 8);
     let r = fx.ingest(&img, &["app"]);
     let m = fx.manifest(&r.id);
-    // Replace the config blob's content by 17 MiB (its name no longer matches, but
+    // Replace the config blob's content by 5 MiB (its name no longer matches, but
     // the size is checked first: nothing is read).
     let p = fx.blob_path(&m.config.digest);
     fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
-    fs::write(&p, vec![b' '; 17 << 20]).expect("write");
+    fs::write(&p, vec![b' '; 5 << 20]).expect("write");
     let d = crate::store::BlobDigest::parse(&m.config.digest).expect("digest");
     let (e, peak) = peak_during(|| {
         fx.store
@@ -418,7 +418,7 @@ fn json_blobs_over_the_limit_are_refused_unread() {
     });
     assert!(
         e.to_string()
-            .contains("more than the 16777216-byte limit for a config"),
+            .contains("more than the 4194304-byte limit for a config"),
         "{e}"
     );
     assert!(peak < 1 << 20, "{peak} bytes");
@@ -444,4 +444,29 @@ fn import_refuses_long_names_and_pax_headers() {
         .expect("tmp")
         .next()
         .is_none());
+}
+
+/// The worst config the limit lets through (4 MiB of `0,` in its metadata, the
+/// densest JSON for a `serde_json::Value`) parses within a bounded amount of
+/// memory: the limit, not the document, sets what inspect and restore can use.
+#[test]
+fn a_config_at_the_limit_parses_in_bounded_memory() {
+    let real = real();
+    let mut v: serde_json::Value = serde_json::from_slice(&real.config).expect("config");
+    v.as_object_mut().expect("object").remove("metadata");
+    let mut head = serde_json::to_vec(&v).expect("json");
+    head.truncate(head.len() - 1); // drop the final '}'
+    head.extend_from_slice(b",\"metadata\":[");
+    let limit = crate::store::format::limits::MAX_CONFIG as usize;
+    while head.len() + 2 < limit {
+        head.extend_from_slice(b"0,");
+    }
+    head.extend_from_slice(b"0]}");
+    assert!(head.len() <= limit + 2);
+    let (r, peak) = peak_during(|| serde_json::from_slice::<serde_json::Value>(&head).map(drop));
+    r.expect("parses");
+    let (r, peak_cfg) = peak_during(|| SnapshotConfig::parse(&head).map(drop));
+    r.expect("parses");
+    eprintln!("4 MiB config: Value peak {peak} bytes, SnapshotConfig peak {peak_cfg} bytes");
+    assert!(peak.max(peak_cfg) < 96 << 20, "{peak} / {peak_cfg} bytes");
 }

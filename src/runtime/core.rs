@@ -266,11 +266,8 @@ pub fn create(
     let bundle = bundle_info.path.as_path();
     let cgroup = libcontainer::utils::get_cgroup_path(&bundle_info.cgroups_path, id);
     let cgroup_existed = cgroup::exists(&cgroup);
-    let console = tty::ConsolePlan::new(
-        bundle_info.terminal,
-        detach,
-        opts.console_socket.as_ref(),
-    )?;
+    let console =
+        tty::ConsolePlan::new(bundle_info.terminal, detach, opts.console_socket.as_ref())?;
     let container = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(root)
         .map_err(core_err("create", id))?

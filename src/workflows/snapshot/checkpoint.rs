@@ -9,8 +9,8 @@ use serde_json::json;
 use super::statcache::{container_pids, copy_stat_cache, previous_fs_data, usable_stat_cache};
 use super::*;
 use crate::runtime::checkpoint::{defers_stop, CheckpointOptions, CriuStats};
-use crate::runtime::Runtime;
-use crate::store::{IngestOptions, IngestReport, SnapshotId, SnapshotInput, Store};
+use crate::runtime::{ContainerState, Runtime};
+use crate::store::{IngestOptions, IngestReport, Pin, SnapshotId, SnapshotInput, Store};
 use crate::workflows::{fstree, host, Result, WorkflowError};
 
 /// The trees to capture: the rootfs and every writable bind mount of a directory.
@@ -129,20 +129,7 @@ pub fn checkpoint_to_store(
     // the dump: a pin (the shared store lock), held from this check until the
     // ingest is done, keeps `snapshot rm`, gc and prune from removing it in
     // between. The ingest takes its own shared lock, which the pin never blocks.
-    let (cache, pin) = if sources.is_empty() {
-        (None, None)
-    } else {
-        let pin = store.pin()?;
-        let found = usable_stat_cache(store, &cache_path).or_else(|| {
-            st.owned_dir
-                .as_deref()
-                .and_then(|owned| copy_stat_cache(store, owned, &st.rootfs))
-        });
-        match found {
-            Some(c) => (Some(c), Some(pin)),
-            None => (None, None),
-        }
-    };
+    let (cache, pin) = pinned_stat_cache(store, &st, &sources, &cache_path)?;
     // Without the rootfs in the snapshot, the files the processes hold open are
     // recorded so a restore onto a changed rootfs is refused: listed and hashed
     // after the dump while the container is still frozen, so the digests are the
@@ -212,6 +199,34 @@ pub fn checkpoint_to_store(
     let report = c.commit(&stats)?;
     drop(pin);
     Ok(c.done(report, stats, &cache_path))
+}
+
+/// A usable stat cache and the pin on the snapshot it points into.
+type PinnedCache = (Option<(fstree::StatCache, SnapshotId)>, Option<Pin>);
+
+/// The stat cache the capture may use, with the pin that keeps the snapshot it
+/// points into in the store until the ingest is done (none without sources or
+/// without a usable cache).
+fn pinned_stat_cache(
+    store: &Store,
+    st: &ContainerState,
+    sources: &[fstree::Source],
+    cache_path: &Path,
+) -> Result<PinnedCache> {
+    Ok(if sources.is_empty() {
+        (None, None)
+    } else {
+        let pin = store.pin()?;
+        let found = usable_stat_cache(store, cache_path).or_else(|| {
+            st.owned_dir
+                .as_deref()
+                .and_then(|owned| copy_stat_cache(store, owned, &st.rootfs))
+        });
+        match found {
+            Some(c) => (Some(c), Some(pin)),
+            None => (None, None),
+        }
+    })
 }
 
 #[derive(Default)]

@@ -63,67 +63,10 @@ pub(super) fn private_fs(
     };
     check_volume_sources(&p.sid.short(), &mut cfg, sources, &carried)?;
     let base = ensure_base(store, p)?;
-    // A copy with a full rootfs copy lives on the store's filesystem, next to the
-    // base (`cache/copies/ID`): FICLONE reflinks only within one filesystem, and
-    // `--root` is usually a tmpfs (/run/stasis), where the copy would take RAM.
-    // The state records the directory, so `delete` removes it either way.
-    let copies = if copy.copy_rootfs {
-        store.copies_dir()
-    } else {
-        rt.root().join(".copies")
-    };
-    // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
-    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
-    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
-    let owned = copies.join(id);
-    // The caller holds the container's lock and no container `id` exists: a
-    // directory here was left by a restore killed before it recorded the
-    // container (its overlay may still be mounted). Remove it and start afresh.
-    if fs::symlink_metadata(&owned).is_ok() {
-        crate::runtime::unmount_under(&owned);
-        fs::remove_dir_all(&owned).map_err(io_err(
-            "remove the private filesystem a killed restore left at",
-            &owned,
-        ))?;
-    }
-    // Not create_dir_all: the directory is ours only if we created it.
-    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
-    let (upper, work, merged) = (
-        owned.join("upper"),
-        owned.join("work"),
-        owned.join("merged"),
-    );
+    let owned = owned_dir(rt, store, id, copy.copy_rootfs)?;
+    let merged = owned.join("merged");
     let result = (|| -> Result<PathBuf> {
-        // The root: an overlay on the base, or (--copy-rootfs) a full copy of it.
-        let root = if copy.copy_rootfs {
-            let root = owned.join("rootfs");
-            crate::workflows::copytree::copy_tree(&base, &root)?;
-            root
-        } else {
-            for d in [&upper, &work, &merged] {
-                fs::create_dir_all(d).map_err(io_err("create", d))?;
-            }
-            merged.clone()
-        };
-        // The identity file, visible at /.stasis/identity.json.
-        let idir = if copy.copy_rootfs {
-            root.join(".stasis")
-        } else {
-            upper.join(".stasis")
-        };
-        fs::create_dir_all(&idir).map_err(io_err("create", &idir))?;
-        let ijson = json!({
-            "generation": ident.generation, "copy_index": ident.index,
-            "snapshot": ident.snapshot, "container_id": id,
-        });
-        fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io_err("write", &idir))?;
-        if !copy.copy_rootfs {
-            // For the stat cache of the copy's first checkpoint (`copy_stat_cache`).
-            let f = owned.join(COPY_SNAPSHOT_FILE);
-            fs::write(&f, p.sid.full()).map_err(io_err("write", &f))?;
-            mount_overlay(&base, &upper, &work, &merged)?;
-            crate::runtime::fault_point("restore.after-overlay");
-        }
+        let root = build_root(&owned, &base, p, id, ident, copy.copy_rootfs)?;
         cfg["root"]["path"] = json!(root);
         if let Some(ns) = &copy.netns {
             set_netns_path(&mut cfg, ns);
@@ -170,6 +113,85 @@ pub(super) fn private_fs(
             Err(e)
         }
     }
+}
+
+/// The private directory of copy `id` (0700), created afresh: under the store's
+/// `cache/copies/` for a full rootfs copy, else under the runtime root.
+fn owned_dir(rt: &Runtime, store: &Store, id: &str, copy_rootfs: bool) -> Result<PathBuf> {
+    // A copy with a full rootfs copy lives on the store's filesystem, next to the
+    // base (`cache/copies/ID`): FICLONE reflinks only within one filesystem, and
+    // `--root` is usually a tmpfs (/run/stasis), where the copy would take RAM.
+    // The state records the directory, so `delete` removes it either way.
+    let copies = if copy_rootfs {
+        store.copies_dir()
+    } else {
+        rt.root().join(".copies")
+    };
+    // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
+    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
+    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
+    let owned = copies.join(id);
+    // The caller holds the container's lock and no container `id` exists: a
+    // directory here was left by a restore killed before it recorded the
+    // container (its overlay may still be mounted). Remove it and start afresh.
+    if fs::symlink_metadata(&owned).is_ok() {
+        crate::runtime::unmount_under(&owned);
+        fs::remove_dir_all(&owned).map_err(io_err(
+            "remove the private filesystem a killed restore left at",
+            &owned,
+        ))?;
+    }
+    // Not create_dir_all: the directory is ours only if we created it.
+    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
+    Ok(owned)
+}
+
+/// The root of copy `id` inside `owned`: an overlay on the base, or
+/// (`copy_rootfs`) a full copy of it, holding its identity file.
+fn build_root(
+    owned: &Path,
+    base: &Path,
+    p: &Prepared,
+    id: &str,
+    ident: &Identity,
+    copy_rootfs: bool,
+) -> Result<PathBuf> {
+    let (upper, work, merged) = (
+        owned.join("upper"),
+        owned.join("work"),
+        owned.join("merged"),
+    );
+    // The root: an overlay on the base, or (--copy-rootfs) a full copy of it.
+    let root = if copy_rootfs {
+        let root = owned.join("rootfs");
+        crate::workflows::copytree::copy_tree(base, &root)?;
+        root
+    } else {
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        merged.clone()
+    };
+    // The identity file, visible at /.stasis/identity.json.
+    let idir = if copy_rootfs {
+        root.join(".stasis")
+    } else {
+        upper.join(".stasis")
+    };
+    fs::create_dir_all(&idir).map_err(io_err("create", &idir))?;
+    let ijson = json!({
+        "generation": ident.generation, "copy_index": ident.index,
+        "snapshot": ident.snapshot, "container_id": id,
+    });
+    fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io_err("write", &idir))?;
+    if !copy_rootfs {
+        // For the stat cache of the copy's first checkpoint (`copy_stat_cache`).
+        let f = owned.join(COPY_SNAPSHOT_FILE);
+        fs::write(&f, p.sid.full()).map_err(io_err("write", &f))?;
+        mount_overlay(base, &upper, &work, &merged)?;
+        crate::runtime::fault_point("restore.after-overlay");
+    }
+    Ok(root)
 }
 
 /// Mounts the overlay of a copy; a kernel or filesystem that cannot do it

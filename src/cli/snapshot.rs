@@ -11,6 +11,7 @@ use super::parse::{parse_duration, Format};
 use super::report;
 use crate::store::{DiffReport, FileChange, Level, SnapshotId, Store};
 use crate::workflows::fstree;
+use crate::workflows::meta::{CaptureRecord, FsTreeInfo, SnapshotMeta};
 
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
@@ -287,14 +288,14 @@ pub fn run(
             let origin = store.origin(&id)?;
             if *format == Format::Json {
                 if let Some(obj) = cfg.as_object_mut() {
-                    obj.insert("filesystem".into(), fs);
+                    obj.insert("filesystem".into(), serde_json::to_value(&fs)?);
                     obj.insert("origin".into(), serde_json::json!(origin));
                 }
                 writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
             } else {
                 writeln!(out, "snapshot {id}")?;
                 writeln!(out, "origin: {origin}")?;
-                print_fs_summary(&mut out, &fs)?;
+                print_fs_summary(&mut out, fs.as_ref())?;
                 print_tree(&mut out, &cfg, 0)?;
             }
         }
@@ -540,102 +541,101 @@ fn print_diff(out: &mut impl Write, d: &DiffReport) -> Result<()> {
     Ok(())
 }
 
+/// The filesystem part of `snapshot inspect` (JSON field `filesystem`).
+#[derive(serde::Serialize)]
+struct FsSummary {
+    files: u64,
+    bytes: u64,
+    trees: Vec<FsTreeInfo>,
+    /// Unknown (null) when another snapshot's page table cannot be read.
+    data_pages: Option<u64>,
+    new_pages: Option<u64>,
+    new_bytes: Option<u64>,
+    capture: Option<CaptureRecord>,
+    frozen_ms: u64,
+    assemble_ms: u64,
+}
+
 /// The filesystem part of a snapshot: files and bytes captured, pages of
 /// `fsdata-0.bin` and how many of them (and bytes, uncompressed) no older snapshot
-/// had, and what the capture read while frozen. Null when it carries no filesystem.
+/// had, and what the capture read while frozen. None when it carries no filesystem.
 fn fs_summary(
     store: &Store,
     id: &SnapshotId,
     cfg: &serde_json::Value,
-) -> Result<serde_json::Value> {
+) -> Result<Option<FsSummary>> {
     let Some(m) = fstree::snapshot_manifest(store, id)? else {
-        return Ok(serde_json::Value::Null);
+        return Ok(None);
     };
     // New pages are counted against every older snapshot's page tables: one
     // unreadable blob of another snapshot leaves this count unknown, not the
     // whole inspect failed.
-    let (pages, new_pages, new_bytes) = match store.new_pages(id, fstree::DATA_FILE) {
-        Ok((pages, new)) => (
-            serde_json::json!(pages),
-            serde_json::json!(new),
-            serde_json::json!(new * 4096),
-        ),
+    let (data_pages, new_pages, new_bytes) = match store.new_pages(id, fstree::DATA_FILE) {
+        Ok((pages, new)) => (Some(pages), Some(new), Some(new * 4096)),
         Err(e) => {
             eprintln!(
                 "stasis: warning: cannot count the new pages of {id}'s filesystem data: {}",
                 crate::store::printable(&e.to_string())
             );
-            let null = serde_json::Value::Null;
-            (null.clone(), null.clone(), null)
+            (None, None, None)
         }
     };
-    let meta = &cfg["metadata"];
-    Ok(serde_json::json!({
-        "files": m.files(),
-        "bytes": m.bytes(),
-        "trees": m.trees.iter().map(|t| serde_json::json!({
-            "role": t.role, "dest": t.dest, "source": t.source,
-            "entries": t.entries.len(),
-            "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
-            "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
-        })).collect::<Vec<_>>(),
-        "data_pages": pages,
-        "new_pages": new_pages,
-        "new_bytes": new_bytes,
-        "capture": meta["filesystem"]["capture"],
-        "frozen_ms": meta["timings_ms"]["fs_capture"],
-        "assemble_ms": meta["timings_ms"]["fs_assemble"],
+    let meta = SnapshotMeta::of_config(cfg)
+        .with_context(|| format!("snapshot {id}: its metadata cannot be read"))?;
+    Ok(Some(FsSummary {
+        files: m.files(),
+        bytes: m.bytes(),
+        trees: m.trees.iter().map(FsTreeInfo::of).collect(),
+        data_pages,
+        new_pages,
+        new_bytes,
+        capture: meta.filesystem.and_then(|f| f.capture),
+        frozen_ms: meta.timings_ms.fs_capture,
+        assemble_ms: meta.timings_ms.fs_assemble,
     }))
 }
 
-fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> {
-    if fs.is_null() {
+fn print_fs_summary(out: &mut impl Write, fs: Option<&FsSummary>) -> Result<()> {
+    let Some(fs) = fs else {
         writeln!(
             out,
             "  filesystem: none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
         )?;
         return Ok(());
-    }
-    let n = |k: &str| fs[k].as_u64().unwrap_or(0);
-    let new = if fs["new_pages"].is_null() {
-        "new to the store unknown".to_string()
-    } else {
-        format!(
-            "{} new to the store ({} of {} pages)",
-            human(n("new_bytes")),
-            n("new_pages"),
-            n("data_pages")
-        )
+    };
+    let new = match (fs.new_pages, fs.new_bytes, fs.data_pages) {
+        (Some(pages), Some(bytes), Some(of)) => {
+            format!("{} new to the store ({pages} of {of} pages)", human(bytes))
+        }
+        _ => "new to the store unknown".to_string(),
     };
     writeln!(
         out,
         "  filesystem: {} files, {}; {new}",
-        n("files"),
-        human(n("bytes")),
+        fs.files,
+        human(fs.bytes),
     )?;
-    for t in fs["trees"].as_array().into_iter().flatten() {
+    for t in &fs.trees {
         writeln!(
             out,
             "    {} {}: {} files, {} ({})",
-            t["role"].as_str().unwrap_or("?"),
-            t["dest"].as_str().unwrap_or("?"),
-            t["files"].as_u64().unwrap_or(0),
-            human(t["bytes"].as_u64().unwrap_or(0)),
-            t["source"].as_str().unwrap_or("?"),
+            t.role,
+            t.dest,
+            t.files,
+            human(t.bytes),
+            t.source.display(),
         )?;
     }
-    let c = &fs["capture"];
-    if c.is_object() {
-        let k = |f: &str| c[f].as_u64().unwrap_or(0);
+    if let Some(c) = &fs.capture {
         writeln!(
             out,
             "    capture: {} ms frozen, read {} files ({}) while frozen, {} unchanged files ({}) copied after ({} from the previous snapshot)",
-            fs["frozen_ms"].as_u64().unwrap_or(0),
-            k("files_read_frozen"),
-            human(k("bytes_read_frozen")),
-            k("files_unchanged"),
-            human(k("bytes_unchanged")),
-            k("files_from_previous"),
+            fs.frozen_ms,
+            c.files_read_frozen,
+            human(c.bytes_read_frozen),
+            c.files_unchanged,
+            human(c.bytes_unchanged),
+            c.files_from_previous,
         )?;
     }
     Ok(())

@@ -4,6 +4,7 @@
 pub mod copytree;
 pub mod fstree;
 pub mod host;
+pub mod meta;
 pub mod openfiles;
 pub mod podman;
 pub mod prewarm;

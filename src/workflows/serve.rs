@@ -719,9 +719,8 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
     let sid = p.sid;
     let bundle = o.bundle.clone().or_else(|| {
         p.meta
-            .get("bundle")
-            .and_then(|b| b.as_str())
-            .map(PathBuf::from)
+            .bundle
+            .clone()
             .filter(|b| b.join("config.json").is_file())
     });
     if p.manifest.is_none() && bundle.is_none() {

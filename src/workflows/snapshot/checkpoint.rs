@@ -4,13 +4,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde_json::json;
-
 use super::statcache::{container_pids, copy_stat_cache, previous_fs_data, usable_stat_cache};
 use super::*;
 use crate::runtime::checkpoint::{defers_stop, CheckpointOptions, CriuStats};
 use crate::runtime::{ContainerState, Runtime};
 use crate::store::{IngestOptions, IngestReport, Pin, SnapshotId, SnapshotInput, Store};
+use crate::workflows::meta::{
+    CriuOptionsRecord, CriuRecord, FsInfo, HostRecord, OpenFile, SnapshotMeta,
+    Timings as MetaTimings,
+};
 use crate::workflows::{fstree, host, Result, WorkflowError};
 
 /// The trees to capture: the rootfs and every writable bind mount of a directory.
@@ -152,7 +154,7 @@ pub fn checkpoint_to_store(
         staging: &mut staging,
         tasks_survive: opts.leave_running || defers_stop(&opts),
         capture: None,
-        open_files: serde_json::Value::Array(Vec::new()),
+        open_files: Vec::new(),
         failure: None,
         report: None,
         timings: Timings::default(),
@@ -252,7 +254,7 @@ struct Commit<'a> {
     /// the commit): a failure before the commit costs nothing but the attempt.
     tasks_survive: bool,
     capture: Option<fstree::Capture>,
-    open_files: serde_json::Value,
+    open_files: Vec<OpenFile>,
     /// The error of a commit that failed inside the dump callback.
     failure: Option<WorkflowError>,
     report: Option<IngestReport>,
@@ -297,7 +299,7 @@ impl Commit<'_> {
     fn commit(&mut self, stats: &CriuStats) -> Result<IngestReport> {
         let id = &self.opts.id;
         let a0 = Instant::now();
-        let mut fs_info = serde_json::Value::Null;
+        let mut fs_info = None;
         if let Some(c) = self.capture.as_mut() {
             let (cache, prev_dir, store) = (self.cache, &self.prev_dir, self.store);
             // `fresh`: the copy given before did not match a file's digest;
@@ -331,9 +333,10 @@ impl Commit<'_> {
                 });
             }
             self.timings.assemble = a0.elapsed().as_millis();
-            fs_info = fs_info_of(c, self.cache);
+            let base = self.cache.map(|(_, sid)| sid.to_string());
+            fs_info = Some(FsInfo::of_capture(c, base));
         }
-        let metadata = self.metadata(stats, fs_info);
+        let metadata = self.metadata(stats, fs_info)?;
         // Tests park here to look at the staging directory holding the dump.
         crate::runtime::fault_point("checkpoint.before-ingest");
         let t1 = Instant::now();
@@ -378,34 +381,47 @@ impl Commit<'_> {
         Ok(report)
     }
 
-    fn metadata(&self, stats: &CriuStats, fs_info: serde_json::Value) -> serde_json::Value {
+    fn metadata(&self, stats: &CriuStats, filesystem: Option<FsInfo>) -> Result<serde_json::Value> {
         let opts = self.opts;
         let criu_version = self.rt.criu_version().unwrap_or_default();
-        let mut host_record = host::record();
-        host_record["criu_version"] = json!(criu_version);
-        json!({
-            "criu": {
-                "version": criu_version,
-                "options": {
-                    "leave_running": opts.leave_running,
-                    "tcp_established": opts.flags.tcp_established,
-                    "ext_unix_sk": opts.flags.ext_unix_sk,
-                    "shell_job": opts.flags.shell_job,
-                    "file_locks": opts.flags.file_locks,
-                    "manage_cgroups_mode": format!("{:?}", opts.flags.manage_cgroups_mode).to_lowercase(),
-                    "empty_ns": opts.flags.empty_ns,
-                    "link_remap": opts.link_remap,
+        let f = &opts.flags;
+        let meta = SnapshotMeta {
+            criu: CriuRecord {
+                version: criu_version.clone(),
+                options: CriuOptionsRecord {
+                    leave_running: opts.leave_running,
+                    tcp_established: f.tcp_established,
+                    ext_unix_sk: f.ext_unix_sk,
+                    shell_job: f.shell_job,
+                    file_locks: f.file_locks,
+                    manage_cgroups_mode: format!("{:?}", f.manage_cgroups_mode).to_lowercase(),
+                    empty_ns: f.empty_ns.clone(),
+                    link_remap: opts.link_remap,
                 },
-                "dump_stats": stats.entries.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                dump_stats: stats
+                    .entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
             },
-            "host": host_record,
-            "bundle": self.st.bundle,
-            "rootfs": self.st.rootfs,
-            "filesystem": fs_info,
-            "open_files": self.open_files,
-            // fs_capture: the part of the frozen window spent on the filesystem;
-            // fs_assemble: copying unchanged files and hashing.
-            "timings_ms": {"dump": self.timings.dump, "fs_capture": self.timings.capture, "fs_assemble": self.timings.assemble},
+            host: Some(HostRecord {
+                criu_version,
+                ..host::record()
+            }),
+            bundle: Some(self.st.bundle.clone()),
+            rootfs: Some(self.st.rootfs.clone()),
+            filesystem,
+            open_files: self.open_files.clone(),
+            timings_ms: MetaTimings {
+                dump: self.timings.dump as u64,
+                fs_capture: self.timings.capture as u64,
+                fs_assemble: self.timings.assemble as u64,
+            },
+        };
+        serde_json::to_value(&meta).map_err(|e| WorkflowError::Io {
+            op: "encode the snapshot metadata of container",
+            path: PathBuf::from(&opts.id),
+            source: std::io::Error::other(e),
         })
     }
 
@@ -422,23 +438,4 @@ impl Commit<'_> {
             ingest_ms: self.timings.ingest,
         }
     }
-}
-
-/// The `filesystem` metadata of a finished capture.
-fn fs_info_of(
-    c: &fstree::Capture,
-    cache: Option<&(fstree::StatCache, SnapshotId)>,
-) -> serde_json::Value {
-    let m = &c.manifest;
-    json!({
-        "files": m.files(),
-        "bytes": m.bytes(),
-        "trees": m.trees.iter().map(|t| json!({
-            "role": t.role, "dest": t.dest, "source": t.source, "entries": t.entries.len(),
-            "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
-            "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
-        })).collect::<Vec<_>>(),
-        "capture": c.stats,
-        "stat_cache": cache.map(|(_, sid)| json!({"base": sid.to_string()})),
-    })
 }

@@ -11,6 +11,7 @@ use super::statcache::COPY_SNAPSHOT_FILE;
 use super::*;
 use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::Store;
+use crate::workflows::meta::SnapshotMeta;
 use crate::workflows::{fstree, Result, WorkflowError};
 
 pub(super) fn io_err(
@@ -234,9 +235,9 @@ fn mount_overlay(base: &Path, upper: &Path, work: &Path, merged: &Path) -> Resul
 /// recorded at the checkpoint.
 pub(super) fn source_bundle<'a>(
     given: Option<&'a Path>,
-    meta: &'a serde_json::Value,
+    meta: &'a SnapshotMeta,
 ) -> Option<&'a Path> {
-    given.or_else(|| meta.get("bundle").and_then(|b| b.as_str()).map(Path::new))
+    given.or(meta.bundle.as_deref())
 }
 
 /// Refuses a spec whose bind mount (volume) source is gone, naming the source

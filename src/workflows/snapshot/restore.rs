@@ -11,6 +11,7 @@ use super::*;
 use crate::runtime::checkpoint::{CriuStats, RestoreOptions};
 use crate::runtime::Runtime;
 use crate::store::{CacheKind, SnapshotId, Store};
+use crate::workflows::meta::SnapshotMeta;
 use crate::workflows::{fstree, host, Result, WorkflowError};
 
 /// A snapshot materialised and checked, ready to be restored any number of times.
@@ -18,7 +19,7 @@ pub struct Prepared {
     pub sid: SnapshotId,
     pub image: PathBuf,
     pub manifest: Option<fstree::Manifest>,
-    pub meta: serde_json::Value,
+    pub meta: SnapshotMeta,
     /// The config.json a restore uses: the stored one, or for a foreign snapshot
     /// a copy without its host-affecting settings (`trust`).
     pub config_json: Vec<u8>,
@@ -49,9 +50,12 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let sid = store.resolve(from)?;
     let cfg = store.config(&sid)?;
-    let meta = cfg.get("metadata").cloned().unwrap_or_default();
+    let meta = SnapshotMeta::of_config(&cfg).map_err(|e| WorkflowError::Snapshot {
+        snapshot: sid.short(),
+        reason: format!("its metadata cannot be read ({e}): the stored config.json is damaged; remove the snapshot and checkpoint again"),
+    })?;
     let mut warnings = Vec::new();
-    let mismatches = host::compare(meta.get("host"), &rt.criu_version().unwrap_or_default());
+    let mismatches = host::compare(meta.host.as_ref(), &rt.criu_version().unwrap_or_default());
     if !mismatches.is_empty() {
         if force {
             for m in &mismatches {
@@ -191,9 +195,8 @@ pub fn restore_prepared(
             }
             None => p
                 .meta
-                .get("bundle")
-                .and_then(|b| b.as_str())
-                .map(PathBuf::from)
+                .bundle
+                .clone()
                 .filter(|b| b.join("config.json").is_file())
                 .ok_or_else(|| WorkflowError::NoBundle {
                     snapshot: p.sid.short(),

@@ -7,6 +7,7 @@ use super::cache::gc_fs_cache;
 use super::private_fs::{check_volume_sources, source_bundle};
 use super::statcache::usable_stat_cache;
 use crate::store::{IngestOptions, SnapshotId, SnapshotInput, Store};
+use crate::workflows::meta::SnapshotMeta;
 use crate::workflows::{fstree, WorkflowError};
 
 fn small_image(dir: &Path, seed: u8) -> PathBuf {
@@ -46,7 +47,10 @@ fn relative_bind_sources_resolve_against_the_given_bundle() {
     let (orig, given) = (t.path().join("orig"), t.path().join("given"));
     fs::create_dir_all(given.join("shared")).unwrap();
     fs::create_dir_all(&orig).unwrap();
-    let meta = json!({"bundle": orig});
+    let meta = SnapshotMeta {
+        bundle: Some(orig.clone()),
+        ..SnapshotMeta::default()
+    };
     let spec = json!({"mounts": [
         {"destination": "/data", "type": "bind", "source": "carried-vol", "options": ["rbind"]},
         {"destination": "/shared", "type": "bind", "source": "shared", "options": ["rbind"]},

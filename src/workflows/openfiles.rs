@@ -17,7 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::meta::{OpenFile, SnapshotMeta};
-use super::{Result, WorkflowError};
+use super::{io, Result, WorkflowError};
 
 /// Paths (relative to `rootfs`) of the regular files that `pids` hold open or
 /// have mapped and that are the very files (same device and inode, or same
@@ -117,15 +117,11 @@ pub fn digests(rootfs: &Path, paths: &[String]) -> Vec<OpenFile> {
 /// The root filesystem a bundle's config.json names.
 fn bundle_rootfs(bundle: &Path) -> Result<PathBuf> {
     let p = bundle.join("config.json");
-    let bytes = fs::read(&p).map_err(|source| WorkflowError::Io {
-        op: "read",
-        path: p.clone(),
-        source,
-    })?;
-    let cfg: Value = serde_json::from_slice(&bytes).map_err(|e| WorkflowError::Io {
+    let bytes = fs::read(&p).map_err(io("read", &p))?;
+    let cfg: Value = serde_json::from_slice(&bytes).map_err(|source| WorkflowError::Json {
         op: "parse",
-        path: p.clone(),
-        source: std::io::Error::other(e),
+        subject: p.display().to_string(),
+        source,
     })?;
     let root = cfg["root"]["path"].as_str().unwrap_or("rootfs");
     Ok(if Path::new(root).is_absolute() {

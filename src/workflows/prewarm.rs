@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::snapshot::{checkpoint_to_store, warm_cache, CheckpointResult, TaggedCheckpoint};
-use super::{Result, WorkflowError};
+use super::{io, Result, WorkflowError};
 use crate::runtime::checkpoint::CheckpointOptions;
 use crate::runtime::{netns, Runtime};
 use crate::store::Store;
@@ -256,16 +256,10 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     let t0 = Instant::now();
     // Run through a subprocess so the container's stdout/stderr are our pipe (CRIU
     // cannot dump a container writing to a host file; a pipe is remapped on restore).
-    let (reader, writer) = std::io::pipe().map_err(|source| WorkflowError::Io {
-        op: "create output pipe for",
-        path: o.bundle.clone(),
-        source,
-    })?;
-    let writer2 = writer.try_clone().map_err(|source| WorkflowError::Io {
-        op: "create output pipe for",
-        path: o.bundle.clone(),
-        source,
-    })?;
+    let (reader, writer) = std::io::pipe().map_err(io("create output pipe for", &o.bundle))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(io("create output pipe for", &o.bundle))?;
     let out = stasis_cmd(o)
         .args(["run", "-d", "-b"])
         .arg(&o.bundle)
@@ -286,18 +280,14 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
             }
         });
     }
-    let status = out.map_err(|source| WorkflowError::Io {
-        op: "run",
-        path: o.self_exe.clone(),
-        source,
-    })?;
+    let status = out.map_err(io("run", &o.self_exe))?;
     if !status.success() {
         std::thread::sleep(Duration::from_millis(50));
-        return Err(WorkflowError::Prewarm(format!(
-            "starting {} failed: {}",
-            o.bundle.display(),
-            tail.last(5).join(" | ")
-        )));
+        return Err(WorkflowError::PrewarmStart {
+            id: o.id.clone(),
+            bundle: o.bundle.clone(),
+            output: tail.last(5).join(" | "),
+        });
     }
     let mut cleanup = Cleanup {
         rt,
@@ -337,10 +327,11 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     if let Some(cmd) = &o.warmup {
         let st = run_warmup(o, cmd, &stop)?;
         if !st.success() {
-            return Err(WorkflowError::Prewarm(format!(
-                "warm-up command {:?} failed with {st}",
-                cmd.join(" ")
-            )));
+            return Err(WorkflowError::WarmupFailed {
+                id: o.id.clone(),
+                command: cmd.join(" "),
+                status: st,
+            });
         }
     }
     let warmup = t1.elapsed();
@@ -404,11 +395,6 @@ fn run_warmup(
     cmd: &[String],
     stop: &StopSignals,
 ) -> Result<std::process::ExitStatus> {
-    let io = |source| WorkflowError::Io {
-        op: "run warm-up in",
-        path: o.self_exe.clone(),
-        source,
-    };
     let mut child = stasis_cmd(o)
         .arg("exec")
         .arg(&o.id)
@@ -416,9 +402,12 @@ fn run_warmup(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .map_err(io)?;
+        .map_err(io("run warm-up in", &o.self_exe))?;
     loop {
-        if let Some(st) = child.try_wait().map_err(io)? {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(io("wait for the warm-up run by", &o.self_exe))?
+        {
             return Ok(st);
         }
         if let Err(e) = stop.check(&o.id) {

@@ -13,7 +13,7 @@ use crate::workflows::meta::{
     CriuOptionsRecord, CriuRecord, FsInfo, HostRecord, OpenFile, SnapshotMeta,
     Timings as MetaTimings,
 };
-use crate::workflows::{fstree, host, Result, WorkflowError};
+use crate::workflows::{fstree, host, io, Result, WorkflowError};
 
 /// The trees to capture: the rootfs and every writable bind mount of a directory.
 fn fs_sources(
@@ -106,11 +106,7 @@ pub fn checkpoint_to_store(
     store.list()?;
     let st = rt.load(id)?;
     let config_json =
-        fs::read(st.bundle.join("config.json")).map_err(|source| WorkflowError::Io {
-            op: "read config.json of",
-            path: st.bundle.clone(),
-            source,
-        })?;
+        fs::read(st.bundle.join("config.json")).map_err(io("read config.json of", &st.bundle))?;
     // Right after a lazy restore the memory is not all in yet: size the staging
     // area once it is.
     rt.wait_lazy_pages(id)?;
@@ -162,7 +158,13 @@ pub fn checkpoint_to_store(
     let t0 = Instant::now();
     let res = rt.checkpoint_with(&opts, &mut |cs, stats| {
         c.timings.dump = t0.elapsed().as_millis();
-        c.capture_frozen(cs, &sources, &open_before)?;
+        // A workflow error is kept for the caller (the runtime only needs to
+        // know the callback failed, to thaw the container).
+        if let Err(e) = c.capture_frozen(cs, &sources, &open_before) {
+            let msg = e.to_string();
+            c.failure = Some(e);
+            return Err(crate::runtime::RuntimeError::Invalid(msg));
+        }
         if !opts.leave_running {
             // Committed before the container is stopped (or, with CRIU's own
             // stop, before its mounts go).
@@ -269,7 +271,7 @@ impl Commit<'_> {
         cs: &crate::runtime::ContainerState,
         sources: &[fstree::Source],
         open_before: &[String],
-    ) -> crate::runtime::Result<()> {
+    ) -> Result<()> {
         if self.t.ignore_rootfs {
             let mut paths = crate::workflows::openfiles::list(&cs.rootfs, &container_pids(cs.pid));
             if paths.is_empty() {
@@ -287,7 +289,10 @@ impl Commit<'_> {
             ..Default::default()
         };
         let c = fstree::capture_frozen(sources, &self.opts.image_path, &copts).map_err(|e| {
-            crate::runtime::RuntimeError::Invalid(format!("capture the filesystem: {e}"))
+            WorkflowError::CaptureFailed {
+                id: self.opts.id.clone(),
+                source: Box::new(e),
+            }
         })?;
         self.timings.capture = c0.elapsed().as_millis();
         self.capture = Some(c);
@@ -305,10 +310,8 @@ impl Commit<'_> {
             // `fresh`: the copy given before did not match a file's digest;
             // materialise one verified from the store instead of using the cache.
             let mut previous = |fresh: bool| -> Result<PathBuf> {
-                let (_, sid) = cache.ok_or_else(|| WorkflowError::Io {
-                    op: "capture the filesystem",
-                    path: prev_dir.clone(),
-                    source: std::io::Error::other("no previous snapshot for unchanged files"),
+                let (_, sid) = cache.ok_or_else(|| WorkflowError::NoPreviousSnapshot {
+                    dir: prev_dir.clone(),
                 })?;
                 if fresh {
                     let _ = fs::remove_dir_all(prev_dir);
@@ -318,17 +321,16 @@ impl Commit<'_> {
             };
             if let Err(e) = c.finish(&mut previous) {
                 return Err(if self.tasks_survive {
-                    WorkflowError::Io {
-                        op: "copying unchanged files after the dump failed (the container runs on; nothing was stored) for container",
-                        path: PathBuf::from(id),
-                        source: std::io::Error::other(e.to_string()),
+                    WorkflowError::AssembleFailed {
+                        id: id.clone(),
+                        source: Box::new(e),
                     }
                 } else {
                     // The container is stopped: its image is all that is left of it.
-                    WorkflowError::Io {
-                        op: "copying unchanged files after the dump failed; the CRIU image is kept at",
-                        path: self.staging.keep_image(),
-                        source: std::io::Error::other(e.to_string()),
+                    WorkflowError::AssembleFailedImageKept {
+                        id: id.clone(),
+                        image: self.staging.keep_image(),
+                        source: Box::new(e),
                     }
                 });
             }
@@ -418,10 +420,10 @@ impl Commit<'_> {
                 fs_assemble: self.timings.assemble as u64,
             },
         };
-        serde_json::to_value(&meta).map_err(|e| WorkflowError::Io {
-            op: "encode the snapshot metadata of container",
-            path: PathBuf::from(&opts.id),
-            source: std::io::Error::other(e),
+        serde_json::to_value(&meta).map_err(|source| WorkflowError::Json {
+            op: "encode the snapshot metadata",
+            subject: format!("of container {}", opts.id),
+            source,
         })
     }
 

@@ -12,15 +12,7 @@ use super::*;
 use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::Store;
 use crate::workflows::meta::SnapshotMeta;
-use crate::workflows::{fstree, Result, WorkflowError};
-
-pub(super) fn io_err(
-    op: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> WorkflowError {
-    let path = path.to_path_buf();
-    move |source| WorkflowError::Io { op, path, source }
-}
+use crate::workflows::{fstree, io, Result, WorkflowError};
 
 /// Gives container `id` a private filesystem: an overlay on the cached base, its
 /// own copy of every volume, and a bundle whose config (`bundle`'s config.json,
@@ -39,14 +31,17 @@ pub(super) fn private_fs(
         reason: "it carries no filesystem".into(),
     })?;
     let config_json = match bundle {
-        Some(b) => fs::read(b.join("config.json")).map_err(io_err("read config.json of", b))?,
+        Some(b) => fs::read(b.join("config.json")).map_err(io("read config.json of", b))?,
         None => p.config_json.clone(),
     };
     let mut cfg: serde_json::Value =
-        serde_json::from_slice(&config_json).map_err(|e| WorkflowError::Io {
-            op: "parse the config.json for",
-            path: bundle.map_or_else(|| PathBuf::from(id), Path::to_path_buf),
-            source: std::io::Error::other(e),
+        serde_json::from_slice(&config_json).map_err(|source| WorkflowError::Json {
+            op: "parse the config.json",
+            subject: match bundle {
+                Some(b) => format!("of bundle {}", b.display()),
+                None => format!("of snapshot {} (for copy {id})", p.sid.short()),
+            },
+            source,
         })?;
     // The bind mounts the snapshot does not carry keep their host sources, which
     // must still be there: checked before anything is built.
@@ -97,13 +92,13 @@ pub(super) fn private_fs(
             env.extend(ident.env(id).into_iter().map(serde_json::Value::from));
         }
         let bdir = owned.join("bundle");
-        fs::create_dir_all(&bdir).map_err(io_err("create", &bdir))?;
-        let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| WorkflowError::Io {
-            op: "encode config.json in",
-            path: bdir.clone(),
-            source: std::io::Error::other(e),
+        fs::create_dir_all(&bdir).map_err(io("create", &bdir))?;
+        let bytes = serde_json::to_vec_pretty(&cfg).map_err(|source| WorkflowError::Json {
+            op: "encode the config.json",
+            subject: format!("of copy {id} in {}", bdir.display()),
+            source,
         })?;
-        fs::write(bdir.join("config.json"), bytes).map_err(io_err("write", &bdir))?;
+        fs::write(bdir.join("config.json"), bytes).map_err(io("write", &bdir))?;
         Ok(bdir)
     })();
     match result {
@@ -129,21 +124,21 @@ fn owned_dir(rt: &Runtime, store: &Store, id: &str, copy_rootfs: bool) -> Result
         rt.root().join(".copies")
     };
     // 0700: a copy's tree holds the snapshot's setuid binaries and device nodes.
-    create_private_dir_all(&copies).map_err(io_err("create", &copies))?;
-    tighten_dir(&copies).map_err(io_err("make private (chmod 0700)", &copies))?;
+    create_private_dir_all(&copies).map_err(io("create", &copies))?;
+    tighten_dir(&copies).map_err(io("make private (chmod 0700)", &copies))?;
     let owned = copies.join(id);
     // The caller holds the container's lock and no container `id` exists: a
     // directory here was left by a restore killed before it recorded the
     // container (its overlay may still be mounted). Remove it and start afresh.
     if fs::symlink_metadata(&owned).is_ok() {
         crate::runtime::unmount_under(&owned);
-        fs::remove_dir_all(&owned).map_err(io_err(
+        fs::remove_dir_all(&owned).map_err(io(
             "remove the private filesystem a killed restore left at",
             &owned,
         ))?;
     }
     // Not create_dir_all: the directory is ours only if we created it.
-    create_private_dir(&owned).map_err(io_err("create private filesystem", &owned))?;
+    create_private_dir(&owned).map_err(io("create private filesystem", &owned))?;
     Ok(owned)
 }
 
@@ -169,7 +164,7 @@ fn build_root(
         root
     } else {
         for d in [&upper, &work, &merged] {
-            fs::create_dir_all(d).map_err(io_err("create", d))?;
+            fs::create_dir_all(d).map_err(io("create", d))?;
         }
         merged.clone()
     };
@@ -179,16 +174,16 @@ fn build_root(
     } else {
         upper.join(".stasis")
     };
-    fs::create_dir_all(&idir).map_err(io_err("create", &idir))?;
+    fs::create_dir_all(&idir).map_err(io("create", &idir))?;
     let ijson = json!({
         "generation": ident.generation, "copy_index": ident.index,
         "snapshot": ident.snapshot, "container_id": id,
     });
-    fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io_err("write", &idir))?;
+    fs::write(idir.join("identity.json"), ijson.to_string()).map_err(io("write", &idir))?;
     if !copy_rootfs {
         // For the stat cache of the copy's first checkpoint (`copy_stat_cache`).
         let f = owned.join(COPY_SNAPSHOT_FILE);
-        fs::write(&f, p.sid.full()).map_err(io_err("write", &f))?;
+        fs::write(&f, p.sid.full()).map_err(io("write", &f))?;
         mount_overlay(base, &upper, &work, &merged)?;
         crate::runtime::fault_point("restore.after-overlay");
     }

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::cache::cached;
-use super::private_fs::{check_volume_sources, io_err, private_fs};
+use super::private_fs::{check_volume_sources, private_fs};
 use super::*;
 use crate::runtime::checkpoint::{CriuStats, RestoreOptions};
 use crate::runtime::Runtime;
 use crate::store::{CacheKind, SnapshotId, Store};
+use crate::workflows::io;
 use crate::workflows::meta::SnapshotMeta;
 use crate::workflows::{fstree, host, Result, WorkflowError};
 
@@ -321,7 +322,7 @@ pub fn restore_from_store(
         }
     }
     if let Some(ns) = &r.copy.netns {
-        fs::metadata(ns).map_err(io_err("open network namespace", ns))?;
+        fs::metadata(ns).map_err(io("open network namespace", ns))?;
     }
     let generation = new_generation();
     if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {

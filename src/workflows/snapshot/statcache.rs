@@ -4,8 +4,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::private_fs::io_err;
 use crate::store::{CacheKind, SnapshotId, Store};
+use crate::workflows::io;
 use crate::workflows::{fstree, Result};
 
 /// The stat cache of a container if the snapshot its entries point into is still
@@ -204,7 +204,7 @@ pub(super) fn gc_stat_caches(store: &Store, dry_run: bool) -> Result<u64> {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("remove stale stat cache", &path)(e)),
+                Err(e) => return Err(io("remove stale stat cache", &path)(e)),
             }
         }
         bytes += size;

@@ -7,14 +7,13 @@
 //! Reads only `src`; writes only under `dst`, which must not exist yet.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::fsutil::{copy_meta, io};
 use super::{Result, WorkflowError};
 
 /// What a copy did.
@@ -25,19 +24,6 @@ pub struct CopyStats {
     pub reflinked: u64,
     /// Bytes of data copied (not reflinked, holes not counted).
     pub bytes_copied: u64,
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
-    let path = path.to_path_buf();
-    move |source| WorkflowError::Io { op, path, source }
-}
-
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| WorkflowError::Io {
-        op: "encode path",
-        path: p.to_path_buf(),
-        source: std::io::Error::other("path contains a NUL byte"),
-    })
 }
 
 /// Copies the tree at `src` to `dst` (created; its parent must exist).
@@ -177,66 +163,11 @@ fn data_extent(f: &File, pos: u64) -> Option<(u64, u64)> {
     Some((start as u64, if end < 0 { u64::MAX } else { end as u64 }))
 }
 
-/// Owner, mode (after the owner: chown clears set-id bits), xattrs and times.
-fn copy_meta(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
-    let c = cpath(to)?;
-    // SAFETY: lchown takes a valid NUL-terminated path we own.
-    if unsafe { libc::lchown(c.as_ptr(), meta.uid(), meta.gid()) } != 0 {
-        return Err(WorkflowError::Io {
-            op: "chown",
-            path: to.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if !meta.file_type().is_symlink() {
-        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(io("chmod", to))?;
-    }
-    copy_xattrs(from, to)?;
-    let ts = [
-        libc::timespec {
-            tv_sec: meta.atime() as libc::time_t,
-            tv_nsec: meta.atime_nsec() as libc::c_long,
-        },
-        libc::timespec {
-            tv_sec: meta.mtime() as libc::time_t,
-            tv_nsec: meta.mtime_nsec() as libc::c_long,
-        },
-    ];
-    // SAFETY: ts is a valid two-element array; the path is NUL-terminated.
-    unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        );
-    }
-    Ok(())
-}
-
-fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
-    let ct = cpath(to)?;
-    for (name, val) in super::fstree::read_xattrs(from) {
-        if let Err(e) = super::fstree::set_xattr(&ct, &name, &val) {
-            // A filesystem without that namespace (e.g. trusted.* of an overlay
-            // base on a filesystem that refuses it) loses only that attribute.
-            if e.raw_os_error() == Some(libc::ENOTSUP) {
-                continue;
-            }
-            return Err(WorkflowError::Io {
-                op: "set xattr on",
-                path: to.to_path_buf(),
-                source: std::io::Error::other(format!("{}: {e}", name.to_string_lossy())),
-            });
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workflows::fsutil::cpath;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn copy_keeps_links_holes_modes_and_xattrs() {

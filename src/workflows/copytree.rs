@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::fsutil::{copy_meta, io};
+use super::fsutil::{apply_meta, io, read_xattrs, Meta};
 use super::{Result, WorkflowError};
 
 /// What a copy did.
@@ -89,10 +89,10 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats> {
                 source: e.into(),
             })?;
         }
-        copy_meta(&from, &to, &meta)?;
+        apply_meta(&to, &Meta::of(&meta, read_xattrs(&from)))?;
     }
     for (to, meta, from) in dirs.iter().rev() {
-        copy_meta(from, to, meta)?;
+        apply_meta(to, &Meta::of(meta, read_xattrs(from)))?;
     }
     Ok(stats)
 }
@@ -166,7 +166,6 @@ fn data_extent(f: &File, pos: u64) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workflows::fsutil::cpath;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -182,10 +181,7 @@ mod tests {
         f.write_all(b"tail").unwrap();
         drop(f);
         fs::set_permissions(src.join("a/small"), fs::Permissions::from_mode(0o4751)).unwrap();
-        let c = cpath(&src.join("a/small")).unwrap();
-        // SAFETY: valid NUL-terminated path, name and value.
-        let xr =
-            unsafe { libc::lsetxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        let xr = xattr::set(src.join("a/small"), "user.k", b"v");
         nix::unistd::mkfifo(
             &src.join("fifo"),
             nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -219,20 +215,9 @@ mod tests {
             .unwrap()
             .file_type()
             .is_fifo());
-        if xr == 0 {
-            let cd = cpath(&dst.join("a/small")).unwrap();
-            let mut v = [0u8; 8];
-            // SAFETY: v is a valid buffer of v.len() bytes.
-            let n = unsafe {
-                libc::lgetxattr(
-                    cd.as_ptr(),
-                    c"user.k".as_ptr(),
-                    v.as_mut_ptr().cast(),
-                    v.len(),
-                )
-            };
-            assert_eq!(n, 1);
-            assert_eq!(v[0], b'v');
+        if xr.is_ok() {
+            let v = xattr::get(dst.join("a/small"), "user.k").unwrap();
+            assert_eq!(v.as_deref(), Some(&b"v"[..]));
         }
         fs::set_permissions(src.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(dst.join("a"), fs::Permissions::from_mode(0o755)).unwrap();

@@ -1,15 +1,17 @@
 //! Filesystem helpers shared by fstree (capture, materialize) and copytree: the
-//! `io` error adapter, C paths, extended attributes and applying an entry's
-//! metadata (owner, mode, xattrs, times).
+//! `io` error adapter, extended attributes and applying an entry's metadata
+//! (owner, mode, xattrs, times) to a created entry.
 
+use std::ffi::OsString;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use base64::Engine;
+use nix::fcntl::AtFlags;
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchownat, Gid, Uid};
 
-use super::fstree::{Entry, Kind};
 use super::{Result, WorkflowError};
 
 pub(super) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
@@ -18,168 +20,167 @@ pub(super) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -
 }
 
 /// The extended attributes of `path` itself (not following a symlink), as raw
-/// names and values; attributes that vanish while being read are left out.
-pub(super) fn read_xattrs(path: &Path) -> Vec<(std::ffi::CString, Vec<u8>)> {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+/// names and values; attributes that vanish while being read are left out, and
+/// a filesystem without xattr support has none.
+pub(super) fn read_xattrs(path: &Path) -> Vec<(OsString, Vec<u8>)> {
+    let Ok(names) = xattr::list(path) else {
         return Vec::new();
     };
-    let mut names = vec![0u8; 64 << 10];
-    // SAFETY: llistxattr writes at most names.len() bytes into names.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if n <= 0 {
-        return Vec::new();
-    }
-    let mut val = vec![0u8; 64 << 10];
-    let mut out = Vec::new();
-    for name in names[..n as usize]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-    {
-        let Ok(cname) = std::ffi::CString::new(name) else {
-            continue;
-        };
-        // SAFETY: lgetxattr writes at most val.len() bytes into val.
-        let m = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                cname.as_ptr(),
-                val.as_mut_ptr().cast(),
-                val.len(),
-            )
-        };
-        if m >= 0 {
-            out.push((cname, val[..m as usize].to_vec()));
+    names
+        .filter_map(|name| {
+            let val = xattr::get(path, &name).ok()??;
+            Some((name, val))
+        })
+        .collect()
+}
+
+/// What `apply_meta` sets on a created entry.
+pub(super) struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (and set-id, sticky); ignored for a symlink.
+    pub mode: u32,
+    pub symlink: bool,
+    /// (seconds, nanoseconds) since the epoch.
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+    pub xattrs: Vec<(OsString, Vec<u8>)>,
+}
+
+impl Meta {
+    /// The metadata of an existing entry (what `copy_tree` copies).
+    pub fn of(meta: &fs::Metadata, xattrs: Vec<(OsString, Vec<u8>)>) -> Meta {
+        Meta {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode(),
+            symlink: meta.file_type().is_symlink(),
+            atime: (meta.atime(), meta.atime_nsec()),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            xattrs,
         }
     }
-    out
 }
 
-/// Sets one extended attribute on `path` itself (not following a symlink).
-pub(super) fn set_xattr(
-    path: &std::ffi::CStr,
-    name: &std::ffi::CStr,
-    val: &[u8],
-) -> std::io::Result<()> {
-    // SAFETY: valid path, name and value buffers for the duration of the call.
-    let r = unsafe {
-        libc::lsetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            val.as_ptr().cast(),
-            val.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-pub(super) fn cpath(p: &Path) -> Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| WorkflowError::Io {
-        op: "encode path",
+/// Sets owner, mode (after the owner: chown clears set-id bits), xattrs and
+/// times on `p` itself (never through a symlink).
+///
+/// One policy for restore (fstree) and copy (copytree): a failed chown or utimes
+/// is an error, since stasis restores as root and a tree with the wrong owner
+/// must not pass silently (files the container's user cannot write, or root's
+/// files it can). An extended attribute the target filesystem does not support
+/// (ENOTSUP) or will not let us set (EPERM, e.g. trusted.* in a user namespace)
+/// is left out with a warning, as tar does; any other xattr failure is an error.
+pub(super) fn apply_meta(p: &Path, m: &Meta) -> Result<()> {
+    fchownat(
+        None,
+        p,
+        Some(Uid::from_raw(m.uid)),
+        Some(Gid::from_raw(m.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| WorkflowError::Io {
+        op: "chown",
         path: p.to_path_buf(),
-        source: std::io::Error::other("path contains a NUL byte"),
-    })
-}
-
-pub(super) fn set_meta(p: &Path, e: &Entry) -> Result<()> {
-    let c = cpath(p)?;
-    // SAFETY: lchown/utimensat take a valid NUL-terminated path we own.
-    unsafe {
-        libc::lchown(c.as_ptr(), e.uid, e.gid);
+        source: std::io::Error::other(format!(
+            "to {}:{}: {e} (restoring ownership needs root)",
+            m.uid, m.gid
+        )),
+    })?;
+    if !m.symlink {
+        fs::set_permissions(p, fs::Permissions::from_mode(m.mode & 0o7777))
+            .map_err(io("chmod", p))?;
     }
-    if e.kind != Kind::Symlink {
-        fs::set_permissions(p, fs::Permissions::from_mode(e.mode)).map_err(io("chmod", p))?;
-    }
-    for (k, v) in &e.xattrs {
-        let Ok(val) = base64::engine::general_purpose::STANDARD.decode(v) else {
-            continue;
-        };
-        let Ok(ck) = std::ffi::CString::new(k.as_bytes()) else {
-            continue;
-        };
-        // Best effort, as tar does: a filesystem that refuses an attribute
-        // (e.g. trusted.* without CAP_SYS_ADMIN in its user namespace) loses it.
-        let _ = set_xattr(&c, &ck, &val);
-    }
-    let ts = [
-        libc::timespec {
-            tv_sec: e.mtime as libc::time_t,
-            tv_nsec: e.mtime_nsec as libc::c_long,
-        },
-        libc::timespec {
-            tv_sec: e.mtime as libc::time_t,
-            tv_nsec: e.mtime_nsec as libc::c_long,
-        },
-    ];
-    // SAFETY: ts is a valid two-element array; the path is NUL-terminated.
-    unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        );
-    }
-    Ok(())
-}
-
-/// Owner, mode (after the owner: chown clears set-id bits), xattrs and times.
-pub(super) fn copy_meta(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
-    let c = cpath(to)?;
-    // SAFETY: lchown takes a valid NUL-terminated path we own.
-    if unsafe { libc::lchown(c.as_ptr(), meta.uid(), meta.gid()) } != 0 {
-        return Err(WorkflowError::Io {
-            op: "chown",
-            path: to.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if !meta.file_type().is_symlink() {
-        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(io("chmod", to))?;
-    }
-    copy_xattrs(from, to)?;
-    let ts = [
-        libc::timespec {
-            tv_sec: meta.atime() as libc::time_t,
-            tv_nsec: meta.atime_nsec() as libc::c_long,
-        },
-        libc::timespec {
-            tv_sec: meta.mtime() as libc::time_t,
-            tv_nsec: meta.mtime_nsec() as libc::c_long,
-        },
-    ];
-    // SAFETY: ts is a valid two-element array; the path is NUL-terminated.
-    unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        );
-    }
-    Ok(())
-}
-
-fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
-    let ct = cpath(to)?;
-    for (name, val) in read_xattrs(from) {
-        if let Err(e) = set_xattr(&ct, &name, &val) {
-            // A filesystem without that namespace (e.g. trusted.* of an overlay
-            // base on a filesystem that refuses it) loses only that attribute.
-            if e.raw_os_error() == Some(libc::ENOTSUP) {
+    for (name, val) in &m.xattrs {
+        if let Err(e) = xattr::set(p, name, val) {
+            if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) {
+                tracing::warn!(path = %p.display(), xattr = %name.to_string_lossy(), error = %e, "extended attribute not restored");
                 continue;
             }
             return Err(WorkflowError::Io {
                 op: "set xattr on",
-                path: to.to_path_buf(),
+                path: p.to_path_buf(),
                 source: std::io::Error::other(format!("{}: {e}", name.to_string_lossy())),
             });
         }
     }
-    Ok(())
+    let ts = |(s, ns): (i64, i64)| TimeSpec::new(s, ns);
+    utimensat(
+        None,
+        p,
+        &ts(m.atime),
+        &ts(m.mtime),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| WorkflowError::Io {
+        op: "set the times of",
+        path: p.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+    fn meta(symlink: bool, xattrs: Vec<(OsString, Vec<u8>)>) -> Meta {
+        Meta {
+            uid: 1234,
+            gid: 1234,
+            mode: 0o640,
+            symlink,
+            atime: (1_000_000, 5),
+            mtime: (1_000_000, 5),
+            xattrs,
+        }
+    }
+
+    /// Unmounts on drop, so a failed assertion leaves no mount behind.
+    struct Mounted<'a>(&'a Path);
+    impl Drop for Mounted<'_> {
+        fn drop(&mut self) {
+            let _ = umount2(self.0, MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Before the one policy, materialize ignored a failed lchown: a symlink
+    /// (no chmod) on a read-only filesystem "restored" without its owner.
+    #[test]
+    fn a_failed_chown_is_an_error_even_for_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let m = t.path().join("m");
+        fs::create_dir(&m).unwrap();
+        mount(
+            Some("tmpfs"),
+            &m,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let _guard = Mounted(&m);
+        std::os::unix::fs::symlink("target", m.join("l")).unwrap();
+        let ro = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, &m, None::<&str>, ro, None::<&str>).unwrap();
+        let e = apply_meta(&m.join("l"), &meta(true, Vec::new())).unwrap_err();
+        assert!(e.to_string().contains("chown"), "{e}");
+    }
+
+    #[test]
+    fn an_unsupported_xattr_is_skipped_and_any_other_failure_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        fs::write(&f, b"x").unwrap();
+        // No such namespace: EOPNOTSUPP, the attribute alone is lost.
+        let odd = vec![("nonamespace.k".into(), b"v".to_vec())];
+        apply_meta(&f, &meta(false, odd)).unwrap();
+        let md = fs::metadata(&f).unwrap();
+        assert_eq!((md.uid(), md.mode() & 0o7777), (1234, 0o640));
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000, 5));
+        // Larger than any xattr may be (E2BIG): refused, not silently lost.
+        let big = vec![("user.big".into(), vec![7u8; 70_000])];
+        let e = apply_meta(&f, &meta(false, big)).unwrap_err();
+        assert!(e.to_string().contains("user.big"), "{e}");
+    }
 }

@@ -5,9 +5,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
+use base64::Engine;
+
 use super::manifest::{check_extents, safe_join};
-use super::{Kind, Manifest, ALIGN};
-use crate::workflows::fsutil::{io, set_meta};
+use super::{Entry, Kind, Manifest, ALIGN};
+use crate::workflows::fsutil::{apply_meta, io, Meta};
 use crate::workflows::{Result, WorkflowError};
 
 /// A manifest path in one canonical spelling (`a/./b//c` -> `a/b/c`).
@@ -150,10 +152,32 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
                 })?;
             }
         }
-        set_meta(&p, e)?;
+        apply_meta(&p, &meta(e))?;
     }
     for (p, e) in dirs.iter().rev() {
-        set_meta(p, e)?;
+        apply_meta(p, &meta(e))?;
     }
     Ok(())
+}
+
+/// The metadata a manifest entry records (its mtime doubles as the atime); an
+/// xattr value that is not base64 is left out.
+fn meta(e: &Entry) -> Meta {
+    let xattrs = e
+        .xattrs
+        .iter()
+        .filter_map(|(k, v)| {
+            let val = base64::engine::general_purpose::STANDARD.decode(v).ok()?;
+            Some((k.into(), val))
+        })
+        .collect();
+    Meta {
+        uid: e.uid,
+        gid: e.gid,
+        mode: e.mode,
+        symlink: e.kind == Kind::Symlink,
+        atime: (e.mtime, e.mtime_nsec),
+        mtime: (e.mtime, e.mtime_nsec),
+        xattrs,
+    }
 }

@@ -13,8 +13,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::fsutil::{apply_meta, io, read_xattrs, Meta};
-use super::{Result, WorkflowError};
+use super::fsutil::{apply_meta, io, make_node, read_xattrs, Meta};
+use super::Result;
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -77,17 +77,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats> {
             } else {
                 continue;
             };
-            nix::sys::stat::mknod(
-                &to,
-                kind,
-                nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777),
-                meta.rdev() as libc::dev_t,
-            )
-            .map_err(|e| WorkflowError::Io {
-                op: "mknod",
-                path: to.clone(),
-                source: e.into(),
-            })?;
+            make_node(&to, kind, meta.mode(), meta.rdev())?;
         }
         apply_meta(&to, &Meta::of(&meta, read_xattrs(&from)))?;
     }

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use nix::fcntl::AtFlags;
-use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchownat, Gid, Uid};
 
@@ -114,6 +114,22 @@ pub(super) fn apply_meta(p: &Path, m: &Meta) -> Result<()> {
     )
     .map_err(|e| WorkflowError::Io {
         op: "set the times of",
+        path: p.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Creates the device node, FIFO or socket `p` (`mode`'s permission bits, less
+/// the umask, until `apply_meta` sets them).
+pub(super) fn make_node(p: &Path, kind: SFlag, mode: u32, rdev: u64) -> Result<()> {
+    mknod(
+        p,
+        kind,
+        Mode::from_bits_truncate(mode & 0o7777),
+        rdev as libc::dev_t,
+    )
+    .map_err(|e| WorkflowError::Io {
+        op: "mknod",
         path: p.to_path_buf(),
         source: e.into(),
     })

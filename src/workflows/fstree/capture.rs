@@ -109,7 +109,6 @@ impl Default for CaptureOptions<'_> {
 /// is new, changed, mapped shared-writable or unknown to the stat cache, and only
 /// records the others, whose bytes `Capture::finish` copies after the thaw.
 pub fn capture_frozen(sources: &[Source], out: &Path, o: &CaptureOptions) -> Result<Capture> {
-    use std::os::unix::fs::FileExt;
     let started = std::time::SystemTime::now();
     let racy_after = started
         .checked_sub(o.racy_margin)
@@ -118,32 +117,71 @@ pub fn capture_frozen(sources: &[Source], out: &Path, o: &CaptureOptions) -> Res
         .unwrap_or((0, 0));
     let data_path = out.join(DATA_FILE);
     let data = File::create(&data_path).map_err(io("create", &data_path))?;
-    let mut off = 0u64;
-    let mut cap = Capture {
-        manifest: Manifest {
-            version: 1,
-            trees: Vec::new(),
+    let mut w = Walk {
+        o,
+        racy_after,
+        data,
+        off: 0,
+        buf: vec![0u8; 1 << 20],
+        cap: Capture {
+            manifest: Manifest {
+                version: 1,
+                trees: Vec::new(),
+            },
+            stats: CaptureStats::default(),
+            pending: Vec::new(),
+            cacheable: Vec::new(),
+            data_path: data_path.clone(),
+            out: out.to_path_buf(),
         },
-        stats: CaptureStats::default(),
-        pending: Vec::new(),
-        cacheable: Vec::new(),
-        data_path: data_path.clone(),
-        out: out.to_path_buf(),
     };
-    let mut buf = vec![0u8; 1 << 20];
     for src in sources {
-        let ti = cap.manifest.trees.len();
-        let mut entries = Vec::new();
-        let mut cacheable = Vec::new();
-        let mut links: HashMap<(u64, u64), String> = HashMap::new();
+        w.tree(src)?;
+    }
+    // Unchanged files stay holes until `finish` fills them.
+    w.data.set_len(w.off).map_err(io("truncate", &data_path))?;
+    Ok(w.cap)
+}
+
+/// One `capture_frozen` walk: the data file, the next free offset in it, and the
+/// capture being built.
+struct Walk<'a> {
+    o: &'a CaptureOptions<'a>,
+    /// Files whose ctime is at or after this stay out of the next stat cache.
+    racy_after: (i64, i64),
+    data: File,
+    off: u64,
+    buf: Vec<u8>,
+    cap: Capture,
+}
+
+/// The tree being walked: its source, entries so far, the files that may enter
+/// the next stat cache, and the first path of every hard-linked inode.
+struct TreeWalk<'s> {
+    src: &'s Source,
+    index: usize,
+    entries: Vec<Entry>,
+    cacheable: Vec<(String, StatKey, usize)>,
+    links: HashMap<(u64, u64), String>,
+}
+
+impl Walk<'_> {
+    /// Captures one tree, depth first in name order.
+    fn tree(&mut self, src: &Source) -> Result<()> {
+        let mut t = TreeWalk {
+            src,
+            index: self.cap.manifest.trees.len(),
+            entries: Vec::new(),
+            cacheable: Vec::new(),
+            links: HashMap::new(),
+        };
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
             let full = src.path.join(&rel);
             let meta = fs::symlink_metadata(&full).map_err(io("stat", &full))?;
             let ft = meta.file_type();
-            let path = rel.to_string_lossy().into_owned();
             let mut e = Entry {
-                path: path.clone(),
+                path: rel.to_string_lossy().into_owned(),
                 kind: Kind::Dir,
                 mode: meta.mode() & 0o7777,
                 uid: meta.uid(),
@@ -176,62 +214,7 @@ pub fn capture_frozen(sources: &[Source], out: &Path, o: &CaptureOptions) -> Res
                         .into_owned(),
                 );
             } else if ft.is_file() {
-                if meta.nlink() > 1 {
-                    if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
-                        e.kind = Kind::Hardlink;
-                        e.target = Some(first.clone());
-                        entries.push(e);
-                        continue;
-                    }
-                    links.insert((meta.dev(), meta.ino()), path.clone());
-                }
-                e.kind = Kind::File;
-                e.offset = Some(off);
-                let key = StatKey::of(&meta);
-                let inner = Path::new(&src.dest).join(&rel);
-                let mapped = o.mapped.contains(&meta, &full, &inner);
-                cap.stats.files_mapped += mapped as u64;
-                let hit = o
-                    .cache
-                    .and_then(|c| c.lookup(&src.path, &path))
-                    .filter(|c| !mapped && c.key == key);
-                let n = if let Some(c) = hit {
-                    cap.pending.push(Pending {
-                        full: full.clone(),
-                        key,
-                        offset: off,
-                        prev_offset: c.offset,
-                        sha256: c.sha256.clone(),
-                        at: (ti, entries.len()),
-                    });
-                    cap.stats.files_unchanged += 1;
-                    cap.stats.bytes_unchanged += key.size;
-                    key.size
-                } else {
-                    let mut f = File::open(&full).map_err(io("open", &full))?;
-                    let mut n = 0u64;
-                    loop {
-                        let r = f.read(&mut buf).map_err(io("read", &full))?;
-                        if r == 0 {
-                            break;
-                        }
-                        data.write_all_at(&buf[..r], off + n)
-                            .map_err(io("write", &data_path))?;
-                        n += r as u64;
-                    }
-                    cap.stats.files_read_frozen += 1;
-                    cap.stats.bytes_read_frozen += n;
-                    n
-                };
-                // Cacheable: not mapped, stable while read, and old enough that a
-                // later change cannot keep the same ctime.
-                if !mapped && n == key.size && (key.ctime, key.ctime_nsec) < racy_after {
-                    cacheable.push((path.clone(), key, entries.len()));
-                }
-                e.size = n;
-                off += n.div_ceil(ALIGN) * ALIGN;
-                cap.stats.files += 1;
-                cap.stats.bytes += n;
+                self.file(&mut t, &rel, &full, &meta, &mut e)?;
             } else {
                 e.kind = if ft.is_char_device() {
                     Kind::Char
@@ -244,19 +227,95 @@ pub fn capture_frozen(sources: &[Source], out: &Path, o: &CaptureOptions) -> Res
                 };
                 e.rdev = meta.rdev();
             }
-            entries.push(e);
+            t.entries.push(e);
         }
-        cap.manifest.trees.push(Tree {
+        self.cap.manifest.trees.push(Tree {
             role: src.role.to_string(),
             dest: src.dest.clone(),
             source: src.path.clone(),
-            entries,
+            entries: t.entries,
         });
-        cap.cacheable.push(cacheable);
+        self.cap.cacheable.push(t.cacheable);
+        Ok(())
     }
-    // Unchanged files stay holes until `finish` fills them.
-    data.set_len(off).map_err(io("truncate", &data_path))?;
-    Ok(cap)
+
+    /// A regular file: a hard link to one seen before, an unchanged file (per
+    /// the stat cache) left for `finish`, or its bytes read now.
+    fn file(
+        &mut self,
+        t: &mut TreeWalk,
+        rel: &Path,
+        full: &Path,
+        meta: &fs::Metadata,
+        e: &mut Entry,
+    ) -> Result<()> {
+        if meta.nlink() > 1 {
+            if let Some(first) = t.links.get(&(meta.dev(), meta.ino())) {
+                e.kind = Kind::Hardlink;
+                e.target = Some(first.clone());
+                return Ok(());
+            }
+            t.links.insert((meta.dev(), meta.ino()), e.path.clone());
+        }
+        e.kind = Kind::File;
+        e.offset = Some(self.off);
+        let key = StatKey::of(meta);
+        let inner = Path::new(&t.src.dest).join(rel);
+        let mapped = self.o.mapped.contains(meta, full, &inner);
+        let stats = &mut self.cap.stats;
+        stats.files_mapped += mapped as u64;
+        let hit = self
+            .o
+            .cache
+            .and_then(|c| c.lookup(&t.src.path, &e.path))
+            .filter(|c| !mapped && c.key == key);
+        let n = if let Some(c) = hit {
+            self.cap.pending.push(Pending {
+                full: full.to_path_buf(),
+                key,
+                offset: self.off,
+                prev_offset: c.offset,
+                sha256: c.sha256.clone(),
+                at: (t.index, t.entries.len()),
+            });
+            stats.files_unchanged += 1;
+            stats.bytes_unchanged += key.size;
+            key.size
+        } else {
+            let n = self.read_into_data(full)?;
+            self.cap.stats.files_read_frozen += 1;
+            self.cap.stats.bytes_read_frozen += n;
+            n
+        };
+        // Cacheable: not mapped, stable while read, and old enough that a
+        // later change cannot keep the same ctime.
+        if !mapped && n == key.size && (key.ctime, key.ctime_nsec) < self.racy_after {
+            t.cacheable.push((e.path.clone(), key, t.entries.len()));
+        }
+        e.size = n;
+        self.off += n.div_ceil(ALIGN) * ALIGN;
+        self.cap.stats.files += 1;
+        self.cap.stats.bytes += n;
+        Ok(())
+    }
+
+    /// Reads the file at `full` into the data file at the current offset;
+    /// returns how many bytes it had.
+    fn read_into_data(&mut self, full: &Path) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut f = File::open(full).map_err(io("open", full))?;
+        let mut n = 0u64;
+        loop {
+            let r = f.read(&mut self.buf).map_err(io("read", full))?;
+            if r == 0 {
+                return Ok(n);
+            }
+            self.data
+                .write_all_at(&self.buf[..r], self.off + n)
+                .map_err(io("write", &self.cap.data_path))?;
+            n += r as u64;
+        }
+    }
 }
 
 impl Capture {

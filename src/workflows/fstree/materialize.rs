@@ -6,10 +6,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use base64::Engine;
+use nix::sys::stat::SFlag;
 
 use super::manifest::{check_extents, safe_join};
 use super::{Entry, Kind, Manifest, ALIGN};
-use crate::workflows::fsutil::{apply_meta, io, Meta};
+use crate::workflows::fsutil::{apply_meta, io, make_node, Meta};
 use crate::workflows::{Result, WorkflowError};
 
 /// A manifest path in one canonical spelling (`a/./b//c` -> `a/b/c`).
@@ -87,34 +88,7 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
                 dirs.push((p, e));
                 continue;
             }
-            Kind::File => {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)
-                    .map_err(io("create", &p))?;
-                src.seek(SeekFrom::Start(e.offset.unwrap_or(0)))
-                    .map_err(io("seek", data))?;
-                let mut left = e.size;
-                while left > 0 {
-                    let n = left.min(buf.len() as u64) as usize;
-                    src.read_exact(&mut buf[..n]).map_err(io("read", data))?;
-                    // Keep zero pages as holes.
-                    let mut i = 0;
-                    while i < n {
-                        let j = (i + ALIGN as usize).min(n);
-                        if buf[i..j].iter().all(|b| *b == 0) && j - i == ALIGN as usize {
-                            f.seek(SeekFrom::Current((j - i) as i64))
-                                .map_err(io("seek", &p))?;
-                        } else {
-                            f.write_all(&buf[i..j]).map_err(io("write", &p))?;
-                        }
-                        i = j;
-                    }
-                    left -= n as u64;
-                }
-                f.set_len(e.size).map_err(io("truncate", &p))?;
-            }
+            Kind::File => write_file(&mut src, data, e, &p, &mut buf)?,
             Kind::Symlink => {
                 std::os::unix::fs::symlink(e.target.as_deref().unwrap_or(""), &p)
                     .map_err(io("create symlink", &p))?;
@@ -134,22 +108,12 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
             }
             Kind::Char | Kind::Block | Kind::Fifo | Kind::Socket => {
                 let kind = match e.kind {
-                    Kind::Char => nix::sys::stat::SFlag::S_IFCHR,
-                    Kind::Block => nix::sys::stat::SFlag::S_IFBLK,
-                    Kind::Fifo => nix::sys::stat::SFlag::S_IFIFO,
-                    _ => nix::sys::stat::SFlag::S_IFSOCK,
+                    Kind::Char => SFlag::S_IFCHR,
+                    Kind::Block => SFlag::S_IFBLK,
+                    Kind::Fifo => SFlag::S_IFIFO,
+                    _ => SFlag::S_IFSOCK,
                 };
-                nix::sys::stat::mknod(
-                    &p,
-                    kind,
-                    nix::sys::stat::Mode::from_bits_truncate(e.mode),
-                    e.rdev as nix::libc::dev_t,
-                )
-                .map_err(|er| WorkflowError::Io {
-                    op: "mknod",
-                    path: p.clone(),
-                    source: er.into(),
-                })?;
+                make_node(&p, kind, e.mode, e.rdev)?;
             }
         }
         apply_meta(&p, &meta(e))?;
@@ -158,6 +122,34 @@ pub fn materialize(manifest: &Manifest, index: usize, data: &Path, dest: &Path) 
         apply_meta(p, &meta(e))?;
     }
     Ok(())
+}
+
+/// Writes entry `e`'s bytes from `src` (the data file at `data`) into a new
+/// file `p`, leaving zero pages as holes.
+fn write_file(src: &mut File, data: &Path, e: &Entry, p: &Path, buf: &mut [u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+        .map_err(io("create", p))?;
+    src.seek(SeekFrom::Start(e.offset.unwrap_or(0)))
+        .map_err(io("seek", data))?;
+    let page = ALIGN as usize;
+    let mut left = e.size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.read_exact(&mut buf[..n]).map_err(io("read", data))?;
+        for chunk in buf[..n].chunks(page) {
+            if chunk.len() == page && chunk.iter().all(|b| *b == 0) {
+                f.seek(SeekFrom::Current(page as i64))
+                    .map_err(io("seek", p))?;
+            } else {
+                f.write_all(chunk).map_err(io("write", p))?;
+            }
+        }
+        left -= n as u64;
+    }
+    f.set_len(e.size).map_err(io("truncate", p))
 }
 
 /// The metadata a manifest entry records (its mtime doubles as the atime); an

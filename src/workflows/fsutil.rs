@@ -83,7 +83,7 @@ pub(super) fn apply_meta(p: &Path, m: &Meta) -> Result<()> {
         op: "chown",
         path: p.to_path_buf(),
         source: std::io::Error::other(format!(
-            "to {}:{}: {e} (restoring ownership needs root)",
+            "to {}:{}: {e}; restoring a tree's owners needs root and a writable filesystem that keeps owners",
             m.uid, m.gid
         )),
     })?;

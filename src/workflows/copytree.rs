@@ -136,21 +136,18 @@ fn copy_file(
 /// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE), or the rest
 /// of the file where the filesystem cannot tell; None past the last data.
 fn data_extent(f: &File, pos: u64) -> Option<(u64, u64)> {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
     let fd = f.as_raw_fd();
-    // SAFETY: lseek on a descriptor we own; no memory is passed.
-    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-    if start < 0 {
-        let e = std::io::Error::last_os_error();
-        // ENXIO: no data after pos; anything else: no hole support, copy it all.
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            None
-        } else {
-            Some((pos, u64::MAX))
-        };
-    }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-    Some((start as u64, if end < 0 { u64::MAX } else { end as u64 }))
+    let start = match lseek(fd, pos as libc::off_t, Whence::SeekData) {
+        Ok(start) => start,
+        // No data after pos.
+        Err(Errno::ENXIO) => return None,
+        // No hole support: copy it all.
+        Err(_) => return Some((pos, u64::MAX)),
+    };
+    let end = lseek(fd, start, Whence::SeekHole).map_or(u64::MAX, |end| end as u64);
+    Some((start as u64, end))
 }
 
 #[cfg(test)]

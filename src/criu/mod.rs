@@ -9,7 +9,7 @@
 
 mod creds;
 
-pub use creds::image_capabilities;
+pub use creds::{image_capabilities, CAP_NAMES};
 
 use std::fs;
 use std::io::IoSliceMut;

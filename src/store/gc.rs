@@ -142,6 +142,8 @@ pub(crate) fn gc_locked(store: &Store, dry_run: bool) -> Result<GcReport> {
         let len = e.metadata().map(|m| m.len()).unwrap_or(0);
         if !dry_run {
             fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            // Tests kill gc here: one unreferenced blob gone, the rest not yet.
+            super::util::fault_point("gc.removing");
         }
         report.blobs_removed += 1;
         report.bytes_freed += len;
@@ -258,6 +260,9 @@ pub(crate) fn prune_locked(
         }
         Ok(())
     })?;
+    // Tests kill prune here: the snapshots are out of index.json, their blobs
+    // not yet removed (garbage that the next gc frees).
+    super::util::fault_point("prune.before-gc");
     gc_locked(store, false)?;
     Ok(doomed)
 }

@@ -500,6 +500,8 @@ pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Ve
         fs::rename(&src, &dst).map_err(io_err("rename into place", &dst))?;
     }
     sync_dir(&blobs.dir)?;
+    // Tests kill import here: every blob published, index.json not yet updated.
+    super::util::fault_point("import.before-index");
 
     let ids = store.update_index(|idx| {
         let existing = catalog::entries(idx);

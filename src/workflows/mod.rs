@@ -3,6 +3,7 @@
 
 pub mod copytree;
 pub mod fstree;
+mod fsutil;
 pub mod host;
 pub mod meta;
 pub mod openfiles;

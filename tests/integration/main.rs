@@ -22,6 +22,7 @@ mod errors;
 mod exec_security;
 mod exit_codes;
 mod faults_checkpoint;
+mod faults_maintenance;
 mod faults_restore;
 mod faults_store;
 mod hostile;

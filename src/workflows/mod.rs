@@ -13,7 +13,7 @@ pub mod serve;
 pub mod snapshot;
 pub mod trust;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::runtime::RuntimeError;
 use crate::store::StoreError;
@@ -166,9 +166,3 @@ impl From<StoreError> for WorkflowError {
 }
 
 pub type Result<T, E = WorkflowError> = std::result::Result<T, E>;
-
-/// Maps an I/O error of `op` on `path` to [`WorkflowError::Io`].
-pub(crate) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
-    let path = path.to_path_buf();
-    move |source| WorkflowError::Io { op, path, source }
-}

@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::fsutil::io;
 use super::meta::{OpenFile, SnapshotMeta};
-use super::{io, Result, WorkflowError};
+use super::{Result, WorkflowError};
 
 /// Paths (relative to `rootfs`) of the regular files that `pids` hold open or
 /// have mapped and that are the very files (same device and inode, or same

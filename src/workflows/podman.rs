@@ -18,8 +18,9 @@ use std::fs::{self, File};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use super::fsutil::io;
 use super::snapshot::prepare;
-use super::{fstree, io, Result, WorkflowError};
+use super::{fstree, Result, WorkflowError};
 use crate::runtime::Runtime;
 use crate::store::Store;
 

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::fsutil::io;
 use super::snapshot::{checkpoint_to_store, warm_cache, CheckpointResult, TaggedCheckpoint};
-use super::{io, Result, WorkflowError};
+use super::{Result, WorkflowError};
 use crate::runtime::checkpoint::CheckpointOptions;
 use crate::runtime::{netns, Runtime};
 use crate::store::Store;

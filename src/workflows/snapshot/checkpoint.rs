@@ -9,11 +9,12 @@ use super::*;
 use crate::runtime::checkpoint::{defers_stop, CheckpointOptions, CriuStats};
 use crate::runtime::{ContainerState, Runtime};
 use crate::store::{IngestOptions, IngestReport, Pin, SnapshotId, SnapshotInput, Store};
+use crate::workflows::fsutil::io;
 use crate::workflows::meta::{
     CriuOptionsRecord, CriuRecord, FsInfo, HostRecord, OpenFile, SnapshotMeta,
     Timings as MetaTimings,
 };
-use crate::workflows::{fstree, host, io, Result, WorkflowError};
+use crate::workflows::{fstree, host, Result, WorkflowError};
 
 /// The trees to capture: the rootfs and every writable bind mount of a directory.
 fn fs_sources(

@@ -11,8 +11,9 @@ use super::statcache::COPY_SNAPSHOT_FILE;
 use super::*;
 use crate::runtime::{create_private_dir, create_private_dir_all, tighten_dir, Runtime};
 use crate::store::Store;
+use crate::workflows::fsutil::io;
 use crate::workflows::meta::SnapshotMeta;
-use crate::workflows::{fstree, io, Result, WorkflowError};
+use crate::workflows::{fstree, Result, WorkflowError};
 
 /// Gives container `id` a private filesystem: an overlay on the cached base, its
 /// own copy of every volume, and a bundle whose config (`bundle`'s config.json,

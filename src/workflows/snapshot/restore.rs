@@ -11,7 +11,7 @@ use super::*;
 use crate::runtime::checkpoint::{CriuStats, RestoreOptions};
 use crate::runtime::Runtime;
 use crate::store::{CacheKind, SnapshotId, Store};
-use crate::workflows::io;
+use crate::workflows::fsutil::io;
 use crate::workflows::meta::SnapshotMeta;
 use crate::workflows::{fstree, host, Result, WorkflowError};
 

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::store::{CacheKind, SnapshotId, Store};
-use crate::workflows::io;
+use crate::workflows::fsutil::io;
 use crate::workflows::{fstree, Result};
 
 /// The stat cache of a container if the snapshot its entries point into is still

@@ -79,6 +79,9 @@ pub enum WorkflowError {
     /// pointing at one (a bug).
     #[error("capture the filesystem into {}: unchanged files were to come from a previous snapshot, but none is known; this is a bug: checkpoint again and report it", dir.display())]
     NoPreviousSnapshot { dir: PathBuf },
+    /// The kernel's random source could not be read.
+    #[error("read random bytes for the copies' generation id (getrandom): {source}; the kernel's random source is unavailable (e.g. blocked by a seccomp filter): run stasis where getrandom(2) or /dev/urandom works")]
+    Random { source: getrandom::Error },
     /// A socket operation on an address (not a path).
     #[error("{op} {addr}: {source}")]
     Net {

@@ -745,7 +745,7 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
         store,
         prepared: Mutex::new(Arc::new(p)),
         bundle,
-        generation: new_generation(),
+        generation: new_generation()?,
         copies: Mutex::new(Vec::new()),
         changed: Condvar::new(),
         counters: Counters::default(),

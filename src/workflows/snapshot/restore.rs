@@ -122,14 +122,12 @@ impl Identity {
     }
 }
 
-/// A fresh random generation id (16 hex digits).
-pub fn new_generation() -> String {
+/// A fresh random generation id (16 hex digits) from the kernel's random source
+/// (getrandom(2)); never a fixed fallback, which copies would share.
+pub fn new_generation() -> Result<String> {
     let mut b = [0u8; 8];
-    if let Ok(mut f) = fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    hex::encode(b)
+    getrandom::fill(&mut b).map_err(|source| WorkflowError::Random { source })?;
+    Ok(hex::encode(b))
 }
 
 /// Restores one copy from a prepared snapshot onto its own filesystem (an
@@ -324,7 +322,7 @@ pub fn restore_from_store(
     if let Some(ns) = &r.copy.netns {
         fs::metadata(ns).map_err(io("open network namespace", ns))?;
     }
-    let generation = new_generation();
+    let generation = new_generation()?;
     if n > 1 && r.restore.flags.lazy_pages && r.restore.work_path.is_some() {
         return Err(WorkflowError::Snapshot {
             snapshot: p.sid.short(),

@@ -118,3 +118,15 @@ fn gc_removes_stat_caches_whose_snapshot_is_gone() {
     assert_eq!(names(), ["kept.json"]);
     assert!(usable_stat_cache(&store, &keep).is_some());
 }
+
+#[test]
+fn generations_are_random_hex_ids() {
+    let (a, b) = (
+        super::new_generation().unwrap(),
+        super::new_generation().unwrap(),
+    );
+    assert_eq!(a.len(), 16);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+    assert_ne!(a, "0".repeat(16));
+    assert_ne!(a, b);
+}

@@ -11,7 +11,7 @@ use super::parse::{parse_duration, Format};
 use super::report;
 use crate::store::{DiffReport, FileChange, Level, SnapshotId, Store};
 use crate::workflows::fstree;
-use crate::workflows::meta::{CaptureRecord, FsTreeInfo, SnapshotMeta};
+use crate::workflows::meta::{FsTreeInfo, SnapshotMeta};
 
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
@@ -551,7 +551,7 @@ struct FsSummary {
     data_pages: Option<u64>,
     new_pages: Option<u64>,
     new_bytes: Option<u64>,
-    capture: Option<CaptureRecord>,
+    capture: Option<fstree::CaptureStats>,
     frozen_ms: u64,
     assemble_ms: u64,
 }

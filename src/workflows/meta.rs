@@ -85,7 +85,7 @@ pub struct FsInfo {
     pub files: u64,
     pub bytes: u64,
     pub trees: Vec<FsTreeInfo>,
-    pub capture: Option<CaptureRecord>,
+    pub capture: Option<fstree::CaptureStats>,
     /// The snapshot whose stat cache spared reading unchanged files.
     pub stat_cache: Option<StatCacheRef>,
 }
@@ -97,7 +97,7 @@ impl FsInfo {
             files: c.manifest.files(),
             bytes: c.manifest.bytes(),
             trees: c.manifest.trees.iter().map(FsTreeInfo::of).collect(),
-            capture: Some(CaptureRecord::from(&c.stats)),
+            capture: Some(c.stats.clone()),
             stat_cache: stat_cache_base.map(|base| StatCacheRef { base }),
         }
     }
@@ -136,37 +136,6 @@ impl FsTreeInfo {
 #[serde(default)]
 pub struct StatCacheRef {
     pub base: String,
-}
-
-/// `fstree::CaptureStats` as stored.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
-#[serde(default)]
-pub struct CaptureRecord {
-    pub files: u64,
-    pub bytes: u64,
-    pub files_read_frozen: u64,
-    pub bytes_read_frozen: u64,
-    pub files_unchanged: u64,
-    pub bytes_unchanged: u64,
-    pub files_from_previous: u64,
-    pub bytes_from_previous: u64,
-    pub files_mapped: u64,
-}
-
-impl From<&fstree::CaptureStats> for CaptureRecord {
-    fn from(s: &fstree::CaptureStats) -> Self {
-        Self {
-            files: s.files,
-            bytes: s.bytes,
-            files_read_frozen: s.files_read_frozen,
-            bytes_read_frozen: s.bytes_read_frozen,
-            files_unchanged: s.files_unchanged,
-            bytes_unchanged: s.bytes_unchanged,
-            files_from_previous: s.files_from_previous,
-            bytes_from_previous: s.bytes_from_previous,
-            files_mapped: s.files_mapped,
-        }
-    }
 }
 
 /// A file the processes held open, relative to the rootfs.
@@ -220,7 +189,7 @@ mod tests {
         let m = SnapshotMeta {
             filesystem: Some(FsInfo {
                 stat_cache: Some(StatCacheRef { base: "x".into() }),
-                capture: Some(CaptureRecord::default()),
+                capture: Some(fstree::CaptureStats::default()),
                 ..FsInfo::default()
             }),
             host: Some(HostRecord::default()),

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::statcache::RACY_MARGIN;
 use super::{
@@ -41,8 +41,10 @@ fn xattrs(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// What a capture read, and from where.
-#[derive(Serialize, Debug, Clone, Default, PartialEq, Eq)]
+/// What a capture read, and from where. Stored as the snapshot metadata's
+/// `filesystem.capture` (`workflows::meta`); every field defaults when read.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(default)]
 pub struct CaptureStats {
     pub files: u64,
     pub bytes: u64,

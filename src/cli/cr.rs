@@ -327,7 +327,12 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
     if let Some(from) = &a.from {
         // Bad ids are refused before the store is opened (and maybe created).
         copy_ids(&opts.id, a.copies, a.name_prefix.as_deref())?;
-        let store = Store::open(store)?;
+        let store = match Store::open_existing(store) {
+            Err(e @ crate::store::StoreError::NoStore { .. }) => {
+                return Err(anyhow::Error::new(e).context(format!("no snapshot {from:?}")))
+            }
+            r => r?,
+        };
         opts.image_path = PathBuf::new();
         // The image is the store's: with --lazy-pages stasis runs the daemon.
         opts.lazy_daemon = true;

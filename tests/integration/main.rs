@@ -30,6 +30,7 @@ mod runc_compat;
 mod scripting;
 mod security;
 mod spec_options;
+mod store_cli;
 mod store_flows;
 mod terminal;
 mod warm;

@@ -92,12 +92,20 @@ pub enum SnapshotCmd {
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Forget old snapshots per container, then gc
+    /// Forget old snapshots per series, then gc
+    ///
+    /// A series is the repository name of a tag: redis:v1 ... redis:v5 are the
+    /// series "redis", whatever container they came from; an untagged snapshot
+    /// is in the series of its container id; a snapshot with tags of several
+    /// names is in each of them and is kept if any of its series keeps it. A
+    /// snapshot tagged NAME:latest (what `--from NAME` restores) is always
+    /// kept. A forgotten snapshot loses all its tags; `--dry-run` lists them.
+    /// Example: `prune --keep-last 1` over redis:v1..v5 forgets v1..v4.
     Prune {
-        /// Keep the N newest snapshots of each container
+        /// Keep the N newest snapshots of each series
         #[arg(long)]
         keep_last: Option<usize>,
-        /// Keep snapshots newer than this (e.g. 24h, 30m)
+        /// Keep snapshots newer than this in every series (e.g. 24h, 30m)
         #[arg(long, value_parser = parse_duration)]
         keep_within: Option<std::time::Duration>,
         /// Report what would be forgotten, change nothing

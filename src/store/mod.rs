@@ -480,9 +480,11 @@ impl Store {
         Ok(r)
     }
 
-    /// Retention per container id: keeps the newest `keep_last` snapshots and those
-    /// created within `keep_within`; tagged snapshots are always kept. Removes the
-    /// rest from index.json and runs gc. Returns the removed (or, with `dry_run`,
+    /// Retention per series (`gc::series_of`: the repository name of each tag, or
+    /// the container id of an untagged snapshot): keeps the newest `keep_last`
+    /// of each series and those created within `keep_within`; a snapshot kept by
+    /// any of its series, or tagged `NAME:latest`, stays. Removes the rest (with
+    /// their tags) from index.json and runs gc. Returns the removed (or, with `dry_run`,
     /// removable) snapshots.
     pub fn prune(
         &self,

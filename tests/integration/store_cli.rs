@@ -123,3 +123,42 @@ fn a_missing_store_is_named_and_not_created() {
     assert_one_line(&out, &["\"web:v2\"", store, "web:v1"]);
     assert!(fs::metadata(&sx.store).unwrap().is_dir());
 }
+
+/// `prune --keep-last 1` over tagged checkpoints web:v1..v3 forgets v1 and v2
+/// (issue 16: tagged snapshots used to be kept forever, so it forgot nothing),
+/// and the help says how snapshots are grouped.
+#[test]
+fn prune_keep_last_acts_per_tag_series() {
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("sc-prune");
+    let _g = sx.run_d(&b, &id);
+    let mut ids = Vec::new();
+    for v in 1..=3 {
+        sx.wait_counter(&id, "advanced", |n| n >= v);
+        let tag = format!("web:v{v}");
+        ids.push(printed_snapshot_id(&sx.ok(&[
+            "checkpoint",
+            "--leave-running",
+            "--tag",
+            &tag,
+            &id,
+        ])));
+    }
+    let out = sx.ok(&["snapshot", "prune", "--keep-last", "1"]);
+    assert!(out.stdout.contains("forgot 2 snapshot(s)"), "{out:#?}");
+    let ls = sx.ls();
+    assert_eq!(ls.len(), 1, "{ls:#?}");
+    assert_eq!(ls[0]["id"], ids[2].as_str());
+    sx.ok(&["snapshot", "verify", "--read-data"]);
+    let id2 = unique_id("sc-prune2");
+    let _g2 = sx.restore_from("web:v3", &id2, &[]);
+
+    let help = sx.ok(&["snapshot", "prune", "--help"]).stdout;
+    assert!(
+        help.contains("series") && help.contains("redis:v1"),
+        "{help}"
+    );
+}

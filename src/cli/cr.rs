@@ -160,8 +160,9 @@ pub struct RestoreArgs {
     /// --bundle) those settings are skipped, one warning line each
     #[arg(long)]
     pub trust_snapshot_config: bool,
-    /// With --from: restore N copies, each with its own id, cgroup, writable
-    /// filesystem layer, volumes and network namespace
+    /// With --from and -d: restore N copies, each with its own id, cgroup,
+    /// writable filesystem layer, volumes and network namespace (more than one
+    /// copy needs -d: only one can run in the foreground)
     #[arg(long, default_value_t = 1)]
     pub copies: usize,
     /// With --copies: ids are PREFIX-0 .. PREFIX-(N-1) (default: the given id)
@@ -327,6 +328,14 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
     if let Some(from) = &a.from {
         // Bad ids are refused before the store is opened (and maybe created).
         copy_ids(&opts.id, a.copies, a.name_prefix.as_deref())?;
+        if a.copies > 1 && !a.detach {
+            anyhow::bail!(
+                "restore --copies {} needs -d (--detach): only one container can run in the \
+                 foreground of this terminal, so the copies would detach silently; add -d \
+                 (stop them later with `stasis kill ID` and `stasis delete ID`)",
+                a.copies
+            );
+        }
         let store = match Store::open_existing(store) {
             Err(e @ crate::store::StoreError::NoStore { .. }) => {
                 return Err(anyhow::Error::new(e).context(format!("no snapshot {from:?}")))

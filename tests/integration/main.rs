@@ -13,6 +13,7 @@
 #[macro_use]
 mod common;
 
+mod checkpoint_hints;
 mod clients;
 mod copies;
 mod cr;

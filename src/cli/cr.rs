@@ -60,6 +60,13 @@ pub struct SharedFlags {
     #[arg(long)]
     pub auto_dedup: bool,
     /// Use userfaultfd to lazily restore memory pages
+    ///
+    /// On restore, a `criu lazy-pages` daemon goes on copying pages in after
+    /// `restore` returns. Its record is ROOT/ID/lazy-pages.pid holding
+    /// "PID STARTTIME" (STARTTIME: field 22 of /proc/PID/stat, so a reused pid
+    /// is not taken for it), so `kill -0 $(cat FILE)` does not work: test the
+    /// daemon with `kill -0 $(cut -d' ' -f1 FILE)`. A later checkpoint waits for
+    /// it to finish, then removes the file
     #[arg(long)]
     pub lazy_pages: bool,
     /// Print CRIU's statistics after the operation

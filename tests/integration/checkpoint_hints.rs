@@ -89,3 +89,17 @@ fn restore_of_several_copies_in_the_foreground_is_refused() {
         );
     }
 }
+
+/// `restore --help` documents what lazy-pages.pid holds (issue 16: "PID
+/// STARTTIME", so `kill -0 $(cat ...)` does not work as README implied).
+#[test]
+fn restore_help_documents_the_lazy_pages_pid_file() {
+    let Some(sx) = Sx::setup(test_name!()) else {
+        return;
+    };
+    let help = sx.ok(&["restore", "--help"]).stdout;
+    assert!(
+        help.contains("lazy-pages.pid") && help.contains("PID STARTTIME"),
+        "{help}"
+    );
+}

@@ -19,6 +19,7 @@ mod copies;
 mod cr;
 mod damaged_store;
 mod databases;
+mod docker;
 mod errors;
 mod exec_security;
 mod exit_codes;

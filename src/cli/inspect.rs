@@ -114,23 +114,23 @@ pub fn summary(
     } else {
         entry.tags.join(", ")
     };
-    writeln!(out, "snapshot   {}", entry.id.full())?;
-    writeln!(out, "tags       {tags}")?;
-    writeln!(out, "origin     {}", entry.origin)?;
-    writeln!(out, "container  {}", entry.container)?;
-    writeln!(out, "created    {}", entry.created)?;
+    writeln!(out, "snapshot {}", entry.id.full())?;
+    writeln!(out, "tags: {tags}")?;
+    writeln!(out, "origin: {}", entry.origin)?;
+    writeln!(out, "container: {}", entry.container)?;
+    writeln!(out, "created: {}", entry.created)?;
     let s = &v.sizes;
     let img_files = v.files.len();
     let pages_files = v.files.iter().filter(|f| f.kind == "pages").count();
     writeln!(
         out,
-        "size       {} in {img_files} CRIU image files ({pages_files} of pages); {} added to the store",
+        "size: {} in {img_files} CRIU image files ({pages_files} of pages); {} added to the store",
         human(entry.image_bytes),
         human(entry.added_bytes),
     )?;
     writeln!(
         out,
-        "pages      {} total: {} new, {} shared with older snapshots",
+        "pages: {} in total, {} new, {} shared with older snapshots",
         s.pages_total, s.pages_new, s.pages_reused
     )?;
     let h = &v.metadata.host;
@@ -143,7 +143,7 @@ pub fn summary(
     };
     writeln!(
         out,
-        "host       kernel {}, {}, cgroup {}, {}",
+        "host: kernel {}, {}, cgroup {}, {}",
         or_unknown(&h.kernel),
         or_unknown(&h.arch),
         or_unknown(&h.cgroup_version),
@@ -161,19 +161,19 @@ pub fn summary(
     } else {
         format!(" ({})", on.join(", "))
     };
-    writeln!(out, "criu       {}{opts}", or_unknown(&c.version))?;
+    writeln!(out, "criu: {}{opts}", or_unknown(&c.version))?;
     let t = &v.metadata.timings_ms;
     let ms = |x: Option<u64>| x.map_or("?".to_string(), |x| format!("{x} ms"));
     writeln!(
         out,
-        "timings    dump {}, filesystem capture {}, assemble {}, ingest {} ms",
+        "timings: dump {}, filesystem capture {}, assemble {}, ingest {} ms",
         ms(t.dump),
         ms(t.fs_capture),
         ms(t.fs_assemble),
         s.ingest_ms
     )?;
     if let Some(b) = &v.metadata.bundle {
-        writeln!(out, "bundle     {b}")?;
+        writeln!(out, "bundle: {b}")?;
     }
     Ok(())
 }
@@ -196,9 +196,9 @@ mod tests {
         let mut out = Vec::new();
         summary(&mut out, &e, &serde_json::json!({}), |n| format!("{n} B")).unwrap();
         let s = String::from_utf8(out).unwrap();
-        assert!(s.contains("tags       redis:v1, redis:latest"), "{s}");
-        assert!(s.contains("container  c1"), "{s}");
-        assert!(s.contains("criu       unknown"), "{s}");
+        assert!(s.contains("tags: redis:v1, redis:latest"), "{s}");
+        assert!(s.contains("container: c1"), "{s}");
+        assert!(s.contains("criu: unknown"), "{s}");
         assert!(s.lines().count() < 15, "{s}");
     }
 }

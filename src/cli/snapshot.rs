@@ -593,7 +593,7 @@ fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> 
     if fs.is_null() {
         writeln!(
             out,
-            "filesystem none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
+            "filesystem: none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
         )?;
         return Ok(());
     }
@@ -610,7 +610,7 @@ fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> 
     };
     writeln!(
         out,
-        "filesystem {} files, {}; {new}",
+        "filesystem: {} files, {}; {new}",
         n("files"),
         human(n("bytes")),
     )?;

@@ -37,19 +37,19 @@ fn inspect_summarises_and_shows_the_tags() {
             .to_string()
     };
     assert!(line("snapshot ").contains(&short), "{text}");
-    let tags = line("tags ");
+    let tags = line("tags: ");
     assert!(
         tags.contains("web:v1") && tags.contains("web:stable"),
         "{text}"
     );
-    assert!(line("origin ").contains("local"), "{text}");
-    assert!(line("container ").contains(&id), "{text}");
-    assert!(line("created ").contains('T'), "{text}");
-    assert!(line("size ").contains("CRIU image files"), "{text}");
-    assert!(line("host ").contains("kernel"), "{text}");
-    assert!(line("criu ").contains("4."), "{text}");
-    assert!(line("timings ").contains("dump"), "{text}");
-    assert!(line("filesystem ").contains("files"), "{text}");
+    assert!(line("origin: ").contains("local"), "{text}");
+    assert!(line("container: ").contains(&id), "{text}");
+    assert!(line("created: ").contains('T'), "{text}");
+    assert!(line("size: ").contains("CRIU image files"), "{text}");
+    assert!(line("host: ").contains("kernel"), "{text}");
+    assert!(line("criu: ").contains("4."), "{text}");
+    assert!(line("timings: ").contains("dump"), "{text}");
+    assert!(line("filesystem: ").contains("files"), "{text}");
     // A summary, not the raw record: no per-file dump of the CRIU image.
     assert!(!text.contains("inventory.img"), "{text}");
     assert!(

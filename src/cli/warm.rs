@@ -195,7 +195,7 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
             a.max
         );
     }
-    let store = Store::open(&cli.store)?;
+    let store = Store::open_existing(&cli.store)?;
     let self_exe = std::env::current_exe().context("find the stasis binary")?;
     let opts = ServeOptions {
         from,

@@ -44,7 +44,7 @@ struct ExportSource {
 
 fn export_source(store: &Store, name_or_id: &str) -> Result<ExportSource> {
     let index = store.read_index()?;
-    let id = catalog::resolve(&index, name_or_id)?;
+    let id = catalog::resolve(&index, name_or_id).map_err(|e| e.in_store(store.root()))?;
     let entry = store.entry(&id)?;
     let tag = normalize_tag(name_or_id)
         .ok()

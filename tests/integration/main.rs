@@ -13,11 +13,13 @@
 #[macro_use]
 mod common;
 
+mod checkpoint_hints;
 mod clients;
 mod copies;
 mod cr;
 mod damaged_store;
 mod databases;
+mod docker;
 mod errors;
 mod exec_security;
 mod exit_codes;
@@ -31,6 +33,7 @@ mod runc_compat;
 mod scripting;
 mod security;
 mod spec_options;
+mod store_cli;
 mod store_flows;
 mod terminal;
 mod warm;

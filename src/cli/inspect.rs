@@ -7,7 +7,8 @@ use std::io::Write;
 use anyhow::Result;
 use serde::Deserialize;
 
-use crate::store::{SnapshotSummary, Store};
+use crate::store::{SnapshotId, SnapshotSummary, Store};
+use crate::workflows::fstree;
 
 /// The parts of the config blob the summary shows (FORMAT.md "config"); every
 /// field defaults, so an older or foreign record still prints.
@@ -176,6 +177,112 @@ pub fn summary(
         writeln!(out, "bundle: {b}")?;
     }
     Ok(())
+}
+
+/// The filesystem part of a snapshot: files and bytes captured, pages of
+/// `fsdata-0.bin` and how many of them (and bytes, uncompressed) no older snapshot
+/// had, and what the capture read while frozen. Null when it carries no filesystem.
+pub fn fs_summary(
+    store: &Store,
+    id: &SnapshotId,
+    cfg: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let Some(m) = fstree::snapshot_manifest(store, id)? else {
+        return Ok(serde_json::Value::Null);
+    };
+    // New pages are counted against every older snapshot's page tables: one
+    // unreadable blob of another snapshot leaves this count unknown, not the
+    // whole inspect failed.
+    let (pages, new_pages, new_bytes) = match store.new_pages(id, fstree::DATA_FILE) {
+        Ok((pages, new)) => (
+            serde_json::json!(pages),
+            serde_json::json!(new),
+            serde_json::json!(new * 4096),
+        ),
+        Err(e) => {
+            eprintln!(
+                "stasis: warning: cannot count the new pages of {id}'s filesystem data: {}",
+                crate::store::printable(&e.to_string())
+            );
+            let null = serde_json::Value::Null;
+            (null.clone(), null.clone(), null)
+        }
+    };
+    let meta = &cfg["metadata"];
+    Ok(serde_json::json!({
+        "files": m.files(),
+        "bytes": m.bytes(),
+        "trees": m.trees.iter().map(|t| serde_json::json!({
+            "role": t.role, "dest": t.dest, "source": t.source,
+            "entries": t.entries.len(),
+            "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
+            "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
+        })).collect::<Vec<_>>(),
+        "data_pages": pages,
+        "new_pages": new_pages,
+        "new_bytes": new_bytes,
+        "capture": meta["filesystem"]["capture"],
+        "frozen_ms": meta["timings_ms"]["fs_capture"],
+        "assemble_ms": meta["timings_ms"]["fs_assemble"],
+    }))
+}
+
+pub fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> {
+    if fs.is_null() {
+        writeln!(
+            out,
+            "filesystem: none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
+        )?;
+        return Ok(());
+    }
+    let n = |k: &str| fs[k].as_u64().unwrap_or(0);
+    let new = if fs["new_pages"].is_null() {
+        "new to the store unknown".to_string()
+    } else {
+        format!(
+            "{} new to the store ({} of {} pages)",
+            human(n("new_bytes")),
+            n("new_pages"),
+            n("data_pages")
+        )
+    };
+    writeln!(
+        out,
+        "filesystem: {} files, {}; {new}",
+        n("files"),
+        human(n("bytes")),
+    )?;
+    for t in fs["trees"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "    {} {}: {} files, {} ({})",
+            t["role"].as_str().unwrap_or("?"),
+            t["dest"].as_str().unwrap_or("?"),
+            t["files"].as_u64().unwrap_or(0),
+            human(t["bytes"].as_u64().unwrap_or(0)),
+            t["source"].as_str().unwrap_or("?"),
+        )?;
+    }
+    let c = &fs["capture"];
+    if c.is_object() {
+        let k = |f: &str| c[f].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "    capture: {} ms frozen, read {} files ({}) while frozen, {} unchanged files ({}) copied after ({} from the previous snapshot)",
+            fs["frozen_ms"].as_u64().unwrap_or(0),
+            k("files_read_frozen"),
+            human(k("bytes_read_frozen")),
+            k("files_unchanged"),
+            human(k("bytes_unchanged")),
+            k("files_from_previous"),
+        )?;
+    }
+    Ok(())
+}
+
+/// A byte count as people read it: `512 B`, `1.50 MiB` (powers of 1024).
+fn human(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
 }
 
 #[cfg(test)]

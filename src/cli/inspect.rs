@@ -4,10 +4,12 @@
 
 use std::io::Write;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::store::{SnapshotSummary, Store};
+use crate::store::{SnapshotId, SnapshotSummary, Store};
+use crate::workflows::fstree;
+use crate::workflows::meta::{FsTreeInfo, SnapshotMeta};
 
 /// The parts of the config blob the summary shows (FORMAT.md "config"); every
 /// field defaults, so an older or foreign record still prints.
@@ -176,6 +178,111 @@ pub fn summary(
         writeln!(out, "bundle: {b}")?;
     }
     Ok(())
+}
+
+/// The filesystem part of `snapshot inspect` (JSON field `filesystem`).
+#[derive(serde::Serialize)]
+pub struct FsSummary {
+    files: u64,
+    bytes: u64,
+    trees: Vec<FsTreeInfo>,
+    /// Unknown (null) when another snapshot's page table cannot be read.
+    data_pages: Option<u64>,
+    new_pages: Option<u64>,
+    new_bytes: Option<u64>,
+    capture: Option<fstree::CaptureStats>,
+    frozen_ms: u64,
+    assemble_ms: u64,
+}
+
+/// The filesystem part of a snapshot: files and bytes captured, pages of
+/// `fsdata-0.bin` and how many of them (and bytes, uncompressed) no older snapshot
+/// had, and what the capture read while frozen. None when it carries no filesystem.
+pub fn fs_summary(
+    store: &Store,
+    id: &SnapshotId,
+    cfg: &serde_json::Value,
+) -> Result<Option<FsSummary>> {
+    let Some(m) = fstree::snapshot_manifest(store, id)? else {
+        return Ok(None);
+    };
+    // New pages are counted against every older snapshot's page tables: one
+    // unreadable blob of another snapshot leaves this count unknown, not the
+    // whole inspect failed.
+    let (data_pages, new_pages, new_bytes) = match store.new_pages(id, fstree::DATA_FILE) {
+        Ok((pages, new)) => (Some(pages), Some(new), Some(new * 4096)),
+        Err(e) => {
+            eprintln!(
+                "stasis: warning: cannot count the new pages of {id}'s filesystem data: {}",
+                crate::store::printable(&e.to_string())
+            );
+            (None, None, None)
+        }
+    };
+    let meta = SnapshotMeta::of_config(cfg)
+        .with_context(|| format!("snapshot {id}: its metadata cannot be read"))?;
+    Ok(Some(FsSummary {
+        files: m.files(),
+        bytes: m.bytes(),
+        trees: m.trees.iter().map(FsTreeInfo::of).collect(),
+        data_pages,
+        new_pages,
+        new_bytes,
+        capture: meta.filesystem.and_then(|f| f.capture),
+        frozen_ms: meta.timings_ms.fs_capture,
+        assemble_ms: meta.timings_ms.fs_assemble,
+    }))
+}
+
+pub fn print_fs_summary(out: &mut impl Write, fs: Option<&FsSummary>) -> Result<()> {
+    let Some(fs) = fs else {
+        writeln!(
+            out,
+            "filesystem: none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
+        )?;
+        return Ok(());
+    };
+    let new = match (fs.new_pages, fs.new_bytes, fs.data_pages) {
+        (Some(pages), Some(bytes), Some(of)) => {
+            format!("{} new to the store ({pages} of {of} pages)", human(bytes))
+        }
+        _ => "new to the store unknown".to_string(),
+    };
+    writeln!(
+        out,
+        "filesystem: {} files, {}; {new}",
+        fs.files,
+        human(fs.bytes),
+    )?;
+    for t in &fs.trees {
+        writeln!(
+            out,
+            "    {} {}: {} files, {} ({})",
+            t.role,
+            t.dest,
+            t.files,
+            human(t.bytes),
+            t.source.display(),
+        )?;
+    }
+    if let Some(c) = &fs.capture {
+        writeln!(
+            out,
+            "    capture: {} ms frozen, read {} files ({}) while frozen, {} unchanged files ({}) copied after ({} from the previous snapshot)",
+            fs.frozen_ms,
+            c.files_read_frozen,
+            human(c.bytes_read_frozen),
+            c.files_unchanged,
+            human(c.bytes_unchanged),
+            c.files_from_previous,
+        )?;
+    }
+    Ok(())
+}
+
+/// A byte count as people read it: `512 B`, `1.50 MiB` (powers of 1024).
+fn human(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
 }
 
 #[cfg(test)]

@@ -36,8 +36,11 @@ fn checkpoint_of_a_non_root_container_without_cap_sys_resource_says_what_to_do()
     fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let id = unique_id("hint-rl");
     let _g = sx.run_d(&b, &id);
+    // An image directory of the test's own (the default is ./checkpoint).
+    let img = sx.path("img");
+    let img = img.to_str().unwrap();
     for args in [
-        &["checkpoint", "--leave-running", &id][..],
+        &["checkpoint", "--leave-running", "--image-path", img, &id][..],
         &["checkpoint", "--leave-running", "--tag", "nr:v1", &id],
     ] {
         let out = sx.run(args);

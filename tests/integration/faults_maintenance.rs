@@ -1,5 +1,5 @@
-//! Store maintenance under faults (issue 10's fault matrix): `snapshot gc` and
-//! `snapshot import` SIGKILLed at a fault point (`STASIS_FAULT=NAME:kill`, never a
+//! Store maintenance under faults (the fault matrix): `snapshot gc`, `prune`
+//! and `import` SIGKILLed at a fault point (`STASIS_FAULT=NAME:kill`, never a
 //! sleep) leave a store that verifies, whose snapshots restore with their data,
 //! where the next gc frees what the killed command left, and where the same
 //! command then succeeds.
@@ -102,4 +102,41 @@ fn import_killed_before_its_index_update_leaves_a_store_that_imports_again() {
     sx.run_in(&other, &["snapshot", "verify", "--read-data"])
         .ok();
     restores_with_its_data(&sx, &other, &before);
+}
+
+#[test]
+fn prune_killed_before_its_gc_leaves_the_kept_snapshot_restorable() {
+    let sx = setup!();
+    let (_g, id, _) = kept_counter(&sx, "fm-prune");
+    for v in ["web:v1", "web:v2"] {
+        sx.ok(&["checkpoint", "--leave-running", "--tag", v, &id]);
+    }
+    let before = sx.wait_counter(&id, "readable", |_| true);
+    sx.ok(&["checkpoint", "--leave-running", "--tag", "web:v3", &id]);
+    killed_at(
+        &sx,
+        &sx.store,
+        "prune.before-gc",
+        &["snapshot", "prune", "--keep-last", "1"],
+    );
+    // The index was rewritten before the kill: web:v1 and web:v2 are gone, their
+    // data is garbage that verify reports and gc frees.
+    let tags: Vec<String> = sx
+        .ls()
+        .iter()
+        .flat_map(|s| s["tags"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        tags.iter().any(|t| t == "web:v3") && !tags.iter().any(|t| t == "web:v1"),
+        "{tags:?}"
+    );
+    sx.ok(&["snapshot", "verify"]);
+    sx.ok(&["snapshot", "gc"]);
+    sx.ok(&["snapshot", "verify", "--read-data"]);
+    let copy = unique_id("fm-copy");
+    let g = sx.guard(&copy);
+    sx.restore_from_in(&sx.store, "web:v3", &copy, &[]).ok();
+    sx.assert_carries_on(&copy, &before);
+    drop(g);
 }

@@ -505,6 +505,22 @@ pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Ve
 
     let ids = store.update_index(|idx| {
         let existing = catalog::entries(idx);
+        // An archive never moves a tag of this store to another snapshot: an
+        // operator's `restore --from NAME` would silently run foreign code.
+        for (d, tag) in &roots {
+            let (Some(id), Some(t)) = (d.snapshot_id(), tag) else {
+                continue;
+            };
+            if let Some(e) = existing.iter().find(|e| e.id != id && e.tags.contains(t)) {
+                return Err(reject(format!(
+                    "tag {t} already names snapshot {} in this store, and an import never \
+                     moves a tag; to import under it, keep the local snapshot under another \
+                     name if you want it (`stasis snapshot tag {t} OTHER`), free the tag \
+                     (`stasis snapshot rm {t}`) and import again",
+                    e.id.short()
+                )));
+            }
+        }
         let mut ids = Vec::new();
         for ((d, tag), (md, m)) in roots.iter().zip(&manifests) {
             let Some(id) = d.snapshot_id() else { continue };

@@ -280,7 +280,11 @@ fn hostile_imports_are_rejected_and_change_nothing() {
     }
     assert_eq!(victim.resolve("app").expect("app").to_string().len(), 12);
     assert_ne!(victim.resolve("app").expect("app"), r.id);
-    // And the good archive still imports, moving the tag.
+    // The good archive does not take the victim's own tag over (an import never
+    // moves a tag); once the operator frees the tag it imports.
+    let e = victim.import(&good).expect_err("moved a tag");
+    assert!(e.to_string().contains("already names snapshot"), "{e}");
+    victim.remove("app").expect("free the tag");
     victim.import(&good).expect("good import");
     assert_eq!(victim.resolve("app").expect("app"), r.id);
     assert!(victim
@@ -288,4 +292,39 @@ fn hostile_imports_are_rejected_and_change_nothing() {
         .expect("verify")
         .iter()
         .all(|f| f.level != crate::store::Level::Error));
+}
+
+#[test]
+fn an_import_never_moves_a_tag_of_this_store() {
+    let fx = Fixture::new();
+    let img = fx.image("img", 61, 64);
+    fx.ingest(&img, &["app:v1"]);
+    let tarball = fx.path("foreign.tar");
+    fx.store.export("app:v1", &tarball).expect("export");
+    // Another store has its own app:v1, a different snapshot.
+    let other = Store::open(&fx.path("other")).expect("open");
+    let mine = other
+        .ingest(
+            crate::store::SnapshotInput {
+                image_dir: &fx.image("mine", 62, 64),
+                config_json: b"{}",
+                container_id: "c",
+                metadata: serde_json::json!({}),
+                tags: vec!["app:v1".into()],
+            },
+            &crate::store::IngestOptions::default(),
+        )
+        .expect("ingest")
+        .id;
+    let err = other.import(&tarball).expect_err("moved a tag").to_string();
+    assert!(
+        err.contains("app:v1") && err.contains(&mine.short()),
+        "{err}"
+    );
+    assert_eq!(other.resolve("app:v1").expect("tag"), mine);
+    assert_eq!(other.list().expect("list").len(), 1);
+    // Once the operator frees the tag, the import goes through.
+    other.remove("app:v1").expect("rm");
+    other.import(&tarball).expect("import");
+    assert_ne!(other.resolve("app:v1").expect("tag"), mine);
 }

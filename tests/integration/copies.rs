@@ -1,4 +1,4 @@
-//! The restore side of issue 5 through the CLI with real containers and CRIU:
+//! Restoring copies from snapshots through the CLI with real containers and CRIU:
 //! `restore --from --copies N` when one copy fails (reported per copy, the failed
 //! one cleaned up, the rest kept), `--copy-rootfs` where overlayfs cannot be used,
 //! `--netns PATH`, a snapshot without filesystem state restored onto a rootfs whose

@@ -1137,7 +1137,7 @@ fn failed_dump_quotes_criu_errors_and_leaves_the_container_running() {
     let b = cr.env.bundle("b", &["sh", "-c", COUNTER]);
     let id = unique_id("cr-fdump2");
     let _g = cr.guard(&id);
-    // A host file as the container's stderr cannot be dumped (HOST.md): CRIU
+    // A host file as the container's stderr cannot be dumped by CRIU 4.2: it
     // fails with "Can't lookup mount=.. for fd=2".
     let errf = cr.path("container.err");
     cr.spawn_full(

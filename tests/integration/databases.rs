@@ -1,4 +1,4 @@
-//! Warm starts of real databases (issue 6): Redis 7 and PostgreSQL 15 bundles from
+//! Warm starts of real databases: Redis 7 and PostgreSQL 15 bundles from
 //! `images/redis/build` and `images/postgres/build` with small datasets, real CRIU.
 //!
 //! - `prewarm` with every probe kind that applies to them (tcp, exec, log for

@@ -1,4 +1,4 @@
-//! The store's private directories under faults (issue 10): staging left by a
+//! The store's private directories under faults: staging left by a
 //! killed checkpoint is removed by the next checkpoint and by gc; a /dev/shm too
 //! small for the image sends staging to the store's disk; damaged, incomplete and
 //! half-built cache entries are rebuilt or removed (verify and gc see them); a

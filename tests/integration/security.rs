@@ -1,4 +1,4 @@
-//! The security boundary around snapshots (issue 11), with real containers, CRIU
+//! The security boundary around snapshots, with real containers, CRIU
 //! and an unprivileged user: `nobody` can read nothing and execute nothing from
 //! the store, its caches, a checkpoint's staging directory on /dev/shm or
 //! `--root` (where a restored copy's overlay lives), even with a setuid-root

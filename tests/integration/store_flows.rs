@@ -1,4 +1,4 @@
-//! The snapshot store through the CLI with real containers and real CRIU (issue 4):
+//! The snapshot store through the CLI with real containers and real CRIU:
 //! `checkpoint --tag` then `restore --from` (the counter carries on), two snapshots
 //! of one running container sharing most pages, a corrupted pack refused at restore
 //! with nothing left behind and reported by `snapshot verify --read-data`, export
@@ -1163,7 +1163,7 @@ fn failed_tagged_checkpoint_keeps_the_log_it_names() {
     let b = sx.bundle("b", &["sh", "-c", COUNTER]);
     let id = unique_id("sf-faildump");
     let _g = sx.guard(&id);
-    // A host file as the container's stderr cannot be dumped (HOST.md).
+    // A host file as the container's stderr cannot be dumped by CRIU 4.2 (it cannot look up the mount of fd 2).
     let errf = sx.path("container.err");
     let mut cmd = sx.command(
         Some(&sx.store),

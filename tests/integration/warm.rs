@@ -1,4 +1,4 @@
-//! Warm starts through the CLI (issue 6) with a busybox httpd bundle and real CRIU:
+//! Warm starts through the CLI with a busybox httpd bundle and real CRIU:
 //! `prewarm` with each probe kind (log, file, tcp, http, exec), then `restore
 //! --from` and the service answers inside the restored network namespace; a probe
 //! that never passes fails with its last error and the container's last output and

@@ -60,6 +60,13 @@ pub struct SharedFlags {
     #[arg(long)]
     pub auto_dedup: bool,
     /// Use userfaultfd to lazily restore memory pages
+    ///
+    /// On restore, a `criu lazy-pages` daemon goes on copying pages in after
+    /// `restore` returns. Its record is ROOT/ID/lazy-pages.pid holding
+    /// "PID STARTTIME" (STARTTIME: field 22 of /proc/PID/stat, so a reused pid
+    /// is not taken for it), so `kill -0 $(cat FILE)` does not work: test the
+    /// daemon with `kill -0 $(cut -d' ' -f1 FILE)`. A later checkpoint waits for
+    /// it to finish, then removes the file
     #[arg(long)]
     pub lazy_pages: bool,
     /// Print CRIU's statistics after the operation
@@ -160,8 +167,9 @@ pub struct RestoreArgs {
     /// --bundle) those settings are skipped, one warning line each
     #[arg(long)]
     pub trust_snapshot_config: bool,
-    /// With --from: restore N copies, each with its own id, cgroup, writable
-    /// filesystem layer, volumes and network namespace
+    /// With --from and -d: restore N copies, each with its own id, cgroup,
+    /// writable filesystem layer, volumes and network namespace (more than one
+    /// copy needs -d: only one can run in the foreground)
     #[arg(long, default_value_t = 1)]
     pub copies: usize,
     /// With --copies: ids are PREFIX-0 .. PREFIX-(N-1) (default: the given id)
@@ -327,7 +335,20 @@ pub fn restore(rt: &Runtime, store: &std::path::Path, a: &RestoreArgs) -> Result
     if let Some(from) = &a.from {
         // Bad ids are refused before the store is opened (and maybe created).
         copy_ids(&opts.id, a.copies, a.name_prefix.as_deref())?;
-        let store = Store::open(store)?;
+        if a.copies > 1 && !a.detach {
+            anyhow::bail!(
+                "restore --copies {} needs -d (--detach): only one container can run in the \
+                 foreground of this terminal, so the copies would detach silently; add -d \
+                 (stop them later with `stasis kill ID` and `stasis delete ID`)",
+                a.copies
+            );
+        }
+        let store = match Store::open_existing(store) {
+            Err(e @ crate::store::StoreError::NoStore { .. }) => {
+                return Err(anyhow::Error::new(e).context(format!("no snapshot {from:?}")))
+            }
+            r => r?,
+        };
         opts.image_path = PathBuf::new();
         // The image is the store's: with --lazy-pages stasis runs the daemon.
         opts.lazy_daemon = true;

@@ -4,6 +4,7 @@
 
 mod cr;
 mod docs;
+mod inspect;
 mod oci;
 mod parse;
 mod report;
@@ -313,9 +314,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
         Command::Restore(a) => return cr::restore(&rt()?, &cli.store, a),
         Command::Prewarm(a) => return warm::prewarm_cmd(cli, &rt()?, a),
         Command::Serve(a) => return warm::serve_cmd(cli, rt()?, a),
-        Command::Snapshot(a) => {
-            return snapshot::run(&crate::store::Store::open(&cli.store)?, a, || Ok(rt()?))
-        }
+        Command::Snapshot(a) => return snapshot::run_at(&cli.store, a, || Ok(rt()?)),
         Command::Completion(a) => docs::completion(a.shell, &mut std::io::stdout().lock()),
         Command::Man(a) => docs::man(&a.dir)?,
         Command::Features => oci::print_json(&crate::runtime::info::features(), true)?,

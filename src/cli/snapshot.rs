@@ -26,9 +26,11 @@ pub enum SnapshotCmd {
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Show everything recorded about a snapshot
+    /// Summarise a snapshot: id, tags, origin, container, created, sizes, host,
+    /// CRIU, timings, filesystem (`--format json`: the full stored record)
     Inspect {
-        /// Output format
+        /// Output format (json: the whole config record with id, tags, origin
+        /// and the filesystem summary)
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Tag (NAME[:VER]) or id
@@ -90,12 +92,20 @@ pub enum SnapshotCmd {
         #[arg(long, short = 'f', value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Forget old snapshots per container, then gc
+    /// Forget old snapshots per series, then gc
+    ///
+    /// A series is the repository name of a tag: redis:v1 ... redis:v5 are the
+    /// series "redis", whatever container they came from; an untagged snapshot
+    /// is in the series of its container id; a snapshot with tags of several
+    /// names is in each of them and is kept if any of its series keeps it. A
+    /// snapshot tagged NAME:latest (what `--from NAME` restores) is always
+    /// kept. A forgotten snapshot loses all its tags; `--dry-run` lists them.
+    /// Example: `prune --keep-last 1` over redis:v1..v5 forgets v1..v4.
     Prune {
-        /// Keep the N newest snapshots of each container
+        /// Keep the N newest snapshots of each series
         #[arg(long)]
         keep_last: Option<usize>,
-        /// Keep snapshots newer than this (e.g. 24h, 30m)
+        /// Keep snapshots newer than this in every series (e.g. 24h, 30m)
         #[arg(long, value_parser = parse_duration)]
         keep_within: Option<std::time::Duration>,
         /// Report what would be forgotten, change nothing
@@ -236,6 +246,35 @@ fn verify(
     Ok(())
 }
 
+/// Runs `cmd` on the store at `root`. Only `import` (which adds snapshots)
+/// creates a missing store; every other subcommand needs an existing one and
+/// names the path when there is none, so a mistyped `--store` is not mistaken
+/// for an empty store. `ls` of a missing store lists nothing and says so on
+/// stderr (exit 0: scripts listing a store not yet used keep working).
+pub fn run_at(
+    root: &Path,
+    a: &SnapshotArgs,
+    rt: impl Fn() -> Result<crate::runtime::Runtime>,
+) -> Result<i32> {
+    let store = match &a.cmd {
+        SnapshotCmd::Import { .. } => Store::open(root)?,
+        cmd => match Store::open_existing(root) {
+            Err(e @ crate::store::StoreError::NoStore { .. }) => {
+                let SnapshotCmd::Ls { format } = cmd else {
+                    return Err(e.into());
+                };
+                eprintln!("stasis: {e}");
+                if *format == Format::Json {
+                    report::print(&mut std::io::stdout().lock(), &Vec::<report::LsRow>::new())?;
+                }
+                return Ok(0);
+            }
+            r => r?,
+        },
+    };
+    run(&store, a, rt)
+}
+
 /// A byte count as people read it: `512 B`, `1.50 MiB` (powers of 1024).
 fn human(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()
@@ -281,21 +320,16 @@ pub fn run(
         }
         SnapshotCmd::Inspect { format, snapshot } => {
             let id = store.resolve(snapshot)?;
-            let mut cfg = store.config(&id)?;
-            let fs = fs_summary(store, &id, &cfg)?;
-            // This store's record of where it came from, not the archive's.
-            let origin = store.origin(&id)?;
+            let cfg = store.config(&id)?;
+            let fs = super::inspect::fs_summary(store, &id, &cfg)?;
+            // This store's record (tags, origin), not the archive's.
+            let entry = super::inspect::entry(store, &id)?;
             if *format == Format::Json {
-                if let Some(obj) = cfg.as_object_mut() {
-                    obj.insert("filesystem".into(), fs);
-                    obj.insert("origin".into(), serde_json::json!(origin));
-                }
-                writeln!(out, "{}", serde_json::to_string_pretty(&cfg)?)?;
+                let v = super::inspect::json(&entry, cfg, serde_json::to_value(&fs)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
-                writeln!(out, "snapshot {id}")?;
-                writeln!(out, "origin: {origin}")?;
-                print_fs_summary(&mut out, &fs)?;
-                print_tree(&mut out, &cfg, 0)?;
+                super::inspect::summary(&mut out, &entry, &cfg, human)?;
+                super::inspect::print_fs_summary(&mut out, fs.as_ref())?;
             }
         }
         SnapshotCmd::Tag { snapshot, tag } => store.tag(snapshot, tag)?,
@@ -468,39 +502,6 @@ fn podman_to_stdout(
     Ok(())
 }
 
-fn print_tree(out: &mut impl Write, v: &serde_json::Value, depth: usize) -> Result<()> {
-    let pad = "  ".repeat(depth + 1);
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, v) in m {
-                match v {
-                    serde_json::Value::Object(_) => {
-                        writeln!(out, "{pad}{k}:")?;
-                        print_tree(out, v, depth + 1)?;
-                    }
-                    serde_json::Value::Array(a) if a.iter().any(|x| x.is_object()) => {
-                        writeln!(out, "{pad}{k}: ({} entries)", a.len())?;
-                        for x in a {
-                            print_tree(out, x, depth + 1)?;
-                        }
-                    }
-                    other => {
-                        let s = other.to_string();
-                        let s = if s.len() > 200 {
-                            format!("{}...", &s[..200])
-                        } else {
-                            s
-                        };
-                        writeln!(out, "{pad}{k}: {s}")?;
-                    }
-                }
-            }
-        }
-        other => writeln!(out, "{pad}{other}")?,
-    }
-    Ok(())
-}
-
 /// Progress bars only on a terminal.
 pub fn progress_wanted() -> bool {
     std::io::stderr().is_terminal()
@@ -537,107 +538,6 @@ fn print_diff(out: &mut impl Write, d: &DiffReport) -> Result<()> {
         "pages: {} -> {}; {} changed in place, {} added, {} removed, {} with new content",
         p.pages_a, p.pages_b, p.changed, p.added, p.removed, p.new_content
     )?;
-    Ok(())
-}
-
-/// The filesystem part of a snapshot: files and bytes captured, pages of
-/// `fsdata-0.bin` and how many of them (and bytes, uncompressed) no older snapshot
-/// had, and what the capture read while frozen. Null when it carries no filesystem.
-fn fs_summary(
-    store: &Store,
-    id: &SnapshotId,
-    cfg: &serde_json::Value,
-) -> Result<serde_json::Value> {
-    let Some(m) = fstree::snapshot_manifest(store, id)? else {
-        return Ok(serde_json::Value::Null);
-    };
-    // New pages are counted against every older snapshot's page tables: one
-    // unreadable blob of another snapshot leaves this count unknown, not the
-    // whole inspect failed.
-    let (pages, new_pages, new_bytes) = match store.new_pages(id, fstree::DATA_FILE) {
-        Ok((pages, new)) => (
-            serde_json::json!(pages),
-            serde_json::json!(new),
-            serde_json::json!(new * 4096),
-        ),
-        Err(e) => {
-            eprintln!(
-                "stasis: warning: cannot count the new pages of {id}'s filesystem data: {}",
-                crate::store::printable(&e.to_string())
-            );
-            let null = serde_json::Value::Null;
-            (null.clone(), null.clone(), null)
-        }
-    };
-    let meta = &cfg["metadata"];
-    Ok(serde_json::json!({
-        "files": m.files(),
-        "bytes": m.bytes(),
-        "trees": m.trees.iter().map(|t| serde_json::json!({
-            "role": t.role, "dest": t.dest, "source": t.source,
-            "entries": t.entries.len(),
-            "files": t.entries.iter().filter(|e| e.kind == fstree::Kind::File).count(),
-            "bytes": t.entries.iter().map(|e| e.size).sum::<u64>(),
-        })).collect::<Vec<_>>(),
-        "data_pages": pages,
-        "new_pages": new_pages,
-        "new_bytes": new_bytes,
-        "capture": meta["filesystem"]["capture"],
-        "frozen_ms": meta["timings_ms"]["fs_capture"],
-        "assemble_ms": meta["timings_ms"]["fs_assemble"],
-    }))
-}
-
-fn print_fs_summary(out: &mut impl Write, fs: &serde_json::Value) -> Result<()> {
-    if fs.is_null() {
-        writeln!(
-            out,
-            "  filesystem: none (captured without --tag, or with --ignore-rootfs --ignore-volumes)"
-        )?;
-        return Ok(());
-    }
-    let n = |k: &str| fs[k].as_u64().unwrap_or(0);
-    let new = if fs["new_pages"].is_null() {
-        "new to the store unknown".to_string()
-    } else {
-        format!(
-            "{} new to the store ({} of {} pages)",
-            human(n("new_bytes")),
-            n("new_pages"),
-            n("data_pages")
-        )
-    };
-    writeln!(
-        out,
-        "  filesystem: {} files, {}; {new}",
-        n("files"),
-        human(n("bytes")),
-    )?;
-    for t in fs["trees"].as_array().into_iter().flatten() {
-        writeln!(
-            out,
-            "    {} {}: {} files, {} ({})",
-            t["role"].as_str().unwrap_or("?"),
-            t["dest"].as_str().unwrap_or("?"),
-            t["files"].as_u64().unwrap_or(0),
-            human(t["bytes"].as_u64().unwrap_or(0)),
-            t["source"].as_str().unwrap_or("?"),
-        )?;
-    }
-    let c = &fs["capture"];
-    if c.is_object() {
-        let k = |f: &str| c[f].as_u64().unwrap_or(0);
-        writeln!(
-            out,
-            "    capture: {} ms frozen, read {} files ({}) while frozen, {} unchanged files ({}) copied after ({} from the previous snapshot)",
-            fs["frozen_ms"].as_u64().unwrap_or(0),
-            k("files_read_frozen"),
-            human(k("bytes_read_frozen")),
-            k("files_unchanged"),
-            human(k("bytes_unchanged")),
-            k("files_from_previous"),
-        )?;
-    }
     Ok(())
 }
 

@@ -77,7 +77,9 @@ pub fn prewarm_cmd(cli: &Cli, rt: &Runtime, a: &PrewarmArgs) -> Result<i32> {
         warmup: a
             .warmup
             .as_ref()
-            .map(|w| w.split_whitespace().map(str::to_string).collect()),
+            .map(|w| crate::workflows::prewarm::split_command(w))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--warmup: {e}"))?,
         tags: a.tag.clone(),
         keep_running: a.keep_running,
         compress_level: a.compress_level,
@@ -193,7 +195,7 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
             a.max
         );
     }
-    let store = Store::open(&cli.store)?;
+    let store = Store::open_existing(&cli.store)?;
     let self_exe = std::env::current_exe().context("find the stasis binary")?;
     let opts = ServeOptions {
         from,
@@ -208,7 +210,9 @@ pub fn serve_cmd(cli: &Cli, rt: Runtime, a: &ServeArgs) -> Result<i32> {
         warmup: a
             .warmup
             .as_ref()
-            .map(|w| w.split_whitespace().map(str::to_string).collect()),
+            .map(|w| crate::workflows::prewarm::split_command(w))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--warmup: {e}"))?,
         bundle: a.bundle.clone(),
         stats_file,
         json_log: cli.log_format == super::LogFormat::Json,

@@ -9,8 +9,9 @@ use std::path::Path;
 
 use super::CriuError;
 
-/// Capability names by number (linux/capability.h).
-const CAP_NAMES: &[&str] = &[
+/// Capability names by number (linux/capability.h); also the list `features`
+/// reports.
+pub const CAP_NAMES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_DAC_READ_SEARCH",

@@ -8,8 +8,9 @@
 //! drops the restore response, and its notify callback cannot carry state.
 
 mod creds;
+mod hints;
 
-pub use creds::image_capabilities;
+pub use creds::{image_capabilities, CAP_NAMES};
 
 use std::fs;
 use std::io::IoSliceMut;
@@ -567,6 +568,7 @@ pub fn quote_errors(log: &Path) -> String {
         s.push_str("\n  ");
         s.push_str(l);
     }
+    s.push_str(&hints::for_lines(&lines));
     s
 }
 

@@ -138,6 +138,7 @@ pub(crate) fn resolve(index: &Index, q: &str) -> Result<SnapshotId> {
     let unknown = |hint: String| StoreError::UnknownSnapshot {
         name: q.to_string(),
         hint,
+        store: None,
     };
     let (id_only, prefix) = match q.strip_prefix("sha256:") {
         Some(rest) => (true, rest),

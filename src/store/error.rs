@@ -18,6 +18,9 @@ pub enum StoreError {
         source: io::Error,
     },
 
+    #[error("no stasis store at {}: check --store (or $STASIS_STORE); a store is created by `stasis checkpoint --tag` or `stasis snapshot import`", path.display())]
+    NoStore { path: PathBuf },
+
     #[error("{} is not a stasis store: {reason}", path.display())]
     NotAStore { path: PathBuf, reason: String },
 
@@ -29,8 +32,13 @@ pub enum StoreError {
         holder: &'static str,
     },
 
-    #[error("no snapshot {name:?} in the store{hint}")]
-    UnknownSnapshot { name: String, hint: String },
+    #[error("no snapshot {name:?} in {}{hint}", store_name(store.as_deref()))]
+    UnknownSnapshot {
+        name: String,
+        hint: String,
+        /// The store's root, filled in by `Store` (the catalog alone knows none).
+        store: Option<PathBuf>,
+    },
 
     #[error("snapshot id prefix {prefix:?} is ambiguous, it matches: {}", candidates.join(", "))]
     AmbiguousId {
@@ -147,4 +155,26 @@ pub(crate) fn fault_point(_name: &'static str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "store /path" once the store is known, else "the store".
+fn store_name(p: Option<&std::path::Path>) -> String {
+    match p {
+        Some(p) => format!("store {}", p.display()),
+        None => "the store".to_string(),
+    }
+}
+
+impl StoreError {
+    /// Names `root` in an unknown-snapshot error (a mistyped `--store` shows here).
+    pub(crate) fn in_store(self, root: &std::path::Path) -> StoreError {
+        match self {
+            StoreError::UnknownSnapshot { name, hint, .. } => StoreError::UnknownSnapshot {
+                name,
+                hint,
+                store: Some(root.to_path_buf()),
+            },
+            e => e,
+        }
+    }
 }

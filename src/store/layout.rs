@@ -160,6 +160,16 @@ impl Paths {
 
 /// Creates the layout in a missing or empty directory, or checks that an existing
 /// non-empty one is a store (and adds private directories it lacks).
+/// True when `root` does not exist or is an empty directory (no store there yet).
+pub(crate) fn is_missing_or_empty(root: &Path) -> Result<bool> {
+    match fs::read_dir(root) {
+        Ok(mut rd) => Ok(rd.next().is_none()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        // Not a directory, unreadable: `open_or_create` says what is wrong.
+        Err(_) => Ok(false),
+    }
+}
+
 pub(crate) fn open_or_create(root: &Path) -> Result<()> {
     let entries: Vec<String> = match fs::read_dir(root) {
         Ok(rd) => rd

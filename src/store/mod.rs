@@ -226,6 +226,18 @@ impl Store {
         })
     }
 
+    /// Opens the store at `root` for commands that only read or change what is
+    /// there: a missing or empty directory is `NoStore` (naming it), never a new
+    /// empty store, so a mistyped `--store` is said as such.
+    pub fn open_existing(root: &Path) -> std::result::Result<Store, StoreError> {
+        if layout::is_missing_or_empty(root)? {
+            return Err(StoreError::NoStore {
+                path: root.to_path_buf(),
+            });
+        }
+        Store::open(root)
+    }
+
     /// `$STASIS_STORE`, or `/var/lib/stasis`.
     pub fn default_root() -> PathBuf {
         match std::env::var_os("STASIS_STORE") {
@@ -269,7 +281,7 @@ impl Store {
     /// A tag (`NAME` = `NAME:latest`, `NAME:VER`) or an id (full, or a unique
     /// prefix of at least 4 hex characters). Tags win over id prefixes.
     pub fn resolve(&self, name_or_id: &str) -> std::result::Result<SnapshotId, StoreError> {
-        catalog::resolve(&self.read_index()?, name_or_id)
+        catalog::resolve(&self.read_index()?, name_or_id).map_err(|e| e.in_store(self.root()))
     }
 
     /// Every snapshot, oldest first, from index.json alone.
@@ -388,8 +400,9 @@ impl Store {
     pub fn tag(&self, name_or_id: &str, new_tag: &str) -> std::result::Result<(), StoreError> {
         let tag = catalog::normalize_tag(new_tag)?;
         let _lock = self.locks.shared()?;
+        let root = self.root().to_path_buf();
         self.update_index(|index| {
-            let id = catalog::resolve(index, name_or_id)?;
+            let id = catalog::resolve(index, name_or_id).map_err(|e| e.in_store(&root))?;
             let entry = catalog::entries(index)
                 .into_iter()
                 .find(|e| e.id == id)
@@ -405,6 +418,7 @@ impl Store {
     /// are freed only by `gc`.
     pub fn remove(&self, tag_or_id: &str) -> std::result::Result<Vec<String>, StoreError> {
         let _lock = self.locks.exclusive()?;
+        let root = self.root().to_path_buf();
         self.update_index(|index| {
             if !tag_or_id.starts_with("sha256:") {
                 if let Ok(tag) = catalog::normalize_tag(tag_or_id) {
@@ -417,7 +431,7 @@ impl Store {
                     }
                 }
             }
-            let id = catalog::resolve(index, tag_or_id)?;
+            let id = catalog::resolve(index, tag_or_id).map_err(|e| e.in_store(&root))?;
             let mut out = catalog::drop_snapshot(index, &id);
             out.push(id.to_string());
             Ok(out)
@@ -466,9 +480,11 @@ impl Store {
         Ok(r)
     }
 
-    /// Retention per container id: keeps the newest `keep_last` snapshots and those
-    /// created within `keep_within`; tagged snapshots are always kept. Removes the
-    /// rest from index.json and runs gc. Returns the removed (or, with `dry_run`,
+    /// Retention per series (`gc::series_of`: the repository name of each tag, or
+    /// the container id of an untagged snapshot): keeps the newest `keep_last`
+    /// of each series and those created within `keep_within`; a snapshot kept by
+    /// any of its series, or tagged `NAME:latest`, stays. Removes the rest (with
+    /// their tags) from index.json and runs gc. Returns the removed (or, with `dry_run`,
     /// removable) snapshots.
     pub fn prune(
         &self,
@@ -552,6 +568,7 @@ impl Store {
             .ok_or_else(|| StoreError::UnknownSnapshot {
                 name: id.full(),
                 hint: String::new(),
+                store: Some(self.root().to_path_buf()),
             })
     }
 

@@ -44,7 +44,7 @@ struct ExportSource {
 
 fn export_source(store: &Store, name_or_id: &str) -> Result<ExportSource> {
     let index = store.read_index()?;
-    let id = catalog::resolve(&index, name_or_id)?;
+    let id = catalog::resolve(&index, name_or_id).map_err(|e| e.in_store(store.root()))?;
     let entry = store.entry(&id)?;
     let tag = normalize_tag(name_or_id)
         .ok()
@@ -500,6 +500,8 @@ pub(crate) fn import_from(store: &Store, r: impl Read, file: &Path) -> Result<Ve
         fs::rename(&src, &dst).map_err(io_err("rename into place", &dst))?;
     }
     sync_dir(&blobs.dir)?;
+    // Tests kill import here: every blob published, index.json not yet updated.
+    super::util::fault_point("import.before-index");
 
     let ids = store.update_index(|idx| {
         let existing = catalog::entries(idx);

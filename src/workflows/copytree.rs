@@ -7,15 +7,14 @@
 //! Reads only `src`; writes only under `dst`, which must not exist yet.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::{Result, WorkflowError};
+use super::fsutil::{apply_meta, io, make_node, read_xattrs, Meta};
+use super::Result;
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -25,19 +24,6 @@ pub struct CopyStats {
     pub reflinked: u64,
     /// Bytes of data copied (not reflinked, holes not counted).
     pub bytes_copied: u64,
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
-    let path = path.to_path_buf();
-    move |source| WorkflowError::Io { op, path, source }
-}
-
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| WorkflowError::Io {
-        op: "encode path",
-        path: p.to_path_buf(),
-        source: std::io::Error::other("path contains a NUL byte"),
-    })
 }
 
 /// Copies the tree at `src` to `dst` (created; its parent must exist).
@@ -91,22 +77,12 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats> {
             } else {
                 continue;
             };
-            nix::sys::stat::mknod(
-                &to,
-                kind,
-                nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777),
-                meta.rdev() as libc::dev_t,
-            )
-            .map_err(|e| WorkflowError::Io {
-                op: "mknod",
-                path: to.clone(),
-                source: e.into(),
-            })?;
+            make_node(&to, kind, meta.mode(), meta.rdev())?;
         }
-        copy_meta(&from, &to, &meta)?;
+        apply_meta(&to, &Meta::of(&meta, read_xattrs(&from)))?;
     }
     for (to, meta, from) in dirs.iter().rev() {
-        copy_meta(from, to, meta)?;
+        apply_meta(to, &Meta::of(meta, read_xattrs(from)))?;
     }
     Ok(stats)
 }
@@ -160,83 +136,24 @@ fn copy_file(
 /// The next data extent at or after `pos` (SEEK_DATA / SEEK_HOLE), or the rest
 /// of the file where the filesystem cannot tell; None past the last data.
 fn data_extent(f: &File, pos: u64) -> Option<(u64, u64)> {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
     let fd = f.as_raw_fd();
-    // SAFETY: lseek on a descriptor we own; no memory is passed.
-    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-    if start < 0 {
-        let e = std::io::Error::last_os_error();
-        // ENXIO: no data after pos; anything else: no hole support, copy it all.
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            None
-        } else {
-            Some((pos, u64::MAX))
-        };
-    }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-    Some((start as u64, if end < 0 { u64::MAX } else { end as u64 }))
-}
-
-/// Owner, mode (after the owner: chown clears set-id bits), xattrs and times.
-fn copy_meta(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
-    let c = cpath(to)?;
-    // SAFETY: lchown takes a valid NUL-terminated path we own.
-    if unsafe { libc::lchown(c.as_ptr(), meta.uid(), meta.gid()) } != 0 {
-        return Err(WorkflowError::Io {
-            op: "chown",
-            path: to.to_path_buf(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    if !meta.file_type().is_symlink() {
-        fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(io("chmod", to))?;
-    }
-    copy_xattrs(from, to)?;
-    let ts = [
-        libc::timespec {
-            tv_sec: meta.atime() as libc::time_t,
-            tv_nsec: meta.atime_nsec() as libc::c_long,
-        },
-        libc::timespec {
-            tv_sec: meta.mtime() as libc::time_t,
-            tv_nsec: meta.mtime_nsec() as libc::c_long,
-        },
-    ];
-    // SAFETY: ts is a valid two-element array; the path is NUL-terminated.
-    unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        );
-    }
-    Ok(())
-}
-
-fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
-    let ct = cpath(to)?;
-    for (name, val) in super::fstree::read_xattrs(from) {
-        if let Err(e) = super::fstree::set_xattr(&ct, &name, &val) {
-            // A filesystem without that namespace (e.g. trusted.* of an overlay
-            // base on a filesystem that refuses it) loses only that attribute.
-            if e.raw_os_error() == Some(libc::ENOTSUP) {
-                continue;
-            }
-            return Err(WorkflowError::Io {
-                op: "set xattr on",
-                path: to.to_path_buf(),
-                source: std::io::Error::other(format!("{}: {e}", name.to_string_lossy())),
-            });
-        }
-    }
-    Ok(())
+    let start = match lseek(fd, pos as libc::off_t, Whence::SeekData) {
+        Ok(start) => start,
+        // No data after pos.
+        Err(Errno::ENXIO) => return None,
+        // No hole support: copy it all.
+        Err(_) => return Some((pos, u64::MAX)),
+    };
+    let end = lseek(fd, start, Whence::SeekHole).map_or(u64::MAX, |end| end as u64);
+    Some((start as u64, end))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn copy_keeps_links_holes_modes_and_xattrs() {
@@ -251,10 +168,7 @@ mod tests {
         f.write_all(b"tail").unwrap();
         drop(f);
         fs::set_permissions(src.join("a/small"), fs::Permissions::from_mode(0o4751)).unwrap();
-        let c = cpath(&src.join("a/small")).unwrap();
-        // SAFETY: valid NUL-terminated path, name and value.
-        let xr =
-            unsafe { libc::lsetxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        let xr = xattr::set(src.join("a/small"), "user.k", b"v");
         nix::unistd::mkfifo(
             &src.join("fifo"),
             nix::sys::stat::Mode::from_bits_truncate(0o600),
@@ -288,20 +202,9 @@ mod tests {
             .unwrap()
             .file_type()
             .is_fifo());
-        if xr == 0 {
-            let cd = cpath(&dst.join("a/small")).unwrap();
-            let mut v = [0u8; 8];
-            // SAFETY: v is a valid buffer of v.len() bytes.
-            let n = unsafe {
-                libc::lgetxattr(
-                    cd.as_ptr(),
-                    c"user.k".as_ptr(),
-                    v.as_mut_ptr().cast(),
-                    v.len(),
-                )
-            };
-            assert_eq!(n, 1);
-            assert_eq!(v[0], b'v');
+        if xr.is_ok() {
+            let v = xattr::get(dst.join("a/small"), "user.k").unwrap();
+            assert_eq!(v.as_deref(), Some(&b"v"[..]));
         }
         fs::set_permissions(src.join("a"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(dst.join("a"), fs::Permissions::from_mode(0o755)).unwrap();

@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-use serde_json::{json, Value};
+use super::meta::HostRecord;
 
 fn uname() -> (String, String) {
     match nix::sys::utsname::uname() {
@@ -56,17 +56,18 @@ pub fn cgroup_version() -> &'static str {
     }
 }
 
-pub fn record() -> Value {
+pub fn record() -> HostRecord {
     let (kernel, arch) = uname();
-    let (model, flags) = cpu();
-    json!({
-        "kernel": kernel,
-        "arch": arch,
-        "page_size": page_size(),
-        "cpu_model": model,
-        "cpu_flags": flags,
-        "cgroup_version": cgroup_version(),
-    })
+    let (cpu_model, cpu_flags) = cpu();
+    HostRecord {
+        kernel,
+        arch,
+        page_size: page_size(),
+        cpu_model,
+        cpu_flags,
+        cgroup_version: cgroup_version().to_string(),
+        criu_version: String::new(),
+    }
 }
 
 fn version_tuple(v: &str) -> Vec<u64> {
@@ -75,67 +76,38 @@ fn version_tuple(v: &str) -> Vec<u64> {
 
 /// Every way this host differs from `snap` that would make a restore fail, each
 /// as one sentence saying what differs and what to do.
-pub fn compare(snap: Option<&Value>, criu_version: &str) -> Vec<String> {
+pub fn compare(snap: Option<&HostRecord>, criu_version: &str) -> Vec<String> {
     let Some(snap) = snap else {
         return Vec::new();
     };
     let here = record();
     let mut out = Vec::new();
-    let s = |k: &str| {
-        snap.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    let h = |k: &str| {
-        here.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
-    if !s("arch").is_empty() && s("arch") != h("arch") {
+    if !snap.arch.is_empty() && snap.arch != here.arch {
         out.push(format!(
             "architecture differs: snapshot {} vs host {}; restore it on a {} host",
-            s("arch"),
-            h("arch"),
-            s("arch")
+            snap.arch, here.arch, snap.arch
         ));
     }
-    let sp = snap.get("page_size").and_then(Value::as_u64).unwrap_or(0);
+    let sp = snap.page_size;
     if sp != 0 && sp != page_size() {
         out.push(format!(
             "page size differs: snapshot {sp} vs host {}; CRIU images are page-size specific",
             page_size()
         ));
     }
-    if !s("cgroup_version").is_empty() && s("cgroup_version") != h("cgroup_version") {
+    if !snap.cgroup_version.is_empty() && snap.cgroup_version != here.cgroup_version {
         out.push(format!(
             "cgroup version differs: snapshot {} vs host {}; restore with --manage-cgroups-mode ignore",
-            s("cgroup_version"),
-            h("cgroup_version")
+            snap.cgroup_version, here.cgroup_version
         ));
     }
-    let sflags: Vec<&str> = snap
-        .get("cpu_flags")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let hflags: Vec<String> = here
-        .get("cpu_flags")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    let missing: Vec<&str> = sflags
+    let missing: Vec<&str> = snap
+        .cpu_flags
         .iter()
-        .copied()
-        .filter(|f| !hflags.iter().any(|h| h == f))
+        .map(String::as_str)
+        .filter(|f| !here.cpu_flags.iter().any(|h| h == f))
         .collect();
-    if !missing.is_empty() && !hflags.is_empty() {
+    if !missing.is_empty() && !here.cpu_flags.is_empty() {
         out.push(format!(
             "this CPU lacks features the snapshot's CPU had ({}); the restored process may crash on them",
             missing.join(" ")
@@ -145,9 +117,9 @@ pub fn compare(snap: Option<&Value>, criu_version: &str) -> Vec<String> {
     out
 }
 
-fn compare_criu(snap: &Value, criu_version: &str) -> Option<String> {
-    let dumped = snap.get("criu_version").and_then(Value::as_str)?;
-    if criu_version.is_empty() {
+fn compare_criu(snap: &HostRecord, criu_version: &str) -> Option<String> {
+    let dumped = snap.criu_version.as_str();
+    if criu_version.is_empty() || dumped.is_empty() {
         return None;
     }
     (version_tuple(criu_version) < version_tuple(dumped)).then(|| {
@@ -196,18 +168,22 @@ mod tests {
 
     #[test]
     fn same_host_is_compatible() {
-        let mut r = record();
-        r["criu_version"] = json!("4.2.1");
+        let r = HostRecord {
+            criu_version: "4.2.1".into(),
+            ..record()
+        };
         assert!(compare(Some(&r), "4.2.1").is_empty());
     }
 
     #[test]
     fn differences_are_named() {
-        let mut r = record();
-        r["arch"] = json!("riscv64");
-        r["page_size"] = json!(65536);
-        r["cpu_flags"] = json!(["fpu", "definitely_not_a_flag"]);
-        r["criu_version"] = json!("9.0.0");
+        let r = HostRecord {
+            arch: "riscv64".into(),
+            page_size: 65536,
+            cpu_flags: vec!["fpu".into(), "definitely_not_a_flag".into()],
+            criu_version: "9.0.0".into(),
+            ..record()
+        };
         let m = compare(Some(&r), "4.2.1");
         assert!(
             m.iter().any(|s| s.starts_with("architecture differs")),

@@ -3,7 +3,9 @@
 
 pub mod copytree;
 pub mod fstree;
+mod fsutil;
 pub mod host;
+pub mod meta;
 pub mod openfiles;
 pub mod podman;
 pub mod prewarm;
@@ -46,8 +48,67 @@ pub enum WorkflowError {
         snapshot: String,
         reasons: Vec<String>,
     },
-    #[error("prewarm: {0}")]
-    Prewarm(String),
+    /// Parsing or encoding JSON that is not a plain read or write.
+    #[error("{op} {subject}: {source}")]
+    Json {
+        op: &'static str,
+        subject: String,
+        source: serde_json::Error,
+    },
+    /// The filesystem capture while the container was frozen failed; the
+    /// runtime thaws the container.
+    #[error("checkpoint of container {id}: capturing its filesystem while it was frozen failed: {source}; nothing was stored: fix the cause (or checkpoint with --ignore-rootfs / --ignore-volumes)")]
+    CaptureFailed {
+        id: String,
+        source: Box<WorkflowError>,
+    },
+    /// Copying the unchanged files after the dump failed while the container runs on.
+    #[error("checkpoint of container {id}: copying unchanged files after the dump failed: {source}; the container runs on and nothing was stored: fix the cause and checkpoint again")]
+    AssembleFailed {
+        id: String,
+        source: Box<WorkflowError>,
+    },
+    /// Copying the unchanged files failed after the dump stopped the container.
+    #[error("checkpoint of container {id}: copying unchanged files after the dump failed: {source}; the container was stopped and its CRIU image is kept at {}: restore it with `stasis restore --image-path`", image.display())]
+    AssembleFailedImageKept {
+        id: String,
+        image: PathBuf,
+        source: Box<WorkflowError>,
+    },
+    /// A capture asked for the previous snapshot's data without a stat cache
+    /// pointing at one (a bug).
+    #[error("capture the filesystem into {}: unchanged files were to come from a previous snapshot, but none is known; this is a bug: checkpoint again and report it", dir.display())]
+    NoPreviousSnapshot { dir: PathBuf },
+    /// The kernel's random source could not be read.
+    #[error("read random bytes for the copies' generation id (getrandom): {source}; the kernel's random source is unavailable (e.g. blocked by a seccomp filter): run stasis where getrandom(2) or /dev/urandom works")]
+    Random { source: getrandom::Error },
+    /// A socket operation on an address (not a path).
+    #[error("{op} {addr}: {source}")]
+    Net {
+        op: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    /// A signal mask change the server needs was refused.
+    #[error("{op}: {source}")]
+    Signals {
+        op: &'static str,
+        source: nix::errno::Errno,
+    },
+    /// `prewarm`: starting the container from its bundle failed.
+    #[error("prewarm: starting {} as {id} failed: {output}; check the bundle with `stasis run`", bundle.display())]
+    PrewarmStart {
+        id: String,
+        bundle: PathBuf,
+        output: String,
+    },
+    /// `prewarm --warmup`: the warm-up command exited unsuccessfully.
+    #[error("prewarm of {id}: warm-up command {command:?} failed with {status}; the container was removed: fix the command or drop --warmup")]
+    WarmupFailed {
+        id: String,
+        command: String,
+        status: std::process::ExitStatus,
+    },
     #[error("prewarm of {id} stopped by {signal}: the container it started was removed")]
     Interrupted { id: String, signal: String },
     #[error("snapshot {snapshot}: {reason}")]

@@ -13,9 +13,11 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::fsutil::io;
+use super::meta::{OpenFile, SnapshotMeta};
 use super::{Result, WorkflowError};
 
 /// Paths (relative to `rootfs`) of the regular files that `pids` hold open or
@@ -99,30 +101,28 @@ fn sha256_of(p: &Path) -> std::io::Result<(u64, String)> {
 
 /// The `open_files` record: `[{"path", "size", "sha256"}]` of `paths` under
 /// `rootfs` (files gone by now are left out).
-pub fn digests(rootfs: &Path, paths: &[String]) -> Value {
-    Value::Array(
-        paths
-            .iter()
-            .filter_map(|rel| {
-                let (size, digest) = sha256_of(&rootfs.join(rel)).ok()?;
-                Some(json!({"path": rel, "size": size, "sha256": digest}))
+pub fn digests(rootfs: &Path, paths: &[String]) -> Vec<OpenFile> {
+    paths
+        .iter()
+        .filter_map(|rel| {
+            let (size, sha256) = sha256_of(&rootfs.join(rel)).ok()?;
+            Some(OpenFile {
+                path: rel.clone(),
+                size,
+                sha256,
             })
-            .collect(),
-    )
+        })
+        .collect()
 }
 
 /// The root filesystem a bundle's config.json names.
 fn bundle_rootfs(bundle: &Path) -> Result<PathBuf> {
     let p = bundle.join("config.json");
-    let bytes = fs::read(&p).map_err(|source| WorkflowError::Io {
-        op: "read",
-        path: p.clone(),
-        source,
-    })?;
-    let cfg: Value = serde_json::from_slice(&bytes).map_err(|e| WorkflowError::Io {
+    let bytes = fs::read(&p).map_err(io("read", &p))?;
+    let cfg: Value = serde_json::from_slice(&bytes).map_err(|source| WorkflowError::Json {
         op: "parse",
-        path: p.clone(),
-        source: std::io::Error::other(e),
+        subject: p.display().to_string(),
+        source,
     })?;
     let root = cfg["root"]["path"].as_str().unwrap_or("rootfs");
     Ok(if Path::new(root).is_absolute() {
@@ -134,20 +134,14 @@ fn bundle_rootfs(bundle: &Path) -> Result<PathBuf> {
 
 /// Refuses a restore onto `bundle`'s rootfs when a file recorded in the
 /// snapshot's `open_files` metadata is gone or differs in size or content.
-pub fn check(snapshot: &str, meta: &Value, bundle: &Path) -> Result<()> {
-    let Some(files) = meta.get("open_files").and_then(|f| f.as_array()) else {
-        return Ok(());
-    };
+pub fn check(snapshot: &str, meta: &SnapshotMeta, bundle: &Path) -> Result<()> {
+    let files = &meta.open_files;
     if files.is_empty() {
         return Ok(());
     }
     let rootfs = bundle_rootfs(bundle)?;
     for f in files {
-        let (Some(rel), Some(size), Some(digest)) =
-            (f["path"].as_str(), f["size"].as_u64(), f["sha256"].as_str())
-        else {
-            continue;
-        };
+        let (rel, size, digest) = (f.path.as_str(), f.size, f.sha256.as_str());
         let Some(rel) = rel_path(&format!("/{rel}")) else {
             continue;
         };
@@ -184,6 +178,7 @@ fn short_digest(digest: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_short_or_non_ascii_recorded_digest_does_not_panic() {
@@ -200,7 +195,10 @@ mod tests {
             br#"{"root": {"path": "rootfs"}}"#,
         )
         .unwrap();
-        let meta = json!({"open_files": [{"path": "f", "size": 6, "sha256": "0123456789aébc"}]});
+        let meta: SnapshotMeta = serde_json::from_value(
+            json!({"open_files": [{"path": "f", "size": 6, "sha256": "0123456789aébc"}]}),
+        )
+        .unwrap();
         let e = check("s1", &meta, t.path()).unwrap_err().to_string();
         assert!(e.contains("(same size, sha256 0123456789aébc -> "), "{e}");
     }
@@ -216,7 +214,10 @@ mod tests {
             br#"{"root": {"path": "rootfs"}}"#,
         )
         .unwrap();
-        let meta = json!({"open_files": digests(&rootfs, &["data/f".to_string()])});
+        let meta = SnapshotMeta {
+            open_files: digests(&rootfs, &["data/f".to_string()]),
+            ..SnapshotMeta::default()
+        };
         check("s1", &meta, t.path()).unwrap();
         fs::write(rootfs.join("data/f"), b"hello, world\n").unwrap();
         let e = check("s1", &meta, t.path()).unwrap_err().to_string();

@@ -18,6 +18,7 @@ use std::fs::{self, File};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
+use super::fsutil::io;
 use super::snapshot::prepare;
 use super::{fstree, Result, WorkflowError};
 use crate::runtime::Runtime;
@@ -43,11 +44,6 @@ pub struct PodmanExport {
     /// or containers.conf runtime name); podman refuses an archive recorded with
     /// another one.
     pub runtime: String,
-}
-
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkflowError {
-    let path = path.to_path_buf();
-    move |source| WorkflowError::Io { op, path, source }
 }
 
 fn bad(snapshot: &str, reason: impl Into<String>) -> WorkflowError {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::fsutil::io;
 use super::snapshot::{checkpoint_to_store, warm_cache, CheckpointResult, TaggedCheckpoint};
 use super::{Result, WorkflowError};
 use crate::runtime::checkpoint::CheckpointOptions;
@@ -38,6 +39,13 @@ pub enum Probe {
     File(PathBuf),
 }
 
+/// Splits a command line (`exec:` probe, `--warmup`) into words as a POSIX
+/// shell would, honouring quotes and backslashes: `sh -c 'a b'` is three words.
+pub fn split_command(s: &str) -> std::result::Result<Vec<String>, String> {
+    shell_words::split(s)
+        .map_err(|e| format!("cannot split {s:?} into words ({e}): close the quote"))
+}
+
 impl Probe {
     /// Parses `tcp:HOST:PORT`, `exec:CMD ARGS...`, `http:URL`, `log:REGEX`, `file:PATH`.
     pub fn parse(s: &str) -> std::result::Result<Probe, String> {
@@ -55,7 +63,7 @@ impl Probe {
                 Ok(Probe::Tcp(rest.to_string()))
             }
             "exec" => {
-                let args: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
+                let args = split_command(rest).map_err(|e| format!("probe {s:?}: {e}"))?;
                 if args.is_empty() {
                     return Err(format!("probe {s:?}: exec needs a command"));
                 }
@@ -256,16 +264,10 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     let t0 = Instant::now();
     // Run through a subprocess so the container's stdout/stderr are our pipe (CRIU
     // cannot dump a container writing to a host file; a pipe is remapped on restore).
-    let (reader, writer) = std::io::pipe().map_err(|source| WorkflowError::Io {
-        op: "create output pipe for",
-        path: o.bundle.clone(),
-        source,
-    })?;
-    let writer2 = writer.try_clone().map_err(|source| WorkflowError::Io {
-        op: "create output pipe for",
-        path: o.bundle.clone(),
-        source,
-    })?;
+    let (reader, writer) = std::io::pipe().map_err(io("create output pipe for", &o.bundle))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(io("create output pipe for", &o.bundle))?;
     let out = stasis_cmd(o)
         .args(["run", "-d", "-b"])
         .arg(&o.bundle)
@@ -286,18 +288,14 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
             }
         });
     }
-    let status = out.map_err(|source| WorkflowError::Io {
-        op: "run",
-        path: o.self_exe.clone(),
-        source,
-    })?;
+    let status = out.map_err(io("run", &o.self_exe))?;
     if !status.success() {
         std::thread::sleep(Duration::from_millis(50));
-        return Err(WorkflowError::Prewarm(format!(
-            "starting {} failed: {}",
-            o.bundle.display(),
-            tail.last(5).join(" | ")
-        )));
+        return Err(WorkflowError::PrewarmStart {
+            id: o.id.clone(),
+            bundle: o.bundle.clone(),
+            output: tail.last(5).join(" | "),
+        });
     }
     let mut cleanup = Cleanup {
         rt,
@@ -337,10 +335,11 @@ pub fn prewarm(rt: &Runtime, store: &Store, o: &PrewarmOptions) -> Result<Prewar
     if let Some(cmd) = &o.warmup {
         let st = run_warmup(o, cmd, &stop)?;
         if !st.success() {
-            return Err(WorkflowError::Prewarm(format!(
-                "warm-up command {:?} failed with {st}",
-                cmd.join(" ")
-            )));
+            return Err(WorkflowError::WarmupFailed {
+                id: o.id.clone(),
+                command: cmd.join(" "),
+                status: st,
+            });
         }
     }
     let warmup = t1.elapsed();
@@ -404,11 +403,6 @@ fn run_warmup(
     cmd: &[String],
     stop: &StopSignals,
 ) -> Result<std::process::ExitStatus> {
-    let io = |source| WorkflowError::Io {
-        op: "run warm-up in",
-        path: o.self_exe.clone(),
-        source,
-    };
     let mut child = stasis_cmd(o)
         .arg("exec")
         .arg(&o.id)
@@ -416,9 +410,12 @@ fn run_warmup(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .map_err(io)?;
+        .map_err(io("run warm-up in", &o.self_exe))?;
     loop {
-        if let Some(st) = child.try_wait().map_err(io)? {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(io("wait for the warm-up run by", &o.self_exe))?
+        {
             return Ok(st);
         }
         if let Err(e) = stop.check(&o.id) {
@@ -535,12 +532,9 @@ fn check_probe(o: &PrewarmOptions, pid: i32, tail: &OutputTail) -> std::result::
                 "GET {path} HTTP/1.0\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
             )
             .map_err(|e| format!("send request to {url}: {e}"))?;
-            let mut buf = [0u8; 64];
-            let n = s
-                .read(&mut buf)
-                .map_err(|e| format!("read response from {url}: {e}"))?;
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let code = head.split_whitespace().nth(1).unwrap_or("");
+            let line =
+                read_status_line(&mut s).map_err(|e| format!("read response from {url}: {e}"))?;
+            let code = line.split_whitespace().nth(1).unwrap_or("");
             if code.starts_with('2') {
                 Ok(())
             } else {
@@ -564,6 +558,22 @@ fn check_probe(o: &PrewarmOptions, pid: i32, tail: &OutputTail) -> std::result::
             }
         }
     }
+}
+
+/// The status line of an HTTP response (`HTTP/1.0 200 OK`): read until its end
+/// of line (a server may send it in several pieces), end of stream or 1 KiB.
+fn read_status_line(r: &mut impl Read) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    Ok(String::from_utf8_lossy(&head[..end]).trim_end().to_string())
 }
 
 #[cfg(test)]
@@ -619,5 +629,50 @@ mod tests {
             e.contains("exec: probes only") && e.contains("log:REGEX"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn exec_probes_and_warmups_split_like_a_shell() {
+        match Probe::parse("exec:sh -c 'echo a b'") {
+            Ok(Probe::Exec { args, .. }) => assert_eq!(args, ["sh", "-c", "echo a b"]),
+            _ => panic!("not an exec probe"),
+        }
+        assert_eq!(
+            split_command(r#"redis-cli -a "p w" ping"#).unwrap(),
+            ["redis-cli", "-a", "p w", "ping"]
+        );
+        let e = split_command("sh -c 'unterminated").unwrap_err();
+        assert!(e.contains("close the quote"), "{e}");
+        assert!(Probe::parse("exec:sh -c 'x").is_err());
+    }
+
+    /// A reader that hands out `chunk` bytes per read, like a server sending
+    /// its status line in pieces.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        chunk: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.chunk.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_http_status_line_is_read_whole() {
+        let resp = b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for chunk in [1, 3, 64] {
+            let mut r = Trickle { data: resp, chunk };
+            assert_eq!(read_status_line(&mut r).unwrap(), "HTTP/1.0 200 OK");
+        }
+        let mut r = Trickle {
+            data: b"HTTP/1.0 503",
+            chunk: 2,
+        };
+        assert_eq!(read_status_line(&mut r).unwrap(), "HTTP/1.0 503");
     }
 }

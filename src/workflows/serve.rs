@@ -704,11 +704,11 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
     let mut stop = nix::sys::signal::SigSet::empty();
     stop.add(nix::sys::signal::Signal::SIGTERM);
     stop.add(nix::sys::signal::Signal::SIGINT);
-    stop.thread_block().map_err(|e| WorkflowError::Io {
-        op: "block signals for",
-        path: PathBuf::from("serve"),
-        source: e.into(),
-    })?;
+    stop.thread_block()
+        .map_err(|source| WorkflowError::Signals {
+            op: "serve: block SIGTERM and SIGINT so one thread can wait for them",
+            source,
+        })?;
     if let Some(t) = &o.persist {
         crate::store::normalize_tag(t)?;
     }
@@ -719,9 +719,8 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
     let sid = p.sid;
     let bundle = o.bundle.clone().or_else(|| {
         p.meta
-            .get("bundle")
-            .and_then(|b| b.as_str())
-            .map(PathBuf::from)
+            .bundle
+            .clone()
             .filter(|b| b.join("config.json").is_file())
     });
     if p.manifest.is_none() && bundle.is_none() {
@@ -729,16 +728,16 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
             snapshot: sid.short(),
         });
     }
-    let listener = TcpListener::bind(o.listen).map_err(|source| WorkflowError::Io {
+    let listener = TcpListener::bind(o.listen).map_err(|source| WorkflowError::Net {
         op: "listen on",
-        path: PathBuf::from(o.listen.to_string()),
+        addr: o.listen.to_string(),
         source,
     })?;
     listener
         .set_nonblocking(true)
-        .map_err(|source| WorkflowError::Io {
-            op: "configure listener",
-            path: PathBuf::from(o.listen.to_string()),
+        .map_err(|source| WorkflowError::Net {
+            op: "make non-blocking the listener on",
+            addr: o.listen.to_string(),
             source,
         })?;
     let shared = Arc::new(Shared {
@@ -746,7 +745,7 @@ pub fn serve(rt: Runtime, store: Store, o: ServeOptions) -> Result<()> {
         store,
         prepared: Mutex::new(Arc::new(p)),
         bundle,
-        generation: new_generation(),
+        generation: new_generation()?,
         copies: Mutex::new(Vec::new()),
         changed: Condvar::new(),
         counters: Counters::default(),

@@ -678,29 +678,20 @@ struct Node {
 }
 
 fn user_xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut names = vec![0u8; 4096];
-    // SAFETY: llistxattr writes at most names.len() bytes into names.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    let mut out = Vec::new();
-    for name in names[..n.max(0) as usize].split(|b| *b == 0) {
-        if !name.starts_with(b"user.") {
-            continue;
-        }
-        let cn = std::ffi::CString::new(name).unwrap();
-        let mut v = vec![0u8; 4096];
-        // SAFETY: lgetxattr writes at most v.len() bytes into v.
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(
-            m >= 0,
-            "lgetxattr {}: {}",
-            p.display(),
-            std::io::Error::last_os_error()
-        );
-        v.truncate(m as usize);
-        out.push((String::from_utf8_lossy(name).into_owned(), v));
-    }
+    // A filesystem without xattrs lists none.
+    let Ok(names) = xattr::list(p) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Vec<u8>)> = names
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("user."))
+        .map(|n| {
+            let v = xattr::get(p, &n)
+                .unwrap_or_else(|e| panic!("getxattr {n} {}: {e}", p.display()))
+                .unwrap_or_default();
+            (n, v)
+        })
+        .collect();
     out.sort();
     out
 }
@@ -777,26 +768,8 @@ fn walk(root: &Path) -> (BTreeMap<String, Node>, Vec<Vec<String>>) {
 }
 
 fn set_user_xattr(p: &Path, name: &str, value: &[u8]) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated path and name, and a value of value.len() bytes.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr {name} on {}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    );
+    xattr::set(p, name, value)
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }
 
 #[test]

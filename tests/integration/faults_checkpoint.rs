@@ -450,3 +450,51 @@ fn tagged_tcp_established_checkpoint_lets_criu_stop_the_tasks_and_restores() {
     let _g2 = sx.restore_from("tcp", &id2, &["--tcp-established"]);
     sx.assert_carries_on(&id2, &before);
 }
+
+/// A filesystem capture that fails while the container is frozen (here: the
+/// host directory of its volume is renamed after the dump) is reported as that,
+/// naming the container and saying nothing was stored; the container is thawed
+/// and runs on, and no snapshot is committed.
+#[test]
+fn a_failed_capture_names_the_container_and_leaves_it_running() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::process::Stdio;
+    let Some(sx) = setup(test_name!()) else {
+        return;
+    };
+    let vol = sx.path("vol-cf");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("f"), b"x").unwrap();
+    let bundle = sx.bundle("b-cf", &["sh", "-c", COUNTER]);
+    crate::common::add_bind(&bundle, &vol, "/data");
+    let id = unique_id("cf");
+    let _g = sx.run_d(&bundle, &id);
+    let before = sx.wait_counter(&id, "started", |n| n > 2);
+    let mut cmd = sx.command(Some(&sx.store), &["checkpoint", "--tag", "cf", &id]);
+    cmd.env("STASIS_FAULT", "checkpoint.after-dump:stop")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn stasis");
+    let pid = child.id();
+    crate::common::wait_stopped_at_fault(pid, std::time::Duration::from_secs(60));
+    // The capture that follows the dump stats the volume's host directory.
+    std::fs::rename(&vol, sx.path("vol-cf-moved")).unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+    let out = child.wait_with_output().expect("wait for stasis");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the checkpoint succeeded: {err}");
+    assert!(
+        err.contains(&format!(
+            "checkpoint of container {id}: capturing its filesystem while it was frozen failed"
+        )) && err.contains("nothing was stored"),
+        "{err}"
+    );
+    assert!(
+        sx.ls().is_empty(),
+        "a snapshot was committed: {:?}",
+        sx.ls()
+    );
+    sx.wait_counter(&id, "advancing after the failed capture", |n| n > before.1);
+}

@@ -115,6 +115,20 @@ impl Hx {
         }
     }
 
+    /// Creates the (empty) store: `snapshot import` of a missing archive creates
+    /// it, then fails on the file (read commands such as `ls` create no store).
+    #[track_caller]
+    fn create_store(&self) {
+        let missing = self.path("no-such-archive.tar");
+        let out = self.run(&["snapshot", "import", missing.to_str().unwrap()]);
+        assert!(
+            out.code == Some(1) && out.stderr.contains("no-such-archive.tar"),
+            "{}",
+            out.stderr
+        );
+        assert!(self.store.join("oci-layout").is_file(), "no store created");
+    }
+
     /// The store's tmp/ is empty and it lists no snapshot.
     #[track_caller]
     fn store_unchanged(&self) {
@@ -434,7 +448,7 @@ fn bounded_everywhere(
     tar_of(l, &tar);
     let tar_len = fs::metadata(&tar).unwrap().len();
     assert!(tar_len < 4 << 20, "the crafted archive is {tar_len} bytes");
-    // Creates the store.
+    hx.create_store();
     let ls = hx.run(&["snapshot", "ls"]);
     assert_eq!(ls.code, Some(0), "{ls:#?}");
 
@@ -528,6 +542,7 @@ fn a_filesystem_manifest_over_256_mib_is_refused_unread() {
         table: None,
     };
     let desc = finish_snapshot(&l, &[rec], Some(blob), "evil:v1");
+    hx.create_store();
     assert_eq!(hx.run(&["snapshot", "ls"]).code, Some(0));
     plant(&l, &desc, &hx.store);
     hx.run(&["snapshot", "inspect", "evil:v1"])

@@ -28,15 +28,18 @@
 #[macro_use]
 mod common;
 
+mod checkpoint_hints;
 mod clients;
 mod copies;
 mod cr;
 mod damaged_store;
 mod databases;
+mod docker;
 mod errors;
 mod exec_security;
 mod exit_codes;
 mod faults_checkpoint;
+mod faults_maintenance;
 mod faults_restore;
 mod faults_store;
 mod hostile;
@@ -45,6 +48,7 @@ mod runc_compat;
 mod scripting;
 mod security;
 mod spec_options;
+mod store_cli;
 mod store_flows;
 mod terminal;
 mod warm;

@@ -250,6 +250,18 @@ fn an_old_0755_store_and_root_are_made_private_on_first_use() {
         c.args(args);
         run_cmd(c, CMD).ok()
     };
+    // A store is created only by commands that write (`snapshot ls` of a
+    // missing store creates none): `import` creates it before it finds that its
+    // archive is missing.
+    let missing = env.path("missing.tar");
+    let mut c = Command::new(&env.bin);
+    c.arg("--root").arg(&env.root).arg("--store").arg(&store);
+    c.args(["snapshot", "import", missing.to_str().unwrap()]);
+    let out = run_cmd(c, CMD);
+    assert!(
+        out.code != Some(0) && out.stderr.contains("missing.tar"),
+        "{out:#?}"
+    );
     run(&["snapshot", "ls"]);
     run(&["list"]);
     let dirs = [
@@ -274,7 +286,8 @@ fn an_old_0755_store_and_root_are_made_private_on_first_use() {
     }
     // Under a 0 umask too: modes are set at creation, not left to the umask.
     let store2 = env.path("store2");
-    for args in [&["snapshot", "ls"][..], &["list"][..]] {
+    let import: &[&str] = &["snapshot", "import", missing.to_str().unwrap()];
+    for args in [import, &["snapshot", "ls"][..], &["list"][..]] {
         let mut c = Command::new("sh");
         c.arg("-c")
             .arg("umask 0; exec \"$0\" \"$@\"")
@@ -284,7 +297,12 @@ fn an_old_0755_store_and_root_are_made_private_on_first_use() {
             .arg("--store")
             .arg(&store2)
             .args(args);
-        run_cmd(c, CMD).ok();
+        let out = run_cmd(c, CMD);
+        if args == import {
+            assert!(out.stderr.contains("missing.tar"), "{out:#?}");
+        } else {
+            out.ok();
+        }
     }
     for d in [store2.clone(), store2.join("tmp"), env.path("root2")] {
         assert_eq!(mode(&d), 0o700, "{} under umask 0", d.display());

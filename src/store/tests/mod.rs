@@ -9,6 +9,7 @@ mod fuzz;
 mod gc_crash;
 mod integrity;
 mod names;
+mod prune;
 mod roundtrip;
 mod transfer;
 

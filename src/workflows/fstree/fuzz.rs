@@ -4,6 +4,7 @@
 //! refused before anything is written.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 

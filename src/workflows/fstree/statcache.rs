@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::io;
+use crate::workflows::fsutil::io;
 use crate::workflows::{Result, WorkflowError};
 
 /// A file's identity and change stamp. Two stats with equal keys are taken to mean

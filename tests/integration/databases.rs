@@ -265,7 +265,7 @@ fn copy_bundle(sx: &Sx, image: &Path, name: &str) -> PathBuf {
     let dst = sx.path(name);
     let mut cmd = Command::new("cp");
     cmd.args(["-a", "--reflink=auto"]).arg(image).arg(&dst);
-    run_cmd(cmd, Duration::from_secs(120)).ok();
+    run_cmd(cmd, Duration::from_secs(120)).expect_ok();
     dst
 }
 

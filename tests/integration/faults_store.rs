@@ -599,7 +599,7 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
     // Detached, so the test does not wait for the container to exit.
     let mut args = vec!["restore", "-d"];
     args.extend_from_slice(&restore[2..]);
-    sx.run_starting(&store, &args).ok();
+    sx.run_starting(&store, &args).expect_ok();
     sx.assert_carries_on(&id, &before);
     let kept_dir = kept.0.clone().expect("a directory to remove");
     assert!(kept_dir.join("image").is_dir(), "{}", kept_dir.display());

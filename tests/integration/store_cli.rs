@@ -107,7 +107,7 @@ fn a_missing_store_is_named_and_not_created() {
     // ls lists nothing, says why on stderr, and creates nothing.
     let out = sx
         .run_in(&typo, &["snapshot", "ls", "--format", "json"])
-        .ok();
+        .expect_ok();
     assert_eq!(out.json(), Value::Array(vec![]), "{out:#?}");
     assert!(out.stderr.contains(t), "{out:#?}");
     assert!(!typo.exists(), "ls created {t}");

@@ -636,7 +636,9 @@ fn two_snapshots_of_a_running_container_share_most_pages() {
         .unwrap_or_else(|| panic!("no JSON stats from checkpoint --tag {tag}"))
     };
     let s1 = snap("first");
-    std::thread::sleep(Duration::from_secs(2));
+    // The workload moves on between the two snapshots (a few pages change).
+    let c1 = sx.wait_counter(&id, "readable after the first checkpoint", |_| true);
+    sx.wait_counter(&id, "advanced after the first checkpoint", |n| n > c1.1);
     let s2 = snap("second");
     let c = sx.wait_counter(&id, "readable", |_| true);
     sx.wait_counter(&id, "advanced after two checkpoints", |n| n > c.1);
@@ -1339,12 +1341,13 @@ fn a_store_on_a_full_disk_fails_cleanly_and_stays_valid() {
         &[
             "sh",
             "-c",
-            "head -c 8388608 /dev/urandom > /dev/shm/blob; i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done",
+            "head -c 8388608 /dev/urandom > /dev/shm/blob; i=0; while true; do i=$((i+1)); echo \"c $i\" > /tmp/c; sleep 0.1; done",
         ],
     );
     let id = unique_id("sf-full");
     let _g = sx.run_d(&b, &id);
-    std::thread::sleep(Duration::from_millis(800));
+    // The counter starts once the blob is written.
+    sx.wait_counter(&id, "counting after the blob", |n| n >= 1);
     let out = sx.run_in(
         &store,
         &["checkpoint", "--leave-running", "--tag", "full", &id],

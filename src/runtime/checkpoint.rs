@@ -1114,8 +1114,11 @@ pub fn image_capabilities(image: &Path) -> Result<Vec<String>> {
     Ok(criu::image_capabilities(image)?)
 }
 
-/// Copies the CRIU log an error names to `$TMPDIR/stasis-<what>-<id>.log` and
-/// points the error there, for logs in directories that are about to be removed.
+/// Copies the CRIU log an error names to a new file in `$TMPDIR` and points the
+/// error there, for logs in directories that are about to be removed. The file is
+/// created by us (O_EXCL, mode 0600, a random name: `stasis-<what>-XXXXXX.log`), so
+/// another local user cannot aim the copy at a file of their choosing with a
+/// symlink planted at a predictable name, nor read the log.
 pub fn keep_failed_log_as(e: &mut RuntimeError, what: &str, id: &str) {
     let RuntimeError::Criu(
         CriuError::Failed { log, .. }
@@ -1125,9 +1128,19 @@ pub fn keep_failed_log_as(e: &mut RuntimeError, what: &str, id: &str) {
     else {
         return;
     };
-    let dst = std::env::temp_dir().join(format!("stasis-{what}-{id}.log"));
-    if fs::copy(&*log, &dst).is_ok() {
-        *log = dst.display().to_string();
+    let kept = (|| -> std::io::Result<PathBuf> {
+        let mut src = fs::File::open(&*log)?;
+        let mut dst = tempfile::Builder::new()
+            .prefix(&format!("stasis-{what}-"))
+            .suffix(".log")
+            .tempfile()?;
+        std::io::copy(&mut src, &mut dst)?;
+        let (_, path) = dst.keep().map_err(|e| e.error)?;
+        Ok(path)
+    })();
+    match kept {
+        Ok(dst) => *log = dst.display().to_string(),
+        Err(err) => tracing::warn!("container {id}: could not keep CRIU's log {log}: {err}"),
     }
 }
 
@@ -1250,5 +1263,40 @@ mod tests {
         assert!(own_hierarchies_in(text, Path::new("")).is_empty());
         // A sibling whose name merely starts the same is not ours.
         assert!(own_hierarchies_in("8:pids:/:youki:c10\n", Path::new(":youki:c1")).is_empty());
+    }
+
+    #[test]
+    fn a_failed_log_is_kept_in_a_new_private_file_never_a_planted_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        fs::write(&log, "(00.1) Error (criu/cr-dump.c:1): boom\n").unwrap();
+        // What a local user could plant at the name this used to write to.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep me").unwrap();
+        let planted = std::env::temp_dir().join("stasis-checkpoint-planted-id.log");
+        let _ = fs::remove_file(&planted);
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let mut e = RuntimeError::Criu(CriuError::Failed {
+            op: "dump",
+            errmsg: String::new(),
+            quoted: String::new(),
+            log: log.display().to_string(),
+        });
+        keep_failed_log_as(&mut e, "checkpoint", "planted-id");
+        let RuntimeError::Criu(CriuError::Failed { log: kept, .. }) = &e else {
+            panic!("{e}");
+        };
+        let kept = PathBuf::from(kept);
+        assert_ne!(kept, planted);
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep me");
+        assert_eq!(
+            fs::read_to_string(&kept).unwrap(),
+            fs::read_to_string(&log).unwrap()
+        );
+        let mode = fs::metadata(&kept).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _ = fs::remove_file(&kept);
+        let _ = fs::remove_file(&planted);
     }
 }

@@ -492,7 +492,32 @@ impl Runtime {
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
+        self.sweep_orphan_copies();
         Ok(out)
+    }
+
+    /// Removes the private filesystems (`--root/.copies/ID`, overlay mounted or
+    /// not) of restores killed before they recorded the container: no state
+    /// under that id and nobody holding its lock (a running restore holds it
+    /// while it builds the filesystem). Without this, such a mount was shown by no
+    /// command. Best effort: what cannot be removed now is tried again next time.
+    fn sweep_orphan_copies(&self) {
+        let copies = self.root.join(".copies");
+        for e in fs::read_dir(&copies).into_iter().flatten().flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if validate_id(&id).is_err() || self.dir(&id).exists() {
+                continue;
+            }
+            let Ok(lock) = ContainerLock::acquire(&self.root, &id, Duration::ZERO) else {
+                continue;
+            };
+            if !self.dir(&id).exists() {
+                let copy = e.path();
+                unmount_under(&copy);
+                let _ = fs::remove_dir_all(&copy);
+            }
+            lock.remove_file();
+        }
     }
 
     pub fn kill(&self, id: &str, signal: &str, all: bool) -> Result<()> {

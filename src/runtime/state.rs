@@ -19,12 +19,13 @@ use super::RuntimeError;
 pub const STATE_FILE: &str = "stasis.json";
 const LOCK_DIR: &str = ".locks";
 
-/// The longest name stasis makes from an id: CRIU's log of a failed checkpoint,
-/// kept as `$TMPDIR/stasis-checkpoint-<id>.log`. Other names are shorter: the
+/// Room kept free in NAME_MAX for what stasis adds to an id in a name (22
+/// bytes, the length of `stasis-checkpoint-.log`, the kept CRIU log's name before
+/// those logs got random names): more than any name it makes now, the
 /// directories `<id>` (under `--root`, `--root/.copies`, the store's
 /// `cache/copies`), the lock `--root/.locks/<id>`, the cgroup `:youki:<id>`
-/// (libcontainer's name when the spec sets no cgroupsPath) and the stat cache
-/// `<id>.json`.
+/// (libcontainer's name when the spec sets no cgroupsPath), the stat cache
+/// `<id>.json` and a copy's `<prefix>-<n>`. Kept so the id limit stays 233.
 const LONGEST_ID_NAME: &str = "stasis-checkpoint-.log";
 /// NAME_MAX of Linux filesystems: the longest single path component.
 const NAME_MAX: usize = 255;

@@ -145,3 +145,24 @@ fn killed_after_overlay_the_next_restore_of_the_id_works() {
     assert_nothing_left(&sx, &id2, &[]);
     drop(g2);
 }
+
+/// Killed after the overlay was mounted, before the container was recorded:
+/// `list` (which shows no such container) removes the orphaned overlay and
+/// private directory; nothing is left for an operator to find by hand.
+#[test]
+fn killed_after_overlay_the_orphan_is_removed_by_list() {
+    let Some(sx) = Sx::setup(test_name!()) else {
+        return;
+    };
+    let (_id, _g, _before) = snapshot_of_counter(&sx);
+    let id2 = unique_id("fr-orphan");
+    let _guard = sx.guard(&id2);
+    killed_restore(&sx, "restore.after-overlay", &id2);
+    assert!(
+        !mounts_under(&sx.env.root).is_empty(),
+        "the killed restore should have left its overlay mounted"
+    );
+    let list = sx.ok(&["list", "-q"]);
+    assert!(!list.stdout.contains(&id2), "{list:#?}");
+    assert_nothing_left(&sx, &id2, &[]);
+}

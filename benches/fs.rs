@@ -1,4 +1,4 @@
-//! Filesystem capture and restore cost of snapshots (issue 5), through the CLI only.
+//! Filesystem capture and restore cost of snapshots, through the CLI only.
 //!
 //! Full size (the issue's numbers; run it when the machine is quiet, ~5-10 min):
 //!
@@ -61,7 +61,7 @@
 //! - `STASIS_BIN` (default target/release/stasis), `BENCH_STRICT=1`: exit non-zero
 //!   when a goal is missed
 //!
-//! Goals (issue 5): snapshot 2 adds <= 3% of the data file to the store; restoring
+//! Goals: snapshot 2 adds <= 3% of the data file to the store; restoring
 //! 8 copies takes <= 3x the time of 1. Everything (containers, overlays, stores,
 //! the bundle) is removed at the end, also when a step fails.
 

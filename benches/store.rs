@@ -12,7 +12,7 @@
 //!
 //! - `BENCH_STRICT=1`: exit non-zero when a goal is missed
 //!
-//! Goals (issue 4): first snapshot <= 0.4x raw, second adds <= 5% of raw,
+//! Goals: first snapshot <= 0.4x raw, second adds <= 5% of raw,
 //! materialize <= 2x a plain copy. Under `cargo test --all-targets` (no `--bench`
 //! argument) it runs as a quick smoke test on 8 MiB.
 
@@ -117,7 +117,7 @@ fn fill_page(rng: &mut Rng, kind: u64, p: &mut [u8]) {
     }
 }
 
-/// 14% zero (STORE.md measured 14% written-zero pages), 36% text, 35% records,
+/// 14% zero (real pages files measured 14% written-zero pages), 36% text, 35% records,
 /// 15% random.
 fn kind(rng: &mut Rng) -> u64 {
     match rng.next() % 100 {

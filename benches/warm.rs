@@ -1,4 +1,4 @@
-//! Warm starts of real services (issue 6): cold start vs restore from the store vs
+//! Warm starts of real services: cold start vs restore from the store vs
 //! runc restoring from a plain directory, and time to first byte through `serve`.
 //! CLI only; stasis and runc side by side on the same bundles and the same CRIU.
 //!
@@ -76,7 +76,7 @@
 //! - `STASIS_BIN` (default target/release/stasis), `RUNC_BIN` (default: PATH)
 //! - `BENCH_STRICT=1`: exit non-zero when a goal is missed
 //!
-//! Goals (issue 6): Redis restore-from-store-to-ready <= 15% of its cold start
+//! Goals: Redis restore-from-store-to-ready <= 15% of its cold start
 //! (later restores); serve with a warm pool: time to first byte <= 10 ms median.
 //! The lazy restore's ratio to cold is reported next to Redis's goal (and in the
 //! JSON line's `goals_met`) but does not count for `BENCH_STRICT`.

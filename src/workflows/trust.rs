@@ -1,4 +1,4 @@
-//! The restore side of the trust model (issue 11, FORMAT.md "Trust model"): a
+//! The restore side of the trust model (src/store/FORMAT.md "Trust model"): a
 //! snapshot this host did not make (imported, or of unknown origin) is untrusted
 //! input, and its stored config.json decides nothing that reaches the host. Owns
 //! the list of such settings, taking them out of a foreign snapshot's config

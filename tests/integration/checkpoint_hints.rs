@@ -1,4 +1,4 @@
-//! Failures that need a hint to be actionable (issue 16): a non-root container
+//! Failures that need a hint to be actionable: a non-root container
 //! on a host whose root lacks CAP_SYS_RESOURCE (CRIU: "Can't get rlimit 0"), and
 //! `restore --copies N` without `-d`.
 
@@ -93,7 +93,7 @@ fn restore_of_several_copies_in_the_foreground_is_refused() {
     }
 }
 
-/// `restore --help` documents what lazy-pages.pid holds (issue 16: "PID
+/// `restore --help` documents what lazy-pages.pid holds ("PID
 /// STARTTIME", so `kill -0 $(cat ...)` does not work as README implied).
 #[test]
 fn restore_help_documents_the_lazy_pages_pid_file() {

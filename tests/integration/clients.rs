@@ -577,7 +577,7 @@ impl Podman {
             .arg("podman");
         pm.env_and_globals(&mut cmd);
         cmd.arg("import").arg(&tar).arg(PODMAN_IMAGE);
-        run_cmd(cmd, &d.join("out"), CLIENT_TIMEOUT).ok();
+        run_cmd(cmd, &d.join("out"), CLIENT_TIMEOUT).expect_ok();
         pm
     }
 
@@ -617,7 +617,7 @@ impl Podman {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> Out {
-        self.run(args).ok()
+        self.run(args).expect_ok()
     }
 
     /// `podman run -d` of the counter under our cgroup parent.
@@ -1089,7 +1089,7 @@ impl Containerd {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/oci-image");
         let mut cmd = Command::new(script);
         cmd.arg(&rootfs).arg(&tar).arg(CTR_IMAGE);
-        run_cmd(cmd, &d.join("out"), CLIENT_TIMEOUT).ok();
+        run_cmd(cmd, &d.join("out"), CLIENT_TIMEOUT).expect_ok();
         c.ok(&["image", "import", tar.to_str().unwrap()]);
         c
     }
@@ -1134,7 +1134,7 @@ impl Containerd {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> Out {
-        self.ctr(args).ok()
+        self.ctr(args).expect_ok()
     }
 
     /// `ctr run -d` of the counter with stasis as the runc binary.

@@ -192,9 +192,9 @@ impl Out {
         )
     }
 
-    /// Asserts exit code 0.
+    /// Asserts exit code 0 (panics with the command, stdout and stderr otherwise).
     #[track_caller]
-    pub fn ok(self) -> Self {
+    pub fn expect_ok(self) -> Self {
         assert_eq!(self.code, Some(0), "{}", self.describe());
         self
     }
@@ -381,7 +381,7 @@ impl Env {
     /// Runs a command and asserts it succeeded.
     #[track_caller]
     pub fn ok(&self, args: &[&str]) -> Out {
-        self.run(args).ok()
+        self.run(args).expect_ok()
     }
 
     /// Builds a busybox bundle in the scratch directory running `cmd`.

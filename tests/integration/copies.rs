@@ -1,4 +1,4 @@
-//! The restore side of issue 5 through the CLI with real containers and CRIU:
+//! Restoring copies from snapshots through the CLI with real containers and CRIU:
 //! `restore --from --copies N` when one copy fails (reported per copy, the failed
 //! one cleaned up, the rest kept), `--copy-rootfs` where overlayfs cannot be used,
 //! `--netns PATH`, a snapshot without filesystem state restored onto a rootfs whose
@@ -257,7 +257,7 @@ fn copy_rootfs_restores_onto_a_private_full_copy_where_overlay_cannot_be_used() 
 
     // --copy-rootfs: the copy runs on its own full copy of the snapshot's rootfs.
     sx.restore_from_in(&sx.store, "cr", &id2, &["--copy-rootfs"])
-        .ok();
+        .expect_ok();
     sx.assert_carries_on(&id2, &before);
     // On the store's filesystem (where the base is, so FICLONE can reflink), not
     // under --root.
@@ -427,7 +427,7 @@ fn netns_restores_copies_into_the_given_network_namespace() {
             ns.path().to_str().unwrap(),
         ],
     )
-    .ok();
+    .expect_ok();
     let ns_ino = fs::metadata(ns.path()).unwrap().ino();
     for c in &ids {
         let pid = sx.pid(c);
@@ -501,7 +501,8 @@ fn ignore_rootfs_snapshot_is_refused_onto_a_rootfs_whose_open_file_changed() {
 
     // Put back as it was: the restore goes through and the workload carries on.
     fs::write(b.join("rootfs/data/held"), "as at the checkpoint\n").unwrap();
-    sx.restore_from_in(&sx.store, "held", &id2, &bundle).ok();
+    sx.restore_from_in(&sx.store, "held", &id2, &bundle)
+        .expect_ok();
     sx.assert_carries_on(&id2, &before);
     drop(g2);
 }
@@ -620,7 +621,7 @@ fn a_full_disk_while_materialising_the_base_is_named_and_leaves_no_partial_base(
     );
     let _m = Unmount(small.clone());
     sx.run_in(&small, &["snapshot", "import", tar.to_str().unwrap()])
-        .ok();
+        .expect_ok();
     let id2 = unique_id("cp-full2");
     let _g2 = sx.guard(&id2);
     let out = sx.restore_from_in(&small, "big", &id2, &[]);

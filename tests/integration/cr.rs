@@ -301,7 +301,7 @@ impl Cr {
 
     #[track_caller]
     fn ok(&self, args: &[&str]) -> Out {
-        self.run(args).ok()
+        self.run(args).expect_ok()
     }
 
     fn guard(&self, id: &str) -> Container {
@@ -318,7 +318,7 @@ impl Cr {
             Stdout::Null,
         )
         .wait(Duration::from_secs(30))
-        .ok();
+        .expect_ok();
         g
     }
 
@@ -354,7 +354,7 @@ impl Cr {
         let args = Self::restore_args(bundle, img, id, &["-d"]);
         self.spawn_with(&args, &[], Stdout::Null)
             .wait(Duration::from_secs(30))
-            .ok();
+            .expect_ok();
         g
     }
 
@@ -658,7 +658,7 @@ fn counter_continues_under_a_new_id() {
     let before = cr.wait_counter(&id, "reached 10", |n| n >= 10);
 
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     // Without --leave-running the container is gone, as with runc.
     assert!(
         cr.state(&id).is_none(),
@@ -693,7 +693,7 @@ fn leave_running_keeps_the_container_going() {
     let _g = cr.run_d(&b, &id);
     cr.wait_counter(&id, "reached 3", |n| n >= 3);
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &["--leave-running"]).ok();
+    cr.checkpoint(&id, &img, &["--leave-running"]).expect_ok();
     assert_eq!(cr.status(&id), "running");
     let c = cr.wait_counter(&id, "readable", |_| true);
     cr.wait_counter(&id, "advanced after checkpoint", |n| n > c.1);
@@ -715,7 +715,7 @@ fn two_restores_from_one_image_run_side_by_side() {
     let _g = cr.run_d(&b, &id);
     let before = cr.wait_counter(&id, "reached 5", |n| n >= 5);
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let fp = fingerprint(&img);
 
     let ids = [unique_id("cr-twice-a"), unique_id("cr-twice-b")];
@@ -735,7 +735,7 @@ fn two_restores_from_one_image_run_side_by_side() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for o in outs {
-        o.ok();
+        o.expect_ok();
     }
     let pids: Vec<i32> = ids.iter().map(|i| cr.pid(i)).collect();
     assert_ne!(pids[0], pids[1]);
@@ -780,7 +780,7 @@ fn bind_mounted_host_dir_still_written_after_restore() {
     let file = data.join("c");
     wait_host_counter(&file, "reached 3", |n| n >= 3);
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let frozen = host_counter(&file).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -825,11 +825,11 @@ fn listening_tcp_socket_answers_after_restore() {
         get(&id).stdout == "hi from httpd\n"
     });
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let id2 = unique_id("cr-tcp2");
     let _g2 = cr.restore_d(&b, &img, &id2);
     assert!(cr.lo_up(&id2), "lo is not UP after restore");
-    let out = get(&id2).ok();
+    let out = get(&id2).expect_ok();
     assert_eq!(out.stdout, "hi from httpd\n");
 }
 
@@ -844,7 +844,7 @@ fn loopback_is_up_after_restore_even_if_down_at_checkpoint() {
     }
     assert!(!cr.lo_up(&id));
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let id2 = unique_id("cr-lo2");
     let _g2 = cr.restore_d(&b, &img, &id2);
     assert!(
@@ -866,7 +866,7 @@ fn pipes_as_stdio_are_replaced_by_the_restorers() {
         Stdout::Fd(w1),
     )
     .wait(Duration::from_secs(30))
-    .ok();
+    .expect_ok();
     let (lines, _) = read_lines(&r1, WAIT, |l| ticks(l).last().is_some_and(|&n| n >= 5));
     assert!(
         ticks(&lines).len() >= 5,
@@ -874,7 +874,7 @@ fn pipes_as_stdio_are_replaced_by_the_restorers() {
     );
 
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let d: Vec<String> =
         serde_json::from_slice(&fs::read(img.join("descriptors.json")).unwrap()).unwrap();
     assert!(
@@ -899,7 +899,7 @@ fn pipes_as_stdio_are_replaced_by_the_restorers() {
     let args = Cr::restore_args(&b, &img, &id2, &["-d"]);
     cr.spawn_with(&args, &[], Stdout::Fd(w2))
         .wait(Duration::from_secs(30))
-        .ok();
+        .expect_ok();
     let (lines2, _) = read_lines(&r2, WAIT, |l| ticks(l).last().is_some_and(|&n| n > m + 3));
     let new = ticks(&lines2);
     assert!(
@@ -998,7 +998,7 @@ fn tty_container_gets_a_new_pty_master_on_restore() {
         Stdout::Null,
     )
     .wait(Duration::from_secs(30))
-    .ok();
+    .expect_ok();
     let m1 = sock.recv_master();
     let (lines, _) = read_lines(&m1, WAIT, |l| ticks(l).last().is_some_and(|&n| n >= 5));
     assert!(
@@ -1007,7 +1007,7 @@ fn tty_container_gets_a_new_pty_master_on_restore() {
     );
 
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let (rest, _) = read_lines(&m1, Duration::from_millis(300), |_| false);
     let m = ticks(&lines).into_iter().chain(ticks(&rest)).max().unwrap();
 
@@ -1021,7 +1021,7 @@ fn tty_container_gets_a_new_pty_master_on_restore() {
     );
     cr.spawn_with(&args, &[], Stdout::Null)
         .wait(Duration::from_secs(30))
-        .ok();
+        .expect_ok();
     let m2 = sock.recv_master();
     let (lines2, _) = read_lines(&m2, WAIT, |l| ticks(l).last().is_some_and(|&n| n > m + 3));
     assert!(
@@ -1057,7 +1057,7 @@ fn hooks_run_on_restore() {
     let _g = cr.run_d(&b, &id);
     cr.wait_counter(&id, "reached 2", |n| n >= 2);
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
 
     let id2 = unique_id("cr-hooks2");
     let _g2 = cr.restore_d(&b, &img, &id2);
@@ -1128,7 +1128,7 @@ fn injected_dump_fault_leaves_the_container_running() {
     assert_still_running(&cr, &id);
     // And the next checkpoint works.
     cr.checkpoint(&id, &cr.path("img2"), &["--leave-running"])
-        .ok();
+        .expect_ok();
 }
 
 #[test]
@@ -1137,7 +1137,7 @@ fn failed_dump_quotes_criu_errors_and_leaves_the_container_running() {
     let b = cr.env.bundle("b", &["sh", "-c", COUNTER]);
     let id = unique_id("cr-fdump2");
     let _g = cr.guard(&id);
-    // A host file as the container's stderr cannot be dumped (HOST.md): CRIU
+    // A host file as the container's stderr cannot be dumped by CRIU 4.2: it
     // fails with "Can't lookup mount=.. for fd=2".
     let errf = cr.path("container.err");
     cr.spawn_full(
@@ -1147,7 +1147,7 @@ fn failed_dump_quotes_criu_errors_and_leaves_the_container_running() {
         Some(&errf),
     )
     .wait(Duration::from_secs(30))
-    .ok();
+    .expect_ok();
     cr.wait_counter(&id, "reached 2", |n| n >= 2);
     let img = cr.path("img");
     let out = cr.checkpoint(&id, &img, &[]);
@@ -1181,7 +1181,7 @@ fn injected_restore_fault_leaves_nothing() {
     let _g = cr.run_d(&b, &id);
     cr.wait_counter(&id, "reached 2", |n| n >= 2);
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
 
     let id2 = unique_id("cr-frest2");
     let _g2 = cr.guard(&id2);
@@ -1278,7 +1278,7 @@ fn missing_criu_binary_is_a_clear_error() {
     assert_one_line(&out, &["/nonexistent/criu", "CRIU >= 4.2"]);
     assert_eq!(cr.status(&id), "running");
 
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
     let id2 = unique_id("cr-nocriu2");
     let _g2 = cr.guard(&id2);
     let mut args = vec!["--criu", "/nonexistent/criu"];
@@ -1329,7 +1329,7 @@ fn restore_onto_an_existing_id_is_refused() {
     let id = unique_id("cr-exists");
     let _g = cr.run_d(&b, &id);
     let img = cr.path("img");
-    cr.checkpoint(&id, &img, &["--leave-running"]).ok();
+    cr.checkpoint(&id, &img, &["--leave-running"]).expect_ok();
     let pid = cr.pid(&id);
     let args = Cr::restore_args(&b, &img, &id, &["-d"]);
     let out = cr.run(&args);
@@ -1349,7 +1349,7 @@ fn restored_container_is_first_class_and_checkpoints_again() {
     let _g = cr.run_d(&b, &id);
     let c0 = cr.wait_counter(&id, "reached 3", |n| n >= 3);
     let img1 = cr.path("img1");
-    cr.checkpoint(&id, &img1, &[]).ok();
+    cr.checkpoint(&id, &img1, &[]).expect_ok();
 
     let id2 = unique_id("cr-first2");
     let _g2 = cr.restore_d(&b, &img1, &id2);
@@ -1374,7 +1374,7 @@ fn restored_container_is_first_class_and_checkpoints_again() {
 
     // Second generation.
     let img2 = cr.path("img2");
-    cr.checkpoint(&id2, &img2, &[]).ok();
+    cr.checkpoint(&id2, &img2, &[]).expect_ok();
     assert!(cr.state(&id2).is_none());
     let id3 = unique_id("cr-first3");
     let _g3 = cr.restore_d(&b, &img2, &id3);
@@ -1407,7 +1407,7 @@ fn print_stats_text_and_json() {
     let img1 = cr.path("img1");
     let out = cr
         .checkpoint(&id, &img1, &["--leave-running", "--print-stats"])
-        .ok();
+        .expect_ok();
     let line = out
         .stdout
         .lines()
@@ -1418,7 +1418,7 @@ fn print_stats_text_and_json() {
     let img2 = cr.path("img2");
     let out = cr
         .checkpoint(&id, &img2, &["--print-stats", "--stats-format", "json"])
-        .ok();
+        .expect_ok();
     let v = out.json();
     assert!(v["frozen_time"].as_u64().is_some(), "no frozen_time in {v}");
     assert!(
@@ -1437,7 +1437,7 @@ fn print_stats_text_and_json() {
     let out = cr
         .spawn_with(&args, &[], Stdout::Capture)
         .wait(Duration::from_secs(30))
-        .ok();
+        .expect_ok();
     let v = out.json();
     assert!(
         v["restore_time"].as_u64().is_some_and(|n| n > 0),
@@ -1463,7 +1463,7 @@ fn foreground_restore_returns_the_exit_code() {
     wait_until("workload to start", WAIT, || {
         cr.run(&["exec", &id, "cat", "/tmp/c"]).code == Some(0)
     });
-    cr.checkpoint(&id, &img, &[]).ok();
+    cr.checkpoint(&id, &img, &[]).expect_ok();
 
     let id2 = unique_id("cr-fg2");
     let _g2 = cr.guard(&id2);

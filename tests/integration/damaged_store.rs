@@ -1,4 +1,4 @@
-//! Damaged stores through the CLI with real containers and CRIU (issue 10): a
+//! Damaged stores through the CLI with real containers and CRIU: a
 //! flipped byte in a pack never lets a checkpoint commit a snapshot that fails
 //! to restore; re-import and `snapshot verify --repair` put good copies back; a
 //! lost index.json is reported as damage, gc refuses, and `snapshot verify

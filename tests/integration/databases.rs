@@ -1,4 +1,4 @@
-//! Warm starts of real databases (issue 6): Redis 7 and PostgreSQL 15 bundles from
+//! Warm starts of real databases: Redis 7 and PostgreSQL 15 bundles from
 //! `images/redis/build` and `images/postgres/build` with small datasets, real CRIU.
 //!
 //! - `prewarm` with every probe kind that applies to them (tcp, exec, log for
@@ -265,7 +265,7 @@ fn copy_bundle(sx: &Sx, image: &Path, name: &str) -> PathBuf {
     let dst = sx.path(name);
     let mut cmd = Command::new("cp");
     cmd.args(["-a", "--reflink=auto"]).arg(image).arg(&dst);
-    run_cmd(cmd, Duration::from_secs(120)).ok();
+    run_cmd(cmd, Duration::from_secs(120)).expect_ok();
     dst
 }
 

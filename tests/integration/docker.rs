@@ -1,4 +1,4 @@
-//! Docker (docker.io 20.10 from Debian 12) driving stasis as a runtime (issue 16):
+//! Docker (docker.io 20.10 from Debian 12) driving stasis as a runtime:
 //! each test starts its own `dockerd` with a private `--data-root`,
 //! `--exec-root`, `-H unix://` socket, pidfile, `--cgroup-parent`, vfs storage,
 //! `--iptables=false --bridge=none` and `--experimental` (for `docker

@@ -62,7 +62,7 @@ impl Both {
     #[track_caller]
     fn exec_ok(&self, flags: &[&str], cmd: &[&str]) -> (String, String) {
         let (s, r) = self.exec(flags, cmd);
-        (s.ok().stdout, r.ok().stdout)
+        (s.expect_ok().stdout, r.expect_ok().stdout)
     }
 }
 

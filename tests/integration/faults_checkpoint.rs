@@ -106,7 +106,7 @@ fn assert_checkpoint_restore_works(sx: &Sx, bundle: &Path, id: &str, tagged: boo
         let out = sx.ok(&["checkpoint", "--tag", "again", id]);
         printed_snapshot_id(&out);
         sx.run_starting(&sx.store, &["restore", "-d", "--from", "again", &id2])
-            .ok();
+            .expect_ok();
     } else {
         let img = sx.path(&format!("img-again-{id}"));
         sx.ok(&["checkpoint", "--image-path", img.to_str().unwrap(), id]);
@@ -119,7 +119,7 @@ fn assert_checkpoint_restore_works(sx: &Sx, bundle: &Path, id: &str, tagged: boo
             bundle.to_str().unwrap(),
             &id2,
         ];
-        sx.run_starting(&sx.store, &args).ok();
+        sx.run_starting(&sx.store, &args).expect_ok();
     }
     assert!(sx.state(id).is_none(), "{id} still exists after checkpoint");
     sx.assert_carries_on(&id2, &before);
@@ -256,7 +256,7 @@ fn killed_after_dump_without_leave_running_keeps_a_restorable_image() {
         bundle.to_str().unwrap(),
         &id2,
     ];
-    sx.run_starting(&sx.store, &args).ok();
+    sx.run_starting(&sx.store, &args).expect_ok();
     sx.assert_carries_on(&id2, &before);
 }
 

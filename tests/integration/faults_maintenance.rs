@@ -46,7 +46,7 @@ fn kept_counter(sx: &Sx, what: &str) -> (crate::common::Container, String, (Stri
 fn restores_with_its_data(sx: &Sx, store: &Path, before: &(String, u64)) {
     let id = unique_id("fm-copy");
     let g = sx.guard(&id);
-    sx.restore_from_in(store, "keep", &id, &[]).ok();
+    sx.restore_from_in(store, "keep", &id, &[]).expect_ok();
     sx.assert_carries_on(&id, before);
     drop(g);
 }
@@ -85,8 +85,8 @@ fn import_killed_before_its_index_update_leaves_a_store_that_imports_again() {
     let other = sx.path("other-store");
     let a = archive.to_str().unwrap();
     // Create the other store with a first snapshot so its index exists.
-    sx.run_in(&other, &["snapshot", "import", a]).ok();
-    sx.run_in(&other, &["snapshot", "rm", "keep"]).ok();
+    sx.run_in(&other, &["snapshot", "import", a]).expect_ok();
+    sx.run_in(&other, &["snapshot", "rm", "keep"]).expect_ok();
     killed_at(
         &sx,
         &other,
@@ -95,12 +95,12 @@ fn import_killed_before_its_index_update_leaves_a_store_that_imports_again() {
     );
     // Nothing half-imported is listed; what it wrote is garbage for gc.
     assert!(sx.ls_in(&other).is_empty());
-    sx.run_in(&other, &["snapshot", "verify"]).ok();
-    sx.run_in(&other, &["snapshot", "gc"]).ok();
+    sx.run_in(&other, &["snapshot", "verify"]).expect_ok();
+    sx.run_in(&other, &["snapshot", "gc"]).expect_ok();
     assert!(sx.store_tmp(&other).is_empty());
-    sx.run_in(&other, &["snapshot", "import", a]).ok();
+    sx.run_in(&other, &["snapshot", "import", a]).expect_ok();
     sx.run_in(&other, &["snapshot", "verify", "--read-data"])
-        .ok();
+        .expect_ok();
     restores_with_its_data(&sx, &other, &before);
 }
 
@@ -136,7 +136,8 @@ fn prune_killed_before_its_gc_leaves_the_kept_snapshot_restorable() {
     sx.ok(&["snapshot", "verify", "--read-data"]);
     let copy = unique_id("fm-copy");
     let g = sx.guard(&copy);
-    sx.restore_from_in(&sx.store, "web:v3", &copy, &[]).ok();
+    sx.restore_from_in(&sx.store, "web:v3", &copy, &[])
+        .expect_ok();
     sx.assert_carries_on(&copy, &before);
     drop(g);
 }

@@ -1,4 +1,4 @@
-//! The store's private directories under faults (issue 10): staging left by a
+//! The store's private directories under faults: staging left by a
 //! killed checkpoint is removed by the next checkpoint and by gc; a /dev/shm too
 //! small for the image sends staging to the store's disk; damaged, incomplete and
 //! half-built cache entries are rebuilt or removed (verify and gc see them); a
@@ -599,7 +599,7 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
     // Detached, so the test does not wait for the container to exit.
     let mut args = vec!["restore", "-d"];
     args.extend_from_slice(&restore[2..]);
-    sx.run_starting(&store, &args).ok();
+    sx.run_starting(&store, &args).expect_ok();
     sx.assert_carries_on(&id, &before);
     let kept_dir = kept.0.clone().expect("a directory to remove");
     assert!(kept_dir.join("image").is_dir(), "{}", kept_dir.display());

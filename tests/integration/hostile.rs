@@ -1,4 +1,4 @@
-//! Hostile input (issue 11): crafted snapshots, tiny on disk, whose page table or
+//! Hostile input: crafted snapshots, tiny on disk, whose page table or
 //! files blob claims far more than it holds. Each is imported from an archive and
 //! also planted directly into a store (as an older stasis could have imported it),
 //! then `snapshot import`, `snapshot inspect` and `restore` run with the stasis

@@ -586,7 +586,7 @@ fn update_resources_file_and_stdin() {
         &["update", "--resources", "-", &id],
         br#"{"memory": {"limit": 83886080}, "pids": {"limit": 44}}"#,
     )
-    .ok();
+    .expect_ok();
     assert_eq!(read_trim(&mem.join("memory.limit_in_bytes")), "83886080");
     assert_eq!(read_trim(&pids.join("pids.max")), "44");
 
@@ -645,7 +645,7 @@ fn events_streams_until_the_container_stops() {
         ev.stdout_so_far().lines().count() >= 2
     });
     env.ok(&["kill", &id, "KILL"]);
-    let out = ev.wait(Duration::from_secs(10)).ok();
+    let out = ev.wait(Duration::from_secs(10)).expect_ok();
     for l in out.stdout.lines() {
         let v: Value = serde_json::from_str(l).unwrap();
         assert_eq!(v["type"], "stats");

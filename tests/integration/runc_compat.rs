@@ -349,8 +349,8 @@ fn exec_in_created_container_like_runc() {
     let p = Pair::new("cexecc");
     let b = p.stasis.bundle("b", &["sleep", "100"]);
     let _g = p.create_both(&b);
-    let r = p.runc.run(&["exec", &p.rid, "echo", "hi"]).ok();
-    let s = p.stasis.run(&["exec", &p.sid, "echo", "hi"]).ok();
+    let r = p.runc.run(&["exec", &p.rid, "echo", "hi"]).expect_ok();
+    let s = p.stasis.run(&["exec", &p.sid, "echo", "hi"]).expect_ok();
     assert_eq!(s.stdout, r.stdout);
     let (s, r) = p.states();
     assert_same_state(&s, &r, &p.sid, &p.rid, "created");
@@ -465,11 +465,11 @@ fn container_signal_dispositions_match_runc() {
     let s = p
         .stasis
         .run(&["run", "--bundle", b.to_str().unwrap(), &sid])
-        .ok();
+        .expect_ok();
     let r = p
         .runc
         .run(&["run", "--bundle", b.to_str().unwrap(), &rid])
-        .ok();
+        .expect_ok();
     let (s, r) = (signal_masks(&s.stdout), signal_masks(&r.stdout));
     assert_eq!(s.0, 0, "run: blocked signals {:#x}", s.0);
     assert_eq!(s, r, "run: (blocked, ignored) stasis vs runc");

@@ -44,7 +44,7 @@ fn export_to_stdout_piped_into_import_from_stdin() {
     sh.current_dir(&cwd)
         .arg("-c")
         .arg(format!("set -o pipefail; {export} | {import}"));
-    let out = run_cmd(sh, CMD).ok();
+    let out = run_cmd(sh, CMD).expect_ok();
     assert!(
         out.stdout.contains(&format!("imported {short}")),
         "import does not name {short}: {out:#?}"
@@ -61,11 +61,12 @@ fn export_to_stdout_piped_into_import_from_stdin() {
     assert_eq!(ls2.len(), 1, "{ls2:#?}");
     assert_eq!(entry_with_tag(&ls2, "piped:v1")["id"], short.as_str());
     sx.run_in(&store2, &["snapshot", "verify", "--read-data"])
-        .ok();
+        .expect_ok();
 
     let id2 = unique_id("sc-pipe2");
     let _g2 = sx.guard(&id2);
-    sx.restore_from_in(&store2, "piped:v1", &id2, &[]).ok();
+    sx.restore_from_in(&store2, "piped:v1", &id2, &[])
+        .expect_ok();
     sx.assert_carries_on(&id2, &before);
 
     // A truncated stream (the exporter died) is refused and adds nothing.

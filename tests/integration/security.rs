@@ -1,4 +1,4 @@
-//! The security boundary around snapshots (issue 11), with real containers, CRIU
+//! The security boundary around snapshots, with real containers, CRIU
 //! and an unprivileged user: `nobody` can read nothing and execute nothing from
 //! the store, its caches, a checkpoint's staging directory on /dev/shm or
 //! `--root` (where a restored copy's overlay lives), even with a setuid-root
@@ -221,7 +221,7 @@ fn nobody_can_read_or_run_nothing_of_store_caches_staging_or_root() {
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGCONT,
     );
-    parked.wait(CMD).ok();
+    parked.wait(CMD).expect_ok();
     assert_eq!(
         staged,
         Vec::<String>::new(),
@@ -248,7 +248,7 @@ fn an_old_0755_store_and_root_are_made_private_on_first_use() {
         let mut c = Command::new(&env.bin);
         c.arg("--root").arg(&env.root).arg("--store").arg(&store);
         c.args(args);
-        run_cmd(c, CMD).ok()
+        run_cmd(c, CMD).expect_ok()
     };
     // A store is created only by commands that write (`snapshot ls` of a
     // missing store creates none): `import` creates it before it finds that its
@@ -301,7 +301,7 @@ fn an_old_0755_store_and_root_are_made_private_on_first_use() {
         if args == import {
             assert!(out.stderr.contains("missing.tar"), "{out:#?}");
         } else {
-            out.ok();
+            out.expect_ok();
         }
     }
     for d in [store2.clone(), store2.join("tmp"), env.path("root2")] {
@@ -452,23 +452,25 @@ fn a_foreign_snapshot_hook_does_not_run_unless_trusted() {
     });
     let store2 = sx.path("store2");
     sx.run_in(&store2, &["snapshot", "import", evil.to_str().unwrap()])
-        .ok();
+        .expect_ok();
     sx.run_in(&store2, &["snapshot", "tag", "mine:v1", "evil:v1"])
-        .ok();
+        .expect_ok();
     sx.run_in(&store2, &["snapshot", "verify", "--read-data"])
-        .ok();
+        .expect_ok();
     let ls2 = sx.ls_in(&store2);
     assert_eq!(ls2.len(), 1, "{ls2:#?}");
     assert_eq!(
         ls2[0]["origin"], "imported",
         "the archive's claim was taken: {ls2:#?}"
     );
-    let text = sx.run_in(&store2, &["snapshot", "inspect", "mine:v1"]).ok();
+    let text = sx
+        .run_in(&store2, &["snapshot", "inspect", "mine:v1"])
+        .expect_ok();
     assert!(text.stdout.contains("origin: imported"), "{text:#?}");
 
     let x = unique_id("sec-x");
     let gx = sx.guard(&x);
-    let out = sx.restore_from_in(&store2, "evil:v1", &x, &[]).ok();
+    let out = sx.restore_from_in(&store2, "evil:v1", &x, &[]).expect_ok();
     assert!(
         out.stderr
             .contains("hooks.createRuntime[0] = /bin/sh -c id > ")
@@ -486,7 +488,7 @@ fn a_foreign_snapshot_hook_does_not_run_unless_trusted() {
     let _gy = sx.guard(&y);
     let out = sx
         .restore_from_in(&store2, "evil:v1", &y, &["--trust-snapshot-config"])
-        .ok();
+        .expect_ok();
     assert!(out.stderr.contains("used whole"), "{out:#?}");
     let got = fs::read_to_string(&pwned).unwrap_or_default();
     assert!(
@@ -535,7 +537,7 @@ fn a_foreign_snapshot_without_filesystem_needs_the_operators_bundle() {
     sx.ok(&["snapshot", "export", "nofs", "-o", tar.to_str().unwrap()]);
     let store2 = sx.path("store2");
     sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
-        .ok();
+        .expect_ok();
     // The bundle path it records exists on this host, but it names it: unused.
     let id2 = unique_id("sec-nofs2");
     let _g2 = sx.guard(&id2);
@@ -543,7 +545,7 @@ fn a_foreign_snapshot_without_filesystem_needs_the_operators_bundle() {
     crate::store_flows::assert_one_line(&out, &["foreign", "--bundle"]);
     assert!(sx.state(&id2).is_none());
     sx.restore_from_in(&store2, "nofs", &id2, &["--bundle", b.to_str().unwrap()])
-        .ok();
+        .expect_ok();
     sx.wait_counter(&id2, "readable", |_| true);
 }
 
@@ -567,7 +569,7 @@ fn a_foreign_image_with_capabilities_beyond_the_default_set_is_refused() {
     sx.ok(&["snapshot", "export", "caps", "-o", tar.to_str().unwrap()]);
     let store2 = sx.path("store2");
     sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
-        .ok();
+        .expect_ok();
     let id2 = unique_id("sec-caps2");
     let _g2 = sx.guard(&id2);
     // Neither the config it carries nor the operator's bundle changes what CRIU
@@ -581,7 +583,7 @@ fn a_foreign_image_with_capabilities_beyond_the_default_set_is_refused() {
         assert!(sx.state(&id2).is_none());
     }
     sx.restore_from_in(&store2, "caps", &id2, &["--trust-snapshot-config"])
-        .ok();
+        .expect_ok();
     sx.wait_counter(&id2, "readable", |_| true);
     // Made here, the same snapshot restores as before.
     let id3 = unique_id("sec-caps3");
@@ -614,10 +616,10 @@ fn device_nodes_of_a_foreign_snapshot_are_not_created() {
     sx.ok(&["snapshot", "export", "dev", "-o", tar.to_str().unwrap()]);
     let store2 = sx.path("store2");
     sx.run_in(&store2, &["snapshot", "import", tar.to_str().unwrap()])
-        .ok();
+        .expect_ok();
     let id2 = unique_id("sec-dev2");
     let _g2 = sx.guard(&id2);
-    let out = sx.restore_from_in(&store2, "dev", &id2, &[]).ok();
+    let out = sx.restore_from_in(&store2, "dev", &id2, &[]).expect_ok();
     assert!(
         out.stderr.contains("device node disk (block 7:0)"),
         "the skipped node is not named: {out:#?}"

@@ -171,7 +171,9 @@ fn read_write_bind_mount() {
     add_bind(&b, &host, "/data");
     let id = unique_id("bind");
     let _c = env.guard(&id);
-    let out = env.run(&["run", "--bundle", b.to_str().unwrap(), &id]).ok();
+    let out = env
+        .run(&["run", "--bundle", b.to_str().unwrap(), &id])
+        .expect_ok();
     assert_eq!(out.stdout, "hello\n");
     assert_eq!(
         fs::read_to_string(host.join("from-container")).unwrap(),
@@ -229,7 +231,8 @@ fn hooks_run_in_order_with_the_state_on_stdin() {
     });
     let id = unique_id("hooks");
     let _c = env.guard(&id);
-    env.run(&["run", "--bundle", b.to_str().unwrap(), &id]).ok();
+    env.run(&["run", "--bundle", b.to_str().unwrap(), &id])
+        .expect_ok();
     let text = fs::read_to_string(&host_log).unwrap();
     let names: Vec<&str> = text
         .lines()
@@ -336,7 +339,7 @@ fn hooks_that_do_not_read_their_stdin_never_kill_stasis() {
         let id = unique_id("hookpipe");
         let _c = env.guard(&id);
         env.run(&["run", "--bundle", ok.to_str().unwrap(), &id])
-            .ok();
+            .expect_ok();
         env.assert_nothing_left(&id, Some(&ok));
         let id = unique_id("hookpipebad");
         let _c = env.guard(&id);

@@ -1,4 +1,4 @@
-//! The snapshot store as the command line presents it (issue 16): `snapshot
+//! The snapshot store as the command line presents it: `snapshot
 //! inspect`'s summary and JSON record, a mistyped `--store` named instead of
 //! silently created, and `snapshot prune` acting per series of tags.
 
@@ -107,7 +107,7 @@ fn a_missing_store_is_named_and_not_created() {
     // ls lists nothing, says why on stderr, and creates nothing.
     let out = sx
         .run_in(&typo, &["snapshot", "ls", "--format", "json"])
-        .ok();
+        .expect_ok();
     assert_eq!(out.json(), Value::Array(vec![]), "{out:#?}");
     assert!(out.stderr.contains(t), "{out:#?}");
     assert!(!typo.exists(), "ls created {t}");
@@ -125,7 +125,7 @@ fn a_missing_store_is_named_and_not_created() {
 }
 
 /// `prune --keep-last 1` over tagged checkpoints web:v1..v3 forgets v1 and v2
-/// (issue 16: tagged snapshots used to be kept forever, so it forgot nothing),
+/// (tagged snapshots were once kept forever, so it forgot nothing),
 /// and the help says how snapshots are grouped.
 #[test]
 fn prune_keep_last_acts_per_tag_series() {

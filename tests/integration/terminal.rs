@@ -221,7 +221,9 @@ fn exec_t_gives_the_process_a_terminal_like_runc() {
         );
     }
     // Without a terminal on the caller's side the process still gets one.
-    let out = stasis.run(&["exec", "-t", &sid, "sh", "-c", "tty"]).ok();
+    let out = stasis
+        .run(&["exec", "-t", &sid, "sh", "-c", "tty"])
+        .expect_ok();
     assert_eq!(out.stdout.trim(), "/dev/pts/0", "{out:?}");
 }
 

@@ -1,4 +1,4 @@
-//! Warm starts through the CLI (issue 6) with a busybox httpd bundle and real CRIU:
+//! Warm starts through the CLI with a busybox httpd bundle and real CRIU:
 //! `prewarm` with each probe kind (log, file, tcp, http, exec), then `restore
 //! --from` and the service answers inside the restored network namespace; a probe
 //! that never passes fails with its last error and the container's last output and
@@ -115,7 +115,7 @@ fn prewarm_then_restore(sx: &Sx, probe: &str, after_marker: bool) {
     let wid = unique_id("warm");
     let _gw = sx.guard(&wid);
     let t0 = Instant::now();
-    let out = prewarm(sx, &b, probe, "svc:v1", &wid, &["--print-stats"]).ok();
+    let out = prewarm(sx, &b, probe, "svc:v1", &wid, &["--print-stats"]).expect_ok();
     let took = t0.elapsed();
     let short = printed_snapshot_id(&out);
     let ready = stat(&out, "cold_start_to_ready_ms");
@@ -247,7 +247,7 @@ fn prewarmed(sx: &Sx) -> String {
     let b = sx.bundle("svc", &["sh", "-c", SERVICE]);
     let wid = unique_id("warm-srv");
     let _g = sx.guard(&wid);
-    prewarm(sx, &b, "file:/tmp/ready", "svc:v1", &wid, &[]).ok();
+    prewarm(sx, &b, "file:/tmp/ready", "svc:v1", &wid, &[]).expect_ok();
     "svc:v1".to_string()
 }
 
@@ -979,7 +979,7 @@ fn prewarm_exec_probe_with_ready_output_waits_for_the_output() {
     let wid = unique_id("warm-out");
     let _gw = sx.guard(&wid);
     let extra = ["--ready-output", "^OK$", "--keep-running"];
-    let out = prewarm(&sx, &b, "exec:sh /probe.sh", "out:v1", &wid, &extra).ok();
+    let out = prewarm(&sx, &b, "exec:sh /probe.sh", "out:v1", &wid, &extra).expect_ok();
     printed_snapshot_id(&out);
     // Runs 1 and 2 printed NOT-YET (exit 0) and were not taken as ready.
     let n = sx.ok(&["exec", &wid, "cat", "/tmp/probe-n"]);

@@ -1,4 +1,4 @@
-//! Damaged stores (issue 10): a checkpoint never commits a snapshot that
+//! Damaged stores: a checkpoint never commits a snapshot that
 //! references data no longer matching its digest; import and repair replace
 //! damaged blobs with good copies; a lost index.json is damage, not garbage.
 

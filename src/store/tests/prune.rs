@@ -1,4 +1,4 @@
-//! `prune` per series (issue 16): tags of one repository name are one series,
+//! `prune` per series: tags of one repository name are one series,
 //! untagged snapshots one series per container; keep-last and keep-within act
 //! within each series, and `NAME:latest` is always kept.
 

@@ -214,7 +214,12 @@ fn exec_t_gives_the_process_a_terminal_like_runc() {
                 .any(|l| l.trim_matches(['\r', '\0']) == "/dev/pts/0"),
             "{who}: `tty` in the container: {out:?}"
         );
-        assert!(out.contains("32 102"), "{who}: `stty size`: {out:?}");
+        // runc 1.1 sets the pty's size only after the process started, so its
+        // `stty size` sometimes fails ("No child processes") or sees 0 0: the
+        // size from the first instruction is asserted for stasis only.
+        if who == "stasis" {
+            assert!(out.contains("32 102"), "{who}: `stty size`: {out:?}");
+        }
         assert!(
             restored,
             "{who}: the caller's terminal settings were not put back"

@@ -149,6 +149,18 @@ macro_rules! test_name {
     }};
 }
 
+/// The store harness (`store_flows::Sx`) for the calling test, named after it;
+/// returns from the test when the host lacks what it needs (printing why).
+macro_rules! setup {
+    () => {{
+        let name = $crate::test_name!();
+        match $crate::store_flows::Sx::setup(name) {
+            Some(s) => s,
+            None => return,
+        }
+    }};
+}
+
 /// `requires!(root, busybox, runc)`: returns from the test (printing why) when
 /// a requirement is missing.
 #[macro_export]

@@ -25,17 +25,6 @@ use crate::store_flows::{
     COUNTER,
 };
 
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
-
 /// `stasis exec ID sh -c CMD` on this test's root, stdout trimmed.
 #[track_caller]
 fn sh_in(sx: &Sx, id: &str, cmd: &str) -> String {

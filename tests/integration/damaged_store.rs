@@ -11,18 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::common::unique_id;
-use crate::store_flows::{printed_snapshot_id, Sx, COUNTER};
-
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
+use crate::store_flows::{printed_snapshot_id, COUNTER};
 
 /// The blob path of the first pack of the snapshot tagged `tag` (`NAME:VER`).
 #[track_caller]

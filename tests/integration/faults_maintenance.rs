@@ -9,17 +9,6 @@ use std::path::Path;
 use crate::common::{unique_id, Out};
 use crate::store_flows::{run_cmd, Sx, CMD, COUNTER};
 
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
-
 /// Runs `stasis ARGS` on `store` with `STASIS_FAULT=point:kill` and asserts it
 /// died of SIGKILL there (the harness reports a signal N as 128+N).
 #[track_caller]

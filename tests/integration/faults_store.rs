@@ -24,17 +24,6 @@ use crate::store_flows::{
     assert_fails, left_in_root, mounts_under, names_in, run_cmd, Sx, CMD, COUNTER,
 };
 
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
-
 /// Runs the shell `body` in a private mount namespace whose /dev/shm is a fresh
 /// tmpfs of `size`; in `body`, `"$@"` is stasis with this test's root, CRIU and
 /// `store`.

@@ -20,17 +20,6 @@ use std::time::Duration;
 use crate::common::{unique_id, wait_stopped_at_fault, Env};
 use crate::store_flows::{run_cmd, Proc, Sx, CMD, COUNTER};
 
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
-
 /// Every path under `dir` (not following symlinks): (regular files, executable
 /// regular files, directories).
 fn walk(dir: &Path) -> (Vec<PathBuf>, Vec<PathBuf>, Vec<PathBuf>) {

@@ -37,17 +37,6 @@ pub(crate) const WAIT: Duration = Duration::from_secs(15);
 /// How long one stasis command may take.
 pub(crate) const CMD: Duration = Duration::from_secs(60);
 
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
-
 // ---------------------------------------------------------------------------
 // Commands with drained pipes
 

@@ -31,17 +31,6 @@ use crate::store_flows::{
     printed_snapshot_id, run_cmd, Sx, CMD, WAIT,
 };
 
-/// `Sx::setup` with the test's name; returns from the test when it skips.
-macro_rules! setup {
-    () => {{
-        let name = $crate::test_name!();
-        match Sx::setup(name) {
-            Some(s) => s,
-            None => return,
-        }
-    }};
-}
-
 /// The service: a line on stdout, httpd on port 8080 serving a page from the tmpfs
 /// /tmp, then after a second `/tmp/ready` and another line.
 const SERVICE: &str =

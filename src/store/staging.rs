@@ -253,6 +253,19 @@ impl Staging {
         &self.path
     }
 
+    /// Marks the directory kept while it holds the only copy of a container that
+    /// CRIU already stopped: a stasis killed before the commit leaves it for the
+    /// user (verify lists it with the command that restores it; no checkpoint or
+    /// gc removes it). `unmark_kept` once the snapshot is committed.
+    pub fn mark_kept(&self) -> std::io::Result<()> {
+        fs::write(self.path.join(KEPT), b"")
+    }
+
+    /// The snapshot is committed: the directory goes on drop again.
+    pub fn unmark_kept(&self) {
+        let _ = fs::remove_file(self.path.join(KEPT));
+    }
+
     /// Keeps the directory for the CRIU image an error names (and CRIU's logs),
     /// without `previous/` (the previous snapshot's file data materialised for the
     /// capture). It is marked kept: no checkpoint or gc removes it; the user does

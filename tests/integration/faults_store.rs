@@ -594,3 +594,46 @@ fn a_failed_ingest_names_a_restore_command_that_works() {
     assert!(kept_dir.join("image").is_dir(), "{}", kept_dir.display());
     drop(g);
 }
+
+#[test]
+fn killed_during_ingest_after_criu_stopped_the_tasks_keeps_the_image_for_verify_and_restore() {
+    let sx = setup!();
+    let b = sx.bundle("b", &["sh", "-c", COUNTER]);
+    let id = unique_id("fs-ownstop");
+    let g = sx.run_d(&b, &id);
+    let before = sx.wait_counter(&id, "reached 3", |n| n >= 3);
+    // --link-remap: CRIU itself stops the tasks once the image is complete, so
+    // from then on the image is all that is left of the container.
+    let bg = Bg::spawn(
+        &sx,
+        &[("STASIS_FAULT", "checkpoint.ingest:kill")],
+        &["checkpoint", "--link-remap", "--tag", "own", &id],
+    );
+    let (code, _, err) = bg.wait();
+    assert_eq!(code, None, "killed at the fault point: {err}");
+    // verify lists the kept image with the command that restores it; gc keeps it.
+    let v = sx.run(&["snapshot", "verify"]);
+    let kept = RmDir(kept_staging(&v.stdout));
+    let dir = kept
+        .0
+        .clone()
+        .unwrap_or_else(|| panic!("no kept image: {v:#?}"));
+    assert!(v.stdout.contains("restore it with"), "{v:#?}");
+    sx.ok(&["snapshot", "gc"]);
+    assert!(dir.join("image").is_dir(), "gc removed {}", dir.display());
+    // Restored from it, the workload carries on.
+    sx.run(&["delete", "--force", &id]).expect_ok();
+    let img = dir.join("image");
+    let args = [
+        "restore",
+        "-d",
+        "--image-path",
+        img.to_str().unwrap(),
+        "--bundle",
+        b.to_str().unwrap(),
+        &id,
+    ];
+    sx.run_starting(&sx.store, &args).expect_ok();
+    sx.assert_carries_on(&id, &before);
+    drop(g);
+}

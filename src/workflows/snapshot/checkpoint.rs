@@ -167,10 +167,26 @@ pub fn checkpoint_to_store(
             return Err(crate::runtime::RuntimeError::Invalid(msg));
         }
         if !opts.leave_running {
+            // With CRIU's own stop (--tcp-established, --link-remap, ...) the
+            // image is all that is left of the container from here: kept until
+            // the commit, so a stasis killed meanwhile leaves it where verify
+            // finds it and gc does not remove it.
+            if !c.tasks_survive {
+                if let Err(e) = c.staging.mark_kept() {
+                    let msg = format!("mark the staging directory kept: {e}");
+                    return Err(crate::runtime::RuntimeError::Invalid(msg));
+                }
+                crate::runtime::fault_point("checkpoint.criu-stopped");
+            }
             // Committed before the container is stopped (or, with CRIU's own
             // stop, before its mounts go).
             match c.commit(stats) {
-                Ok(report) => c.report = Some(report),
+                Ok(report) => {
+                    if !c.tasks_survive {
+                        c.staging.unmark_kept();
+                    }
+                    c.report = Some(report)
+                }
                 Err(e) => {
                     let msg = e.to_string();
                     c.failure = Some(e);

@@ -609,6 +609,23 @@ pub struct Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
+        if !self.root.exists() {
+            // `delete --force` would find nothing and exit 0, leaving the
+            // container's processes and cgroups behind: the guard must be dropped
+            // before the `Env` that owns its --root.
+            let err = format!(
+                "cleanup: --root {} of container {} was removed before the container \
+                 (drop its guard before its Env)",
+                self.root.display(),
+                self.id
+            );
+            if std::thread::panicking() {
+                eprintln!("{err}");
+            } else {
+                panic!("{err}");
+            }
+            return;
+        }
         let out = Command::new(&self.bin)
             .arg("--root")
             .arg(&self.root)

@@ -47,6 +47,9 @@ struct Docker {
     sock: PathBuf,
     daemon: Child,
     cgroup_parent: String,
+    /// Whether a `docker` cgroup existed before this dockerd (it makes one in
+    /// every hierarchy, whatever --cgroup-parent says; ours is removed after).
+    docker_cgroup_existed: bool,
 }
 
 /// Skips (or with STASIS_REQUIRE_ALL=1 fails) without docker.io installed.
@@ -73,6 +76,7 @@ impl Docker {
         let p = |n: &str| dir.path().join(n);
         let sock = p("docker.sock");
         let cgroup_parent = format!("/{}", unique_id("stasis-docker"));
+        let docker_cgroup_existed = Path::new("/sys/fs/cgroup/memory/docker").exists();
         let log = fs::File::create(p("dockerd.log")).expect("dockerd log");
         let daemon = Command::new(DOCKERD)
             .arg("--experimental")
@@ -100,6 +104,7 @@ impl Docker {
             sock,
             daemon,
             cgroup_parent,
+            docker_cgroup_existed,
         };
         wait_until("dockerd to answer", Duration::from_secs(60), || {
             d.run(&["info"]).code == Some(0)
@@ -252,6 +257,10 @@ impl Drop for Docker {
                     }
                 }
                 let _ = fs::remove_dir(&top);
+                if !self.docker_cgroup_existed {
+                    // Empty unless another dockerd started meanwhile (then it stays).
+                    let _ = fs::remove_dir(h.path().join("docker"));
+                }
             }
         }
     }

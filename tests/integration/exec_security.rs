@@ -13,11 +13,14 @@ use crate::common::{edit_config, unique_id, Container, Env, Out};
 
 /// One bundle running in stasis and in runc.
 struct Both {
+    // Dropped first (fields drop in order): the containers must be deleted while
+    // their --root still exists, or `delete --force` finds nothing and their
+    // cgroups stay behind.
+    _guards: (Container, Container),
     stasis: Env,
     runc: Env,
     sid: String,
     rid: String,
-    _guards: (Container, Container),
 }
 
 impl Both {

@@ -337,6 +337,7 @@ impl Env {
             .expect("tempdir");
         let root = dir.path().join("root");
         fs::create_dir_all(dir.path().join("out")).unwrap();
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
         Self {
             root,
             dir,
@@ -349,14 +350,25 @@ impl Env {
         self.dir.path().join(name)
     }
 
+    /// `bin --root R` with `$TMPDIR` in this environment, so what the runtime
+    /// leaves in the temp directory (the CRIU log a failed checkpoint keeps for
+    /// the user) goes with the test's directory.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("TMPDIR", self.dir.path().join("tmp"))
+            .arg("--root")
+            .arg(&self.root);
+        cmd
+    }
+
     /// Starts `bin --root R args...` with stdout/stderr to files and stdin null
     /// (or a pipe fed `stdin`).
     pub fn spawn(&self, args: &[&str], stdin: Option<&[u8]>) -> Spawned {
         let n = self.n.fetch_add(1, Ordering::Relaxed);
         let stdout = self.dir.path().join(format!("out/{n}.out"));
         let stderr = self.dir.path().join(format!("out/{n}.err"));
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--root").arg(&self.root).args(args);
+        let mut cmd = self.command();
+        cmd.args(args);
         cmd.stdout(fs::File::create(&stdout).unwrap());
         cmd.stderr(fs::File::create(&stderr).unwrap());
         cmd.stdin(if stdin.is_some() {

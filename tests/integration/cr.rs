@@ -248,8 +248,7 @@ impl Cr {
         stdout: Stdout,
         stderr_file: Option<&Path>,
     ) -> Running {
-        let mut cmd = Command::new(&self.env.bin);
-        cmd.arg("--root").arg(&self.env.root);
+        let mut cmd = self.env.command();
         if !args.contains(&"--criu") {
             cmd.arg("--criu").arg(&self.criu);
         }

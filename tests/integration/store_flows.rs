@@ -254,11 +254,8 @@ impl Sx {
 
     /// `stasis --root R --criu C [--store S] ARGS`.
     pub(crate) fn command(&self, store: Option<&Path>, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.env.bin);
-        cmd.arg("--root")
-            .arg(&self.env.root)
-            .arg("--criu")
-            .arg(&self.criu);
+        let mut cmd = self.env.command();
+        cmd.arg("--criu").arg(&self.criu);
         if let Some(s) = store {
             cmd.arg("--store").arg(s);
         }

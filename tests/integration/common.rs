@@ -621,10 +621,11 @@ pub struct Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        if !self.root.exists() {
-            // `delete --force` would find nothing and exit 0, leaving the
-            // container's processes and cgroups behind: the guard must be dropped
-            // before the `Env` that owns its --root.
+        // The Env's directory (the parent of --root, which a runtime creates only
+        // with its first container) gone means the Env was dropped first:
+        // `delete --force` would find nothing and exit 0, leaving the container's
+        // processes and cgroups behind. The guard must go before its Env.
+        if self.root.parent().is_some_and(|env_dir| !env_dir.exists()) {
             let err = format!(
                 "cleanup: --root {} of container {} was removed before the container \
                  (drop its guard before its Env)",

@@ -18,7 +18,7 @@ use crate::workflows::meta::{FsTreeInfo, SnapshotMeta};
 struct ConfigView {
     files: Vec<FileView>,
     sizes: SizesView,
-    metadata: MetaView,
+    metadata: SnapshotMeta,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -36,39 +36,6 @@ struct SizesView {
     pages_reused: u64,
     bytes_added: u64,
     ingest_ms: u64,
-}
-
-#[derive(Deserialize, Default, Debug)]
-#[serde(default)]
-struct MetaView {
-    criu: CriuView,
-    host: HostView,
-    bundle: Option<String>,
-    timings_ms: TimingsView,
-}
-
-#[derive(Deserialize, Default, Debug)]
-#[serde(default)]
-struct CriuView {
-    version: String,
-    options: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
-#[derive(Deserialize, Default, Debug)]
-#[serde(default)]
-struct HostView {
-    kernel: String,
-    arch: String,
-    cpu_model: String,
-    cgroup_version: String,
-}
-
-#[derive(Deserialize, Default, Debug)]
-#[serde(default)]
-struct TimingsView {
-    dump: Option<u64>,
-    fs_capture: Option<u64>,
-    fs_assemble: Option<u64>,
 }
 
 /// `--format json`: the stored config blob with what the store knows beside it
@@ -135,7 +102,7 @@ pub fn summary(
         "pages: {} in total, {} new, {} shared with older snapshots",
         s.pages_total, s.pages_new, s.pages_reused
     )?;
-    let h = &v.metadata.host;
+    let h = v.metadata.host.clone().unwrap_or_default();
     let or_unknown = |x: &str| {
         if x.is_empty() {
             "unknown".to_string()
@@ -152,9 +119,12 @@ pub fn summary(
         or_unknown(&h.cpu_model)
     )?;
     let c = &v.metadata.criu;
-    let on: Vec<&str> = c
-        .options
-        .iter()
+    // The boolean options that were on, by their stored names.
+    let options = serde_json::to_value(&c.options)?;
+    let on: Vec<&str> = options
+        .as_object()
+        .into_iter()
+        .flatten()
         .filter(|(_, v)| v.as_bool() == Some(true))
         .map(|(k, _)| k.as_str())
         .collect();
@@ -165,17 +135,13 @@ pub fn summary(
     };
     writeln!(out, "criu: {}{opts}", or_unknown(&c.version))?;
     let t = &v.metadata.timings_ms;
-    let ms = |x: Option<u64>| x.map_or("?".to_string(), |x| format!("{x} ms"));
     writeln!(
         out,
-        "timings: dump {}, filesystem capture {}, assemble {}, ingest {} ms",
-        ms(t.dump),
-        ms(t.fs_capture),
-        ms(t.fs_assemble),
-        s.ingest_ms
+        "timings: dump {} ms, filesystem capture {} ms, assemble {} ms, ingest {} ms",
+        t.dump, t.fs_capture, t.fs_assemble, s.ingest_ms
     )?;
     if let Some(b) = &v.metadata.bundle {
-        writeln!(out, "bundle: {b}")?;
+        writeln!(out, "bundle: {}", b.display())?;
     }
     Ok(())
 }

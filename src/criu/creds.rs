@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::Path;
 
-use super::CriuError;
+use super::{varint, CriuError};
 
 /// Capability names by number (linux/capability.h); also the list `features`
 /// reports.
@@ -187,17 +187,6 @@ fn fields(b: &[u8], want: u64) -> Option<Vec<&[u8]>> {
         }
     }
     (i == b.len()).then_some(out)
-}
-
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
 }
 
 #[cfg(test)]

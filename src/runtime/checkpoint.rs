@@ -67,6 +67,18 @@ pub struct CriuFlags {
     pub lazy_pages: bool,
 }
 
+impl CriuFlags {
+    /// The flags CRIU takes the same way for a dump and a restore.
+    fn apply(&self, opts: &mut criu::Opts) {
+        opts.shell_job = Some(self.shell_job);
+        opts.tcp_established = Some(self.tcp_established);
+        opts.ext_unix_sk = Some(self.ext_unix_sk);
+        opts.file_locks = Some(self.file_locks);
+        opts.auto_dedup = Some(self.auto_dedup);
+        opts.lazy_pages = Some(self.lazy_pages);
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointOptions {
     pub id: String,
@@ -446,12 +458,7 @@ fn dump_opts(
     opts.manage_cgroups = Some(true);
     opts.manage_cgroups_mode = Some(EnumOrUnknown::new(o.flags.manage_cgroups_mode.to_rpc()));
     opts.notify_scripts = Some(true);
-    opts.shell_job = Some(o.flags.shell_job);
-    opts.tcp_established = Some(o.flags.tcp_established);
-    opts.ext_unix_sk = Some(o.flags.ext_unix_sk);
-    opts.file_locks = Some(o.flags.file_locks);
-    opts.auto_dedup = Some(o.flags.auto_dedup);
-    opts.lazy_pages = Some(o.flags.lazy_pages);
+    o.flags.apply(&mut opts);
     opts.link_remap = Some(o.link_remap);
     opts.tcp_skip_in_flight = Some(o.tcp_skip_in_flight);
     let empty = empty_ns_flags(&o.flags.empty_ns)?;
@@ -901,12 +908,7 @@ impl Runtime {
             format!("/{cg}")
         });
         opts.cg_root.push(root);
-        opts.shell_job = Some(o.flags.shell_job);
-        opts.tcp_established = Some(o.flags.tcp_established);
-        opts.ext_unix_sk = Some(o.flags.ext_unix_sk);
-        opts.file_locks = Some(o.flags.file_locks);
-        opts.auto_dedup = Some(o.flags.auto_dedup);
-        opts.lazy_pages = Some(o.flags.lazy_pages);
+        o.flags.apply(&mut opts);
         opts.lsm_profile = o.lsm_profile.clone();
         opts.lsm_mount_context = o.lsm_mount_context.clone();
         if let Some(p) = &o.join_netns {

@@ -127,20 +127,6 @@ fn compare_criu(snap: &HostRecord, criu_version: &str) -> Option<String> {
     })
 }
 
-/// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
-pub fn mem_available() -> u64 {
-    fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 /// Memory charged to the cgroup of `pid` (v1 memory controller or v2), if readable.
 pub fn cgroup_memory_usage(pid: i32) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

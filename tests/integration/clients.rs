@@ -1053,8 +1053,13 @@ impl Containerd {
         )
         .unwrap();
         let log = fs::File::create(d.join("containerd.log")).unwrap();
+        // containerd's checkpoint leaves its image copy (ctrd-checkpoint*) in the
+        // temp directory: the test's own, so it goes with the test.
+        let tmp = d.join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        cmd.env("TMPDIR", &tmp)
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg("mount -t tmpfs -o mode=755 stasis-test /run && exec containerd --config \"$0\"")
             .arg(d.join("config.toml"))
             .stdin(Stdio::null())
@@ -1119,7 +1124,8 @@ impl Containerd {
     /// `ctr --address A --namespace NS args...` in the daemon's mount namespace.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--mount=/proc/{}/ns/mnt", self.pid()))
+        cmd.env("TMPDIR", self.dir.path().join("tmp"))
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.pid()))
             .arg("ctr")
             .arg("--address")
             .arg(self.dir.path().join("containerd.sock"))

@@ -173,7 +173,10 @@ pub fn checkpoint_to_store(
             // finds it and gc does not remove it.
             if !c.tasks_survive {
                 if let Err(e) = c.staging.mark_kept() {
-                    let msg = format!("mark the staging directory kept: {e}");
+                    let msg = format!(
+                        "mark the staging directory {} kept: {e}",
+                        c.staging.path().display()
+                    );
                     return Err(crate::runtime::RuntimeError::Invalid(msg));
                 }
                 crate::runtime::fault_point("checkpoint.criu-stopped");

@@ -1175,20 +1175,32 @@ impl Containerd {
 
     #[track_caller]
     fn count(&self, id: &str) -> u64 {
-        let exec_id = unique("x");
-        let out = self.ok(&[
-            "task",
-            "exec",
-            "--exec-id",
-            &exec_id,
-            id,
-            "cat",
-            "/tmp/count",
-        ]);
-        out.stdout
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("/tmp/count of {id} is {:?}", out.stdout))
+        // The counter file is replaced atomically, so a read that prints no
+        // number lost its output on the way back through ctr's stdio FIFO (seen
+        // once in a loaded run: `ctr task exec` exited 0 with empty stdout): read
+        // again, for a bounded time.
+        let mut value = None;
+        let mut last = String::new();
+        wait_until(
+            &format!("a number in /tmp/count of {id}"),
+            Duration::from_secs(15),
+            || {
+                let exec_id = unique("x");
+                let out = self.ok(&[
+                    "task",
+                    "exec",
+                    "--exec-id",
+                    &exec_id,
+                    id,
+                    "cat",
+                    "/tmp/count",
+                ]);
+                value = out.stdout.trim().parse().ok();
+                last = out.stdout;
+                value.is_some()
+            },
+        );
+        value.unwrap_or_else(|| panic!("/tmp/count of {id} is {last:?}"))
     }
 
     #[track_caller]

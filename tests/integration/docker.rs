@@ -78,7 +78,12 @@ impl Docker {
         let cgroup_parent = format!("/{}", unique_id("stasis-docker"));
         let docker_cgroup_existed = Path::new("/sys/fs/cgroup/memory/docker").exists();
         let log = fs::File::create(p("dockerd.log")).expect("dockerd log");
+        // dockerd's checkpoints leave an image copy (ctrd-checkpoint*) in the temp
+        // directory: the test's own, so it goes with the test.
+        let tmp = p("tmp");
+        fs::create_dir_all(&tmp).expect("temp dir for dockerd");
         let daemon = Command::new(DOCKERD)
+            .env("TMPDIR", &tmp)
             .arg("--experimental")
             .arg("--data-root")
             .arg(p("data"))
